@@ -1,0 +1,250 @@
+"""Small frozen configuration objects and the named presets in ``pipelines/``.
+
+A *pipeline* is one YAML file with up to five sections, each mapped onto one
+frozen dataclass below. Unknown keys are an error (a typo must not silently
+fall back to a default). ``load_pipeline("fast")`` reads the packaged preset,
+``load_pipeline("/path/my.yaml")`` a user file; a user file may name
+``base: paper`` to start from a preset and override only some keys.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from .errors import MissingInputError, UsageError
+
+
+@dataclass(frozen=True)
+class PreprocConfig:
+    """Participant-level preprocessing (DIPY inside Nipype nodes)."""
+
+    denoise: str = "mppca"            # mppca | patch2self | none
+    denoise_patch_radius: int = 2     # MP-PCA patch radius (DIPY default 2 → 5³ patch)
+    gibbs: bool = True                # Gibbs unringing (DIPY gibbs_removal)
+    gibbs_slice_axis: int = 2
+    gibbs_n_points: int = 3
+    motion: bool = True               # volume-to-mean-b0 affine registration
+    motion_level_iters: tuple = (100, 20)   # DIPY affine optimiser, coarse → fine
+    motion_factors: tuple = (2, 1)
+    motion_sigmas: tuple = (1.0, 0.0)
+    b0_threshold: float = 50.0        # s/mm²; b ≤ this counts as b0
+    mask_median_radius: int = 2       # DIPY median_otsu
+    mask_numpass: int = 2
+    dti_fit: str = "WLS"              # WLS | OLS | NLLS | RESTORE
+    dti_bmax: float = 1500.0          # shells above this are left out of the tensor fit
+    fd_outlier_mm: float = 0.5        # a volume with FD above this is an outlier
+    fd_radius_mm: float = 50.0        # head radius for Power's framewise displacement
+
+    def __post_init__(self):
+        if self.denoise not in ("mppca", "patch2self", "none"):
+            raise UsageError(f"denoise must be one of mppca, patch2self, none (got {self.denoise!r})")
+        if self.dti_fit not in ("WLS", "OLS", "NLLS", "RESTORE"):
+            raise UsageError(f"dti_fit must be one of WLS, OLS, NLLS, RESTORE (got {self.dti_fit!r})")
+
+
+@dataclass(frozen=True)
+class TemplateConfig:
+    """The fixed grid in template space that the network reads."""
+
+    space: str = "MNI152NLin2009aSym"
+    resolution_mm: float = 2.0
+    shape: tuple = (96, 112, 96)      # voxels; each divisible by 16 (4 stride-2 stages)
+    syn: bool = False                 # follow the affine with DIPY SyN
+    affine_level_iters: tuple = (1000, 200, 50)
+    affine_factors: tuple = (4, 2, 1)
+    affine_sigmas: tuple = (3.0, 1.0, 0.0)
+
+    def __post_init__(self):
+        if len(self.shape) != 3 or any(int(s) % 16 for s in self.shape):
+            raise UsageError(f"template shape must be 3 sizes divisible by 16 (got {self.shape})")
+        if self.resolution_mm <= 0:
+            raise UsageError("template resolution_mm must be positive")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Foundation encoder + adaptation + head."""
+
+    foundation: str = "ct-fm"         # manifest name in models/
+    pretrained: bool = True           # False: random init on purpose (the 'scratch' baseline)
+    adaptation: str = "lora"          # lora | peft-lora | linear-probe | full | scratch
+    lora_factorisation: str = "flat"  # flat | kernel2d
+    lora_rank: int = 8
+    lora_alpha: float = 8.0
+    lora_dropout: float = 0.0
+    lora_target: str = r"layers\.\d+\.blocks\.\d+\.conv[12]$"
+    train_norm: bool = True           # BatchNorm affine parameters trainable
+    channels: tuple = ("fa",)         # ("fa",) or ("fa", "md")
+    stem_init: str = "average"        # how a 1-channel stem takes >1 channels: average | duplicate
+    pooling: str = "avg"              # avg | multiscale
+    head_hidden: int = 128
+    head_dropout: float = 0.0
+    num_classes: int = 2
+
+    def __post_init__(self):
+        if self.adaptation not in ("lora", "peft-lora", "linear-probe", "full", "scratch"):
+            raise UsageError(f"unknown adaptation {self.adaptation!r}")
+        if self.lora_factorisation not in ("flat", "kernel2d"):
+            raise UsageError(f"lora_factorisation must be flat or kernel2d (got {self.lora_factorisation!r})")
+        if self.lora_rank < 1:
+            raise UsageError("lora_rank must be ≥ 1")
+        bad = set(self.channels) - {"fa", "md"}
+        if bad or not self.channels:
+            raise UsageError(f"channels must be taken from fa, md (got {self.channels})")
+        if self.pooling not in ("avg", "multiscale"):
+            raise UsageError(f"pooling must be avg or multiscale (got {self.pooling!r})")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Group-level training and cross-validation."""
+
+    folds: int = 5
+    seed: int = 0
+    epochs: int = 50
+    batch_size: int = 4
+    lr: float = 1e-3
+    weight_decay: float = 1e-2
+    warmup_epochs: int = 2
+    patience: int = 10                # early stopping on the inner validation split
+    inner_val_fraction: float = 0.2
+    balance: str = "loss"             # loss | sampler | none
+    augment_flip: bool = False
+    augment_affine: bool = False
+    amp: str = "bf16"                 # bf16 | fp16 | none (GPU only; CPU runs fp32)
+    stratify_site: bool = False
+    num_workers: int = 0
+
+    def __post_init__(self):
+        if self.folds < 2:
+            raise UsageError(f"--folds must be at least 2 (got {self.folds})")
+        if self.balance not in ("loss", "sampler", "none"):
+            raise UsageError(f"balance must be loss, sampler or none (got {self.balance!r})")
+        if self.amp not in ("bf16", "fp16", "none"):
+            raise UsageError(f"amp must be bf16, fp16 or none (got {self.amp!r})")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    name: str = "default"
+    description: str = ""
+    preproc: PreprocConfig = field(default_factory=PreprocConfig)
+    template: TemplateConfig = field(default_factory=TemplateConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def replace(self, section: str | None = None, **changes) -> "PipelineConfig":
+        """A copy with some keys changed: ``cfg.replace("train", folds=3)``."""
+        if section is None:
+            return dataclasses.replace(self, **changes)
+        sub = dataclasses.replace(getattr(self, section), **changes)
+        return dataclasses.replace(self, **{section: sub})
+
+
+_SECTIONS = {"preproc": PreprocConfig, "template": TemplateConfig,
+             "model": ModelConfig, "train": TrainConfig}
+
+
+def _build(cls, values: Mapping[str, Any], where: str):
+    known = {f.name: f for f in fields(cls)}
+    unknown = set(values) - set(known)
+    if unknown:
+        raise UsageError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; "
+                         f"known: {', '.join(sorted(known))}")
+    kwargs = {}
+    for key, value in values.items():
+        default = known[key].default
+        if isinstance(default, tuple) and isinstance(value, list):
+            value = tuple(value)
+        kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise UsageError(f"{where}: {exc}") from None
+
+
+def _data_dir(name: str) -> Path:
+    """``pipelines/`` or ``models/``: packaged with the wheel, or the checkout's."""
+    try:
+        packaged = resources.files(f"bids_adhd.{name}")
+        if packaged.is_dir():
+            return Path(str(packaged))
+    except ModuleNotFoundError:
+        pass
+    return Path(__file__).resolve().parent.parent / name
+
+
+def pipelines_dir() -> Path:
+    return _data_dir("pipelines")
+
+
+def models_dir() -> Path:
+    return _data_dir("models")
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in pipelines_dir().glob("*.yaml"))
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh) or {}
+    except yaml.YAMLError as exc:
+        raise UsageError(f"pipeline file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"pipeline file {path} must hold a mapping of sections")
+    return data
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = {**out[key], **value}
+        else:
+            out[key] = value
+    return out
+
+
+def _raw(name_or_path: str, _seen: tuple = ()) -> dict:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists() or "/" in name_or_path:
+        if not path.is_file():
+            raise MissingInputError(f"pipeline file {name_or_path} not found")
+    else:
+        path = pipelines_dir() / f"{name_or_path}.yaml"
+        if not path.is_file():
+            raise UsageError(f"unknown pipeline {name_or_path!r}; choose one of "
+                             f"{', '.join(preset_names())} or give a YAML path")
+    data = _read_yaml(path)
+    data.setdefault("name", path.stem)
+    base = data.pop("base", None)
+    if base:
+        if base in _seen:
+            raise UsageError(f"pipeline {name_or_path}: 'base' chain loops through {base}")
+        parent = _raw(base, _seen + (name_or_path,))
+        parent.pop("name", None)
+        parent.pop("description", None)
+        data = _merge(parent, data)
+    return data
+
+
+def load_pipeline(name_or_path: str = "default") -> PipelineConfig:
+    """A preset by name (``pipelines/<name>.yaml``) or a YAML file path."""
+    data = _raw(str(name_or_path))
+    unknown = set(data) - set(_SECTIONS) - {"name", "description"}
+    if unknown:
+        raise UsageError(f"pipeline {name_or_path}: unknown section(s) {', '.join(sorted(unknown))}")
+    kwargs = {k: _build(cls, data.get(k) or {}, f"pipeline {name_or_path} [{k}]")
+              for k, cls in _SECTIONS.items()}
+    return PipelineConfig(name=str(data["name"]), description=str(data.get("description", "")).strip(),
+                          **kwargs)
