@@ -1,0 +1,144 @@
+"""Command line: the BIDS-Apps interface plus a few tool subcommands.
+
+``bids_adhd BIDS_DIR OUTPUT_DIR {participant,group} [options]`` is the BIDS App.
+``bids_adhd simulate|model-info|fetch-model ...`` are tools. Each tool lives in
+its own module, which provides ``add_cli_arguments(parser)`` and
+``run_cli(args) -> int``; this module only parses and maps errors to exit codes.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+
+from . import __version__
+from .errors import BidsAppError, UsageError
+
+LOG = logging.getLogger("bids_adhd")
+
+# name -> (module, one-line help)
+SUBCOMMANDS = {
+    "simulate": ("bids_adhd.simulate", "write a simulated BIDS dataset with a planted ADHD effect"),
+    "model-info": ("bids_adhd.learn.info", "print the parameter report of a preset"),
+    "fetch-model": ("bids_adhd.learn.foundation", "download foundation-model weights into the cache"),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises UsageError (exit 64) instead of printing and exiting 2."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def _alias(*names: str) -> list[str]:
+    """Both spellings: --participant-label and --participant_label."""
+    out = []
+    for n in names:
+        out.append(n)
+        if "-" in n[2:]:
+            out.append("--" + n[2:].replace("-", "_"))
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="bids_adhd", description=(
+        "Diffusion-MRI BIDS App: DIPY preprocessing and DTI maps (participant), "
+        "LoRA-adapted CT-FM ADHD classifier with cross-validation (group)."),
+        epilog="Tools: " + "; ".join(f"bids_adhd {k} --help: {v[1]}" for k, v in SUBCOMMANDS.items()))
+    p.add_argument("bids_dir", help="the root of the BIDS dataset (read only)")
+    p.add_argument("output_dir", help="where the derivatives go (created if missing)")
+    p.add_argument("analysis_level", choices=["participant", "group"],
+                   help="participant: preprocess each subject; group: train/evaluate the classifier")
+    g = p.add_argument_group("selection")
+    g.add_argument(*_alias("--participant-label"), nargs="+", dest="participant_label", default=None,
+                   metavar="LABEL", help="subjects to process (with or without 'sub-'); default: all")
+    g.add_argument(*_alias("--session-label"), nargs="+", dest="session_label", default=None,
+                   metavar="LABEL", help="sessions to process (with or without 'ses-'); default: all")
+    g.add_argument(*_alias("--bids-filter-file"), dest="bids_filter_file", default=None, metavar="FILE",
+                   help="JSON of pybids filters for the 'dwi' query, e.g. {\"dwi\": {\"acquisition\": \"hardi\"}}")
+    g.add_argument(*_alias("--skip-bids-validation"), dest="skip_bids_validation", action="store_true",
+                   help="do not run the BIDS validator on the input")
+    r = p.add_argument_group("resources")
+    r.add_argument(*_alias("--work-dir"), dest="work_dir", default=None, metavar="DIR",
+                   help="Nipype working directory (default: OUTPUT_DIR/.bids_adhd_work); reused on re-runs")
+    r.add_argument(*_alias("--nprocs"), dest="nprocs", type=int, default=None, metavar="N",
+                   help="processes for Nipype MultiProc (default: all cores)")
+    r.add_argument(*_alias("--omp-nthreads"), dest="omp_nthreads", type=int, default=1, metavar="N",
+                   help="threads inside one node (BLAS/OpenMP/torch); default 1")
+    r.add_argument(*_alias("--nipype-plugin"), dest="nipype_plugin", default="MultiProc",
+                   choices=["Linear", "MultiProc", "SLURMGraph"], help="Nipype execution plugin")
+    c = p.add_argument_group("configuration")
+    c.add_argument("--pipeline", default=None, metavar="NAME|PATH",
+                   help="preset name from pipelines/ or a YAML file (default: 'default' for participant, "
+                        "'paper' for group)")
+    c.add_argument("--model", default=None, metavar="ADAPTER",
+                   help="participant: apply a trained adapter (safetensors) and write a prediction")
+    c.add_argument(*_alias("--allow-training-subjects"), dest="allow_training_subjects", action="store_true",
+                   help="with --model: predict even subjects the model was trained on (leakage!)")
+    c.add_argument("--weights", default=None, metavar="PATH",
+                   help="foundation-model weights (safetensors); default: the cache / image location")
+    gr = p.add_argument_group("group level")
+    gr.add_argument(*_alias("--label-column"), dest="label_column", default="diagnosis",
+                    help="participants.tsv column with the diagnosis (default: diagnosis)")
+    gr.add_argument("--positive", default="ADHD", help="value of the positive class (default: ADHD)")
+    gr.add_argument("--folds", type=int, default=None, help="cross-validation folds (default: the preset's)")
+    gr.add_argument("--seed", type=int, default=None, help="random seed (default: the preset's)")
+    gr.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    gr.add_argument("--resume", action="store_true", help="continue a killed group run from its checkpoints")
+    v = p.add_mutually_exclusive_group()
+    v.add_argument("-v", "--verbose", action="count", default=0, help="more log output; tracebacks on error")
+    v.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    p.add_argument("--version", action="version", version=f"bids_adhd {__version__}")
+    return p
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    root = logging.getLogger("bids_adhd")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+def _run_subcommand(name: str, argv: list[str]) -> int:
+    module_name, help_text = SUBCOMMANDS[name]
+    module = importlib.import_module(module_name)
+    parser = _Parser(prog=f"bids_adhd {name}", description=help_text)
+    module.add_cli_arguments(parser)
+    parser.add_argument("-v", "--verbose", action="count", default=0)
+    parser.add_argument("-q", "--quiet", action="store_true")
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose, args.quiet)
+    return int(module.run_cli(args) or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = any(a in ("-v", "-vv", "--verbose") for a in argv)
+    try:
+        if argv and argv[0] in SUBCOMMANDS:
+            return _run_subcommand(argv[0], argv[1:])
+        args = build_parser().parse_args(argv)
+        _setup_logging(args.verbose, args.quiet)
+        if args.analysis_level == "participant":
+            from .workflows.run import run_participant
+            return int(run_participant(args) or 0)
+        from .learn.group import run_group
+        return int(run_group(args) or 0)
+    except BidsAppError as exc:
+        if verbose:
+            LOG.exception("error")
+        print(f"bids_adhd: error: {exc.message}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("bids_adhd: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
