@@ -66,8 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Nipype working directory (default: OUTPUT_DIR/.bids_adhd_work); reused on re-runs")
     r.add_argument(*_alias("--nprocs"), dest="nprocs", type=int, default=None, metavar="N",
                    help="processes for Nipype MultiProc (default: all cores)")
-    r.add_argument(*_alias("--omp-nthreads"), dest="omp_nthreads", type=int, default=1, metavar="N",
-                   help="threads inside one node (BLAS/OpenMP/torch); default 1")
+    r.add_argument(*_alias("--omp-nthreads"), dest="omp_nthreads", type=int, default=None, metavar="N",
+                   help="threads inside one node (BLAS/OpenMP/torch); default: nprocs divided among the series")
     r.add_argument(*_alias("--nipype-plugin"), dest="nipype_plugin", default="MultiProc",
                    choices=["Linear", "MultiProc", "SLURMGraph"], help="Nipype execution plugin")
     c = p.add_argument_group("configuration")

@@ -1,0 +1,155 @@
+"""Nipype interfaces that write BIDS-Derivatives (through ``bids_adhd.derivatives``)."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from nipype.interfaces.base import (BaseInterfaceInputSpec, File, InputMultiObject, SimpleInterface,
+                                    TraitedSpec, isdefined, traits)
+
+
+class _RunSinkInput(BaseInterfaceInputSpec):
+    out_root = traits.Str(mandatory=True)
+    source = traits.Dict(mandatory=True, desc="derivatives.Source entities")
+    raw_dwi = traits.Str(mandatory=True, desc="the raw DWI path (for Sources and metadata)")
+    bids_dir = traits.Str(mandatory=True)
+    config = traits.Dict(mandatory=True, desc="resolved PipelineConfig.to_dict()")
+    dwi = File(exists=True, mandatory=True)
+    bval = File(exists=True, mandatory=True)
+    bvec = File(exists=True, mandatory=True)
+    mask = File(exists=True, mandatory=True)
+    b0 = File(exists=True, mandatory=True)
+    motion = File(exists=True, mandatory=True)
+    fa = File(exists=True, mandatory=True)
+    md = File(exists=True, mandatory=True)
+    ad = File(exists=True, mandatory=True)
+    rd = File(exists=True, mandatory=True)
+    tensor = File(exists=True, mandatory=True)
+    v1 = File(exists=True, mandatory=True)
+    noise_sigma = traits.Float()
+    std_fa = File(exists=True, mandatory=True)
+    std_md = File(exists=True, mandatory=True)
+    std_mask = File(exists=True, mandatory=True)
+    xfm = File(exists=True, mandatory=True)
+    similarity = traits.Float(mandatory=True)
+
+
+class _RunSinkOutput(TraitedSpec):
+    summary = traits.Dict(desc="paths and QC numbers of this run (for the subject report)")
+
+
+class RunDerivatives(SimpleInterface):
+    """Copy one run's results into OUTPUT_DIR under their BIDS names, with sidecars and QC JSON."""
+
+    input_spec, output_spec = _RunSinkInput, _RunSinkOutput
+
+    def _run_interface(self, runtime):
+        from .. import derivatives as dv
+        from .. import __version__
+        from ..reports.participant import qc_metrics
+
+        i = self.inputs
+        root = Path(i.out_root)
+        src = dv.Source(**i.source)
+        raw_rel = Path(i.raw_dwi).resolve().relative_to(Path(i.bids_dir).resolve()).as_posix()
+        raw_uri = f"bids:raw:{raw_rel}"
+        pre = i.config["preproc"]
+        tpl = i.config["template"]
+        soft = {"Name": "bids_adhd", "Version": __version__}
+
+        dv.copy_file(i.dwi, dv.preproc_dwi(root, src))
+        dv.copy_file(i.bval, dv.preproc_dwi(root, src, ".bval"))
+        dv.copy_file(i.bvec, dv.preproc_dwi(root, src, ".bvec"))
+        raw_meta = {}
+        raw_json = Path(i.raw_dwi.replace(".nii.gz", ".json").replace(".nii", ".json"))
+        if raw_json.is_file():
+            try:
+                raw_meta = json.loads(raw_json.read_text())
+            except ValueError:
+                raw_meta = {}
+        dv.write_json(dv.preproc_dwi(root, src, ".json"), {
+            **raw_meta, "Sources": [raw_uri], "SkullStripped": False,
+            "Denoising": {"Method": pre["denoise"], "PatchRadius": pre["denoise_patch_radius"]},
+            "GibbsCorrection": bool(pre["gibbs"]),
+            "MotionCorrection": ("volume-to-mean-b0 affine (DIPY MI), b-vectors rotated" if pre["motion"]
+                                 else "none"),
+            "GeneratedBy": soft})
+        dv.copy_file(i.mask, dv.brain_mask(root, src))
+
+        table = np.loadtxt(i.motion, skiprows=1, delimiter="\t", ndmin=2)
+        cols = ["trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z", "framewise_displacement"]
+        dv.write_tsv(dv.confounds(root, src), {c: [float(v) for v in table[:, k]] for k, c in enumerate(cols)})
+        dv.write_json(dv.confounds(root, src, ".json"), {
+            **{c: {"Description": f"{'translation' if c.startswith('trans') else 'rotation'} along/about "
+                   f"{c[-1]} of the volume-to-mean-b0 transform", "Units": "mm" if c.startswith("trans") else "rad"}
+               for c in cols[:6]},
+            "framewise_displacement": {"Description": "Power et al. (2012) framewise displacement, rotations "
+                                       f"converted on a {pre['fd_radius_mm']} mm sphere", "Units": "mm"}})
+        units = {"fa": "arbitrary", "md": "mm^2/s", "ad": "mm^2/s", "rd": "mm^2/s", "tensor": "mm^2/s"}
+        desc = {"fa": "fractional anisotropy", "md": "mean diffusivity", "ad": "axial diffusivity",
+                "rd": "radial diffusivity",
+                "tensor": "diffusion tensor, 6 volumes in DIPY lower-triangular order Dxx, Dxy, Dyy, Dxz, Dyz, Dzz"}
+        for p in ("fa", "md", "ad", "rd", "tensor"):
+            dv.copy_file(getattr(i, p), dv.dwimap(root, src, p))
+            dv.write_json(dv.dwimap(root, src, p, ext=".json"), {
+                "Description": desc[p], "Units": units[p], "Model": "tensor", "FitMethod": pre["dti_fit"],
+                "MaxBValue": pre["dti_bmax"], "Sources": [raw_uri], "GeneratedBy": soft})
+        space = dv.TEMPLATE_SPACE
+        for p, f in (("fa", i.std_fa), ("md", i.std_md)):
+            dv.copy_file(f, dv.dwimap(root, src, p, space=space))
+            dv.write_json(dv.dwimap(root, src, p, space=space, ext=".json"), {
+                "Description": f"{desc[p]} resampled to {space}", "Units": units[p], "Model": "tensor",
+                "SpatialReference": {"Space": space, "ResolutionMM": tpl["resolution_mm"],
+                                     "Shape": list(tpl["shape"])},
+                "Registration": "DIPY mutual-information affine" + (" + SyN" if tpl["syn"] else ""),
+                "Sources": [raw_uri], "GeneratedBy": soft})
+        dv.copy_file(i.std_mask, dv.brain_mask(root, src, space=space))
+        dv.copy_file(i.xfm, dv.xfm(root, src))
+
+        import nibabel as nib
+
+        b0_img = nib.load(i.b0)
+        mask = np.asarray(nib.load(i.mask).dataobj) > 0
+        qc = qc_metrics(mean_b0=b0_img.get_fdata(dtype=np.float32), mask=mask,
+                        fa=nib.load(i.fa).get_fdata(dtype=np.float32), md=nib.load(i.md).get_fdata(dtype=np.float32),
+                        params=table[:, :6], fd=table[:, 6], fd_outlier_mm=pre["fd_outlier_mm"],
+                        voxel_size=b0_img.header.get_zooms()[:3], reg_similarity=i.similarity,
+                        noise_sigma=i.noise_sigma if isdefined(i.noise_sigma) else None)
+        dv.write_json(dv.qc_json(root, src), {**qc, "Sources": [raw_uri]})
+        self._results["summary"] = {
+            "source": dict(i.source), "label": src.prefix, "qc": qc,
+            "files": {"b0": i.b0, "mask": i.mask, "fa": i.fa, "md": i.md, "v1": i.v1, "motion": i.motion,
+                      "std_fa": i.std_fa, "std_mask": i.std_mask},
+            "written_at": time.time()}
+        return runtime
+
+
+class _ReportInput(BaseInterfaceInputSpec):
+    out_root = traits.Str(mandatory=True)
+    subject = traits.Str(mandatory=True)
+    summaries = InputMultiObject(traits.Dict, mandatory=True)
+    config_hash = traits.Str(mandatory=True)
+
+
+class _ReportOutput(TraitedSpec):
+    out_report = File(exists=True)
+
+
+class SubjectReport(SimpleInterface):
+    """One HTML QC report per subject; then the 'done' stamps of its runs."""
+
+    input_spec, output_spec = _ReportInput, _ReportOutput
+
+    def _run_interface(self, runtime):
+        from .. import derivatives as dv
+        from ..reports.participant import report_run_from_files, write_report
+
+        root = Path(self.inputs.out_root)
+        runs = [report_run_from_files(s) for s in self.inputs.summaries]
+        self._results["out_report"] = str(write_report(root, self.inputs.subject, runs))
+        for s in self.inputs.summaries:
+            src = dv.Source(**s["source"])
+            dv.write_json(dv.done_stamp(root, src), {"config_hash": self.inputs.config_hash})
+        return runtime

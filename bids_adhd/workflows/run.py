@@ -1,0 +1,147 @@
+"""``bids_adhd BIDS_DIR OUTPUT_DIR participant``: checks, selection, workflow, timings."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+from .. import __version__
+from .. import derivatives as dv
+from ..bids import check_bids_dir, check_writable, check_output_dir, check_run, collect_runs, ensure_writable_dir, run_validator
+from ..config import load_pipeline
+from ..errors import BidsAppError, DataError, UsageError
+
+LOG = logging.getLogger("bids_adhd.participant")
+_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS")
+
+
+def config_hash(cfg_dict: dict) -> str:
+    blob = json.dumps({"version": __version__, "config": {k: v for k, v in cfg_dict.items()
+                                                          if k in ("preproc", "template")}},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def is_done(out_root: Path, run, chash: str) -> bool:
+    stamp = dv.done_stamp(out_root, run.source)
+    if not stamp.is_file():
+        return False
+    try:
+        if json.loads(stamp.read_text()).get("config_hash") != chash:
+            return False
+    except ValueError:
+        return False
+    return all(p.is_file() for p in dv.participant_outputs(out_root, run.source))
+
+
+class _StepTimer:
+    """Nipype status callback: logs each node's wall time as it finishes."""
+
+    def __init__(self):
+        self.started: dict[str, float] = {}
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, node, status):
+        name = node.fullname
+        if status == "start":
+            self.started[name] = time.perf_counter()
+        elif status in ("end", "exception") and name in self.started:
+            sec = time.perf_counter() - self.started.pop(name)
+            self.seconds[name] = sec
+            if not name.split(".")[-1] in ("inputnode", "outputnode") and not name.split(".")[-1].startswith("src_"):
+                LOG.info("%-60s %s in %.1f s", name.replace("bids_adhd_participant_wf.", ""),
+                         "done" if status == "end" else "FAILED", sec)
+
+
+def run_participant(args) -> int:
+    t0 = time.perf_counter()
+    bids_dir = check_bids_dir(args.bids_dir)
+    out_root = check_output_dir(args.output_dir, bids_dir)
+    if args.work_dir:
+        work = Path(args.work_dir).expanduser().resolve()
+        if work == bids_dir or bids_dir in work.parents:
+            raise UsageError(f"--work-dir {args.work_dir} is inside BIDS_DIR; the input dataset stays read only")
+        check_writable(work, "--work-dir")
+    cfg = load_pipeline(args.pipeline or "default")
+    if args.nprocs is not None and args.nprocs < 1:
+        raise UsageError(f"--nprocs must be ≥ 1 (got {args.nprocs})")
+    if args.omp_nthreads is not None and args.omp_nthreads < 1:
+        raise UsageError(f"--omp-nthreads must be ≥ 1 (got {args.omp_nthreads})")
+    if args.model:
+        from ..learn.predict import check_model_file
+        check_model_file(args.model)
+    if not args.skip_bids_validation:
+        run_validator(bids_dir)
+    runs = collect_runs(bids_dir, args.participant_label, args.session_label, args.bids_filter_file)
+    chash = config_hash(cfg.to_dict())
+    todo = [r for r in runs if not is_done(out_root, r, chash)]
+    for r in runs:
+        if r not in todo:
+            LOG.info("%s: already finished with this configuration; nothing to do", r.source.prefix)
+    if todo:
+        LOG.info("checking %d DWI series", len(todo))
+        for r in todo:
+            summary = check_run(r, cfg.preproc.b0_threshold)
+            LOG.info("%s: %s volumes, %d b0, shells %s, voxels %s mm", r.source.prefix, summary["shape"],
+                     summary["n_b0"], summary["shells"], tuple(round(z, 2) for z in summary["zooms"]))
+        _run_workflow(args, cfg, bids_dir, out_root, todo, chash)
+    if args.model:
+        from ..learn.predict import predict_runs
+        predict_runs(args, runs, out_root)
+    LOG.info("participant level finished in %.1f s; outputs in %s", time.perf_counter() - t0, out_root)
+    return 0
+
+
+def _run_workflow(args, cfg, bids_dir, out_root, runs, chash) -> None:
+    from nipype import config as nipype_config
+    from nipype import logging as nipype_logging
+
+    from .participant import init_participant_wf
+
+    nprocs = args.nprocs or os.cpu_count() or 1
+    nthreads = args.omp_nthreads or max(1, nprocs // max(1, len(runs)))
+    nthreads = min(nthreads, nprocs)
+    for var in _THREAD_VARS:
+        os.environ[var] = str(nthreads)
+    ensure_writable_dir(out_root, "OUTPUT_DIR")
+    dv.ensure_dataset_description(out_root, bids_dir)
+    work_dir = ensure_writable_dir(Path(args.work_dir).expanduser().resolve() if args.work_dir
+                                   else out_root / ".bids_adhd_work", "--work-dir")
+    nipype_config.update_config({
+        "execution": {"crashdump_dir": str(work_dir / "crash"), "crashfile_format": "txt",
+                      "poll_sleep_duration": 0.05, "stop_on_first_crash": "true",
+                      "remove_unnecessary_outputs": "false", "hash_method": "content",
+                      "create_report": "false", "write_provenance": "false"},
+        "monitoring": {"enabled": "false"}})
+    nipype_config.set("logging", "workflow_level", "WARNING")
+    nipype_config.set("logging", "interface_level", "WARNING")
+    nipype_logging.update_logging(nipype_config)
+    wf = init_participant_wf(runs, cfg, bids_dir, out_root, work_dir, chash, nthreads=nthreads)
+    timer = _StepTimer()
+    LOG.info("running %d series with %s (%d processes, %d threads per node); work dir %s",
+             len(runs), args.nipype_plugin, nprocs, nthreads, work_dir)
+    plugin_args = {"status_callback": timer}
+    if args.nipype_plugin == "MultiProc":
+        plugin_args.update(n_procs=nprocs, raise_insufficient=False)
+    elif args.nipype_plugin == "SLURMGraph":
+        plugin_args.update(dont_resubmit_completed_jobs=True)
+    try:
+        wf.run(plugin=args.nipype_plugin, plugin_args=plugin_args)
+    except BidsAppError:
+        raise
+    except RuntimeError as exc:
+        crash = sorted((work_dir / "crash").glob("crash-*.txt"), key=lambda p: p.stat().st_mtime)
+        reason = _crash_reason(crash[-1]) if crash else str(exc).splitlines()[0]
+        raise DataError(f"processing failed: {reason} (details: {crash[-1] if crash else work_dir})") from None
+
+
+def _crash_reason(crash_file: Path) -> str:
+    """The last exception line of a Nipype crash file (user errors raised in a node carry their message)."""
+    lines = [ln.strip() for ln in crash_file.read_text(errors="replace").splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if "Error:" in ln or "Exception:" in ln:
+            return ln
+    return lines[-1] if lines else "unknown error"
