@@ -53,7 +53,7 @@ class TemplateConfig:
 
     space: str = "MNI152NLin2009aSym"
     resolution_mm: float = 2.0
-    shape: tuple = (96, 112, 96)      # voxels; each divisible by 16 (4 stride-2 stages)
+    shape: tuple = (96, 96, 96)       # voxels; each divisible by 16 (4 stride-2 stages); 192 mm cube
     syn: bool = False                 # follow the affine with DIPY SyN
     affine_level_iters: tuple = (1000, 200, 50)
     affine_factors: tuple = (4, 2, 1)
