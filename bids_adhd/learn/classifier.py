@@ -1,0 +1,238 @@
+"""The ADHD classifier: foundation encoder + pooling + MLP head, and its adaptations.
+
+``build_model(cfg)`` is the one place that turns a :class:`ModelConfig` into a
+model whose ``requires_grad`` flags say what trains:
+
+=============  ==========================================================
+adaptation     what trains
+=============  ==========================================================
+lora           our LoRA (:mod:`bids_adhd.learn.lora`) on ``cfg.lora_target``,
+               norm affine parameters if ``train_norm``, the head
+peft-lora      the same with PEFT's ``LoraConfig`` (flat factorisation only)
+linear-probe   the head only; BatchNorm frozen *and* kept in eval mode
+full           everything
+scratch        everything, from a random initialisation (no weights loaded)
+=============  ==========================================================
+
+The stem takes ``len(cfg.channels)`` input channels: a 1-channel pre-trained
+stem is widened by :func:`adapt_stem` after the weights are loaded.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+
+from ..config import ModelConfig
+from ..errors import UsageError
+from .foundation import count_parameters, load_encoder
+from .lora import NORM_TYPES, inject_lora, parameter_report, set_norm_trainable
+
+LOG = logging.getLogger("bids_adhd.classifier")
+
+STEM_MODES = ("average", "duplicate")
+
+
+def adapt_stem(encoder: nn.Module, in_channels: int, mode: str = "average", attr: str = "conv_init") -> nn.Module:
+    """Give a 1-channel stem convolution ``in_channels`` inputs, in place (after loading weights).
+
+    ``average``: each input channel gets the pre-trained kernel divided by
+    ``in_channels``, so an input whose channels are all equal to ``x`` gives
+    exactly what the 1-channel stem gives for ``x`` (up to rounding).
+    ``duplicate``: each channel gets the full kernel (the response to equal
+    channels is ``in_channels`` times larger).
+    The new weight keeps the old one's dtype, device and ``requires_grad``.
+    Returns the encoder.
+    """
+    if mode not in STEM_MODES:
+        raise UsageError(f"stem_init must be one of {', '.join(STEM_MODES)} (got {mode!r})")
+    old = getattr(encoder, attr)
+    if not isinstance(old, nn.Conv3d):
+        raise TypeError(f"{attr} is a {type(old).__name__}, not an nn.Conv3d")
+    if old.in_channels == in_channels:
+        return encoder
+    if old.in_channels != 1 or old.groups != 1:
+        raise UsageError(f"can only widen a 1-channel stem (this one has {old.in_channels} input channels)")
+    new = nn.Conv3d(in_channels, old.out_channels, old.kernel_size, stride=old.stride, padding=old.padding,
+                    dilation=old.dilation, bias=old.bias is not None, padding_mode=old.padding_mode,
+                    device=old.weight.device, dtype=old.weight.dtype)
+    with torch.no_grad():
+        w = old.weight.repeat(1, in_channels, 1, 1, 1)
+        new.weight.copy_(w / in_channels if mode == "average" else w)
+        if old.bias is not None:
+            new.bias.copy_(old.bias)
+    new.weight.requires_grad_(old.weight.requires_grad)
+    if new.bias is not None:
+        new.bias.requires_grad_(old.bias.requires_grad)
+    setattr(encoder, attr, new)
+    if hasattr(encoder, "in_channels"):
+        encoder.in_channels = in_channels
+    return encoder
+
+
+def encoder_feature_channels(encoder: nn.Module) -> list[int]:
+    """Channels of each feature map a SegResEncoder returns (``init_filters · 2^level``)."""
+    try:
+        return [int(encoder.init_filters) * 2 ** i for i in range(len(encoder.blocks_down))]
+    except AttributeError:
+        raise TypeError(f"{type(encoder).__name__} lacks init_filters/blocks_down; pass feature_channels") from None
+
+
+class ADHDClassifier(nn.Module):
+    """Encoder feature maps -> global pooling -> MLP head -> class logits.
+
+    Parameters
+    ----------
+    encoder : nn.Module
+        Returns a list of feature maps, one per level (MONAI SegResEncoder).
+    pooling : {'avg', 'multiscale'}
+        ``avg``: global average of the last map (512 features for CT-FM, as
+        CT-FM's own feature extraction). ``multiscale``: the global averages
+        of every level, concatenated (32+64+128+256+512 = 992 for CT-FM).
+    head_hidden : int
+        Hidden width of the head (Linear -> ReLU -> Dropout -> Linear); 0 for
+        a single Linear layer.
+    num_classes : int
+    dropout : float
+        Dropout between the two head layers.
+    feature_channels : list of int, optional
+        Channels per level; read from the encoder when not given.
+    """
+
+    def __init__(self, encoder: nn.Module, pooling: str = "avg", head_hidden: int = 128, num_classes: int = 2,
+                 dropout: float = 0.0, feature_channels: Sequence[int] | None = None):
+        super().__init__()
+        if pooling not in ("avg", "multiscale"):
+            raise UsageError(f"pooling must be avg or multiscale (got {pooling!r})")
+        self.encoder = encoder
+        self.pooling = pooling
+        channels = list(feature_channels or encoder_feature_channels(encoder))
+        self.num_features = channels[-1] if pooling == "avg" else sum(channels)
+        if head_hidden:
+            self.head = nn.Sequential(nn.Linear(self.num_features, head_hidden), nn.ReLU(inplace=True),
+                                      nn.Dropout(dropout), nn.Linear(head_hidden, num_classes))
+        else:
+            self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(self.num_features, num_classes))
+        #: keep the encoder's BatchNorm in eval mode during training (running statistics frozen)
+        self.freeze_norm_stats = False
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The pooled feature vector, shape ``(N, num_features)``."""
+        maps = self.encoder(x)
+        if isinstance(maps, torch.Tensor):
+            maps = [maps]
+        if self.pooling == "avg":
+            return maps[-1].float().mean(dim=(2, 3, 4))
+        return torch.cat([m.float().mean(dim=(2, 3, 4)) for m in maps], dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode and self.freeze_norm_stats:
+            for m in self.encoder.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
+
+
+def _peft_targets(encoder: nn.Module, target: str) -> list[str]:
+    pattern = re.compile(target)
+    return [n for n, m in encoder.named_modules() if isinstance(m, nn.Conv3d) and pattern.search(n)]
+
+
+def _inject_peft(encoder: nn.Module, cfg: ModelConfig) -> list[str]:
+    if cfg.lora_factorisation != "flat":
+        raise UsageError("adaptation peft-lora supports lora_factorisation flat only (PEFT's Conv3d LoRA)")
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError:
+        raise UsageError("adaptation peft-lora needs PEFT: pip install 'bids_adhd[peft]'") from None
+    names = _peft_targets(encoder, cfg.lora_target)
+    if not names:
+        raise UsageError(f"lora_target {cfg.lora_target!r} matches no Conv3d layer")
+    dilated = [n for n in names if encoder.get_submodule(n).dilation != (1, 1, 1)]
+    if dilated:
+        raise UsageError(f"PEFT's Conv3d LoRA ignores dilation; {len(dilated)} target(s) are dilated "
+                         f"(e.g. {dilated[0]}): use adaptation lora")
+    config = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                        target_modules=names, bias="none")
+    inject_adapter_in_model(config, encoder)
+    for n, p in encoder.named_parameters():     # PEFT freezes the base; make sure of it
+        p.requires_grad_(".lora_" in f".{n}")
+    return names
+
+
+def build_model(cfg: ModelConfig, weights=None, *, architecture_only: bool = False,
+                manifest=None) -> tuple[ADHDClassifier, dict]:
+    """The classifier ``cfg`` describes, with ``requires_grad`` set for its adaptation.
+
+    ``weights``: an explicit weights file (else the search of
+    :func:`~bids_adhd.learn.foundation.find_weights`).
+    ``architecture_only``: build on the ``meta`` device without weights (for
+    counting parameters; such a model cannot run).
+
+    Returns ``(model, info)``; info holds the encoder info of
+    :func:`~bids_adhd.learn.foundation.load_encoder` (``pretrained``,
+    ``weights_path``, ``sha256``, ``warning``, ...), plus ``adaptation``,
+    ``in_channels``, ``lora_layers`` (replaced layer names), ``encoder_parameters``
+    (the base encoder, adapted stem included, LoRA excluded), ``head_parameters``,
+    ``full_finetune_trainable`` and ``parameters`` (:func:`parameter_report`).
+    """
+    enc_cfg = cfg
+    if cfg.adaptation == "scratch" and cfg.pretrained:
+        LOG.info("adaptation scratch: the encoder is randomly initialised (pretrained ignored)")
+        enc_cfg = dataclasses.replace(cfg, pretrained=False)
+    encoder, info = load_encoder(enc_cfg, weights, manifest=manifest, architecture_only=architecture_only)
+    in_channels = len(cfg.channels)
+    ctx = torch.device("meta") if architecture_only else torch.device("cpu")
+    with ctx:
+        adapt_stem(encoder, in_channels, cfg.stem_init)
+        encoder_parameters = count_parameters(encoder)
+
+        names: list[str] = []
+        if cfg.adaptation == "lora":
+            names = inject_lora(encoder, cfg.lora_target, rank=cfg.lora_rank, alpha=cfg.lora_alpha,
+                                dropout=cfg.lora_dropout, factorisation=cfg.lora_factorisation,
+                                train_norm=cfg.train_norm)
+        elif cfg.adaptation == "peft-lora":
+            names = _inject_peft(encoder, cfg)
+            set_norm_trainable(encoder, cfg.train_norm)
+        elif cfg.adaptation == "linear-probe":
+            encoder.requires_grad_(False)
+            if cfg.train_norm:
+                LOG.info("linear-probe: train_norm ignored, the encoder (BatchNorm included) stays frozen")
+        else:  # full, scratch
+            encoder.requires_grad_(True)
+
+        model = ADHDClassifier(encoder, pooling=cfg.pooling, head_hidden=cfg.head_hidden,
+                               num_classes=cfg.num_classes, dropout=cfg.head_dropout)
+    model.freeze_norm_stats = cfg.adaptation == "linear-probe"
+    head_parameters = count_parameters(model.head)
+    info.update(adaptation=cfg.adaptation, in_channels=in_channels, lora_layers=names,
+                encoder_parameters=encoder_parameters, head_parameters=head_parameters,
+                full_finetune_trainable=encoder_parameters + head_parameters,
+                parameters=parameter_report(model))
+    return model, info
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What training changed: every trainable parameter plus the normalisation buffers.
+
+    BatchNorm running statistics move during training even when the affine
+    parameters are frozen (except with ``freeze_norm_stats``), so they belong
+    to the adapter. Tensors are detached CPU copies, ready for
+    ``safetensors.torch.save_file``.
+    """
+    out = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+    for mname, m in model.named_modules():
+        if isinstance(m, NORM_TYPES):
+            for bname, b in m.named_buffers(recurse=False):
+                if b is not None:
+                    out[f"{mname}.{bname}" if mname else bname] = b.detach().cpu().clone()
+    return out

@@ -1,0 +1,210 @@
+"""The classifier and its adaptations: stem widening, pooling, which parameters
+train for each adaptation, the parameter counts of every preset (the paper's
+1,642,498), and ``bids_adhd model-info``.
+
+Behaviour is tested on a narrow encoder (init_filters=4, 16³ inputs); the
+counts of the real 77.8 M encoder are taken on PyTorch's meta device plus one
+real (CPU, no forward pass) build.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+from bids_adhd import cli
+from bids_adhd.config import ModelConfig, load_pipeline
+from bids_adhd.learn import foundation as fd
+from bids_adhd.learn.classifier import ADHDClassifier, adapt_stem, adapter_state_dict, build_model
+from bids_adhd.learn.lora import LoRAConv3d, lora_parameter_count
+
+# SegResEncoder(init_filters=32, blocks_down=(1,2,2,4,4)): convs in residual blocks per level, widths
+LEVELS = [(32, 2), (64, 4), (128, 4), (256, 8), (512, 8)]
+ENCODER = 77_760_992
+NORM = sum(2 * c * n for c, n in LEVELS)                    # 13,952
+HEAD = 512 * 128 + 128 + 128 * 2 + 2                        # 65,922
+LORA_FLAT = sum(n * lora_parameter_count(c, c, (3, 3, 3), 8) for c, n in LEVELS)              # 1,562,624
+LORA_K2D = sum(n * lora_parameter_count(c, c, (3, 3, 3), 8, "kernel2d") for c, n in LEVELS)   # 669,696
+
+
+@pytest.fixture()
+def tiny_manifest():
+    m = copy.deepcopy(fd.load_manifest("ct-fm"))
+    m["architecture"]["kwargs"]["init_filters"] = 4
+    return m
+
+
+@pytest.fixture()
+def no_weights(tmp_path, monkeypatch):
+    monkeypatch.setenv(fd.ENV_WEIGHTS_DIR, str(tmp_path / "cache"))
+    monkeypatch.setattr(fd, "IMAGE_MODELS_DIR", tmp_path / "opt")
+    return tmp_path
+
+
+def test_formulas_give_the_paper_numbers():
+    assert (NORM, HEAD, LORA_FLAT) == (13_952, 65_922, 1_562_624)
+    assert LORA_FLAT + NORM + HEAD == 1_642_498
+
+
+def test_paper_preset_counts():
+    cfg = load_pipeline("paper").model
+    model, info = build_model(cfg, architecture_only=True)
+    rep = info["parameters"]
+    assert rep["trainable"] == 1_642_498
+    assert abs(rep["trainable"] - 1.64e6) / 1.64e6 < 0.01
+    assert info["encoder_parameters"] == ENCODER
+    assert rep["lora"] == LORA_FLAT and rep["norm"] == NORM and info["head_parameters"] == HEAD
+    # the encoder's own parameters all stay frozen except the BatchNorm affine ones
+    assert rep["frozen"] == ENCODER - NORM == 77_747_040
+    assert rep["total"] == ENCODER + LORA_FLAT + HEAD
+    assert len(info["lora_layers"]) == 26
+    assert isinstance(model.encoder.layers[4].blocks[3].conv2, LoRAConv3d)
+    assert info["pretrained"] is False                     # architecture only: no weights
+
+
+def test_real_encoder_build_counts_77_760_992():
+    """One real build (CPU, no forward pass): the meta-device counts are the real ones."""
+    enc = fd.build_encoder("ct-fm")
+    assert sum(p.numel() for p in enc.parameters()) == ENCODER
+    assert encoder_keys_are_monai_layout(enc)
+
+
+def encoder_keys_are_monai_layout(enc) -> bool:
+    keys = list(enc.state_dict())
+    return keys[0] == "conv_init.weight" and "layers.4.blocks.3.conv2.weight" in keys and len(keys) == 161
+
+
+EXPECTED_PRESETS = {
+    # name: (trainable, total)
+    "paper": (LORA_FLAT + NORM + HEAD, ENCODER + LORA_FLAT + HEAD),
+    "fast": (LORA_FLAT + NORM + HEAD, ENCODER + LORA_FLAT + HEAD),
+    "default": (LORA_FLAT + NORM + HEAD, ENCODER + LORA_FLAT + HEAD),
+    "peft-lora": (LORA_FLAT + NORM + HEAD, ENCODER + LORA_FLAT + HEAD),
+    "linear-probe": (HEAD, ENCODER + HEAD),
+    "full-finetune": (ENCODER + HEAD, ENCODER + HEAD),
+    "scratch": (ENCODER + HEAD, ENCODER + HEAD),
+}
+
+
+@pytest.mark.parametrize("preset", sorted(EXPECTED_PRESETS))
+def test_every_preset_builds_with_its_counts(preset):
+    _, info = build_model(load_pipeline(preset).model, architecture_only=True)
+    rep = info["parameters"]
+    assert (rep["trainable"], rep["total"]) == EXPECTED_PRESETS[preset]
+    assert info["full_finetune_trainable"] == ENCODER + HEAD
+
+
+def test_kernel2d_and_two_channel_variants_count():
+    cfg = dataclasses.replace(load_pipeline("paper").model, lora_factorisation="kernel2d")
+    _, info = build_model(cfg, architecture_only=True)
+    assert info["parameters"]["trainable"] == LORA_K2D + NORM + HEAD == 749_570
+    cfg = dataclasses.replace(load_pipeline("paper").model, channels=("fa", "md"), pooling="multiscale")
+    _, info = build_model(cfg, architecture_only=True)
+    assert info["encoder_parameters"] == ENCODER + 32 * 27           # the stem takes a second channel
+    assert info["head_parameters"] == 992 * 128 + 128 + 128 * 2 + 2
+
+
+def test_model_info_json(capsys):
+    assert cli.main(["model-info", "--pipeline", "paper", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["trainable"] == 1_642_498 and out["encoder"] == ENCODER
+    assert out["total"] == ENCODER + LORA_FLAT + HEAD
+    assert out["ratio_to_full"] == pytest.approx(1_642_498 / (ENCODER + HEAD))
+    assert len(out["lora_per_layer"]) == 26
+    assert out["lora_per_layer"]["encoder.layers.0.blocks.0.conv1"] == 8 * (32 * 27 + 32)
+    assert sum(out["lora_per_layer"].values()) == LORA_FLAT
+
+
+def test_model_info_table(capsys):
+    assert cli.main(["model-info", "--pipeline", "linear-probe"]) == 0
+    out = capsys.readouterr().out
+    assert "65,922" in out and "77,760,992" in out and "ratio 0.08 %" in out
+
+
+# ---------------------------------------------------------------- behaviour on a narrow encoder
+def test_stem_average_gives_the_one_channel_output_for_equal_channels(tiny_manifest):
+    torch.manual_seed(0)
+    one = fd.build_encoder(tiny_manifest).eval()
+    two = adapt_stem(copy.deepcopy(one), 2, "average").eval()
+    assert two.conv_init.in_channels == 2 and two.in_channels == 2
+    x = torch.randn(2, 1, 16, 16, 16)
+    with torch.no_grad():
+        for a, b in zip(one(x), two(x.repeat(1, 2, 1, 1, 1))):
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-5 * a.abs().max().item())
+    dup = adapt_stem(copy.deepcopy(one), 2, "duplicate")
+    with torch.no_grad():
+        assert torch.allclose(dup.conv_init(x.repeat(1, 2, 1, 1, 1)), 2 * one.conv_init(x), rtol=1e-5, atol=1e-5)
+
+
+def test_pooling_widths(tiny_manifest):
+    enc = fd.build_encoder(tiny_manifest)
+    x = torch.randn(2, 1, 16, 16, 16)
+    avg = ADHDClassifier(enc, "avg", head_hidden=8).eval()
+    multi = ADHDClassifier(enc, "multiscale", head_hidden=0).eval()
+    assert avg.num_features == 64 and multi.num_features == 4 + 8 + 16 + 32 + 64
+    with torch.no_grad():
+        assert avg(x).shape == (2, 2) and multi(x).shape == (2, 2)
+        assert torch.allclose(avg.features(x), enc(x)[-1].mean(dim=(2, 3, 4)))
+
+
+def _trainable(model):
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("adaptation", ["lora", "peft-lora", "linear-probe", "full", "scratch"])
+def test_adaptations_train_the_right_parameters(adaptation, tiny_manifest, no_weights):
+    if adaptation == "peft-lora":
+        pytest.importorskip("peft")
+    cfg = ModelConfig(adaptation=adaptation, lora_rank=2, head_hidden=8, pretrained=adaptation != "scratch",
+                      train_norm=adaptation != "linear-probe")
+    torch.manual_seed(0)
+    model, info = build_model(cfg, manifest=tiny_manifest)
+    names = _trainable(model)
+    assert any(n.startswith("head.") for n in names)
+    enc = {n for n in names if n.startswith("encoder.")}
+    if adaptation in ("lora", "peft-lora"):
+        assert enc and all(".lora_" in n or ".norm" in n for n in enc)
+        assert sum(".lora_" in n for n in enc) == 52                   # A and B of 26 convolutions
+        assert info["parameters"]["lora"] == sum(
+            lora_parameter_count(c, c, (3, 3, 3), 2) for c, n in [(4, 2), (8, 4), (16, 4), (32, 8), (64, 8)]
+            for _ in range(n))
+    elif adaptation == "linear-probe":
+        assert not enc
+        model.train()
+        assert all(not m.training for m in model.modules() if isinstance(m, nn.BatchNorm3d))
+        assert model.head.training
+    else:
+        assert enc == {n for n, _ in model.encoder.named_parameters(prefix="encoder")}
+    assert info["pretrained"] is False                  # no weights anywhere in this test
+
+
+def test_one_training_step_moves_only_the_adapter(tiny_manifest, no_weights):
+    torch.manual_seed(0)
+    model, _ = build_model(ModelConfig(lora_rank=2, head_hidden=8), manifest=tiny_manifest)
+    frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    x, y = torch.randn(2, 1, 16, 16, 16), torch.tensor([0, 1])
+    model.train()
+    nn.functional.cross_entropy(model(x), y).backward()
+    assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+    opt.step()
+    assert all(torch.equal(p, frozen_before[n]) for n, p in model.named_parameters() if not p.requires_grad)
+    sd = adapter_state_dict(model)
+    assert "encoder.layers.0.blocks.0.conv1.lora_A" in sd and "head.0.weight" in sd
+    assert "encoder.layers.0.blocks.0.norm1.running_mean" in sd
+    assert not any(k.endswith("base_layer.weight") for k in sd)
+
+
+def test_scratch_ignores_weights_in_the_cache(tiny_manifest, no_weights):
+    path = no_weights / "cache" / "ct-fm" / "model.safetensors"
+    path.parent.mkdir(parents=True)
+    from safetensors.torch import save_file
+    save_file(fd.build_encoder(tiny_manifest).state_dict(), str(path))
+    _, info = build_model(ModelConfig(adaptation="scratch", pretrained=True, head_hidden=8), manifest=tiny_manifest)
+    assert info["pretrained"] is False
+    _, info = build_model(ModelConfig(head_hidden=8, lora_rank=2), manifest=tiny_manifest)
+    assert info["pretrained"] is True and info["weights_path"] == str(path)
