@@ -138,6 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("bids_adhd: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `bids_adhd model-info --json | head`
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -121,8 +120,7 @@ class RunDerivatives(SimpleInterface):
         self._results["summary"] = {
             "source": dict(i.source), "label": src.prefix, "qc": qc,
             "files": {"b0": i.b0, "mask": i.mask, "fa": i.fa, "md": i.md, "v1": i.v1, "motion": i.motion,
-                      "std_fa": i.std_fa, "std_mask": i.std_mask},
-            "written_at": time.time()}
+                      "std_fa": i.std_fa, "std_mask": i.std_mask}}
         return runtime
 
 

@@ -30,7 +30,7 @@ def init_participant_wf(runs: list[DwiRun], cfg: PipelineConfig, bids_dir: Path,
     for subject, sub_runs in sorted(by_subject.items()):
         merge = pe.Node(Merge(len(sub_runs)), name=f"merge_sub{subject}")
         report = pe.Node(SubjectReport(out_root=str(out_root), subject=subject, config_hash=config_hash),
-                         name=f"report_sub{subject}")
+                         name=f"report_sub{subject}", overwrite=True)
         for k, run in enumerate(sub_runs, start=1):
             key = run.source.key
             src = pe.Node(IdentityInterface(["dwi_file", "bval_file", "bvec_file"]), name=f"src_{key}")
@@ -39,7 +39,7 @@ def init_participant_wf(runs: list[DwiRun], cfg: PipelineConfig, bids_dir: Path,
             tpl = init_template_wf(cfg.template, nthreads=nthreads, name=f"template_{key}")
             sink = pe.Node(RunDerivatives(out_root=str(out_root), source=dataclasses.asdict(run.source),
                                           raw_dwi=str(run.dwi), bids_dir=str(bids_dir), config=cfg_dict),
-                           name=f"sink_{key}")
+                           name=f"sink_{key}", overwrite=True)  # writes outside the work dir: always run
             wf.connect([
                 (src, pre, [("dwi_file", "inputnode.dwi_file"), ("bval_file", "inputnode.bval_file"),
                             ("bvec_file", "inputnode.bvec_file")]),
