@@ -185,6 +185,9 @@ def atomic_path(final: os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
+        # mkstemp makes 0600 files; give the usual umask-based mode so other users
+        # (e.g. a container running as another uid) can read the outputs.
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, final)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
@@ -192,6 +195,12 @@ def atomic_path(final: os.PathLike) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_text(final: os.PathLike, text: str) -> Path:

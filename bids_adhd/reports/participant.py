@@ -1,0 +1,446 @@
+"""Per-subject QC: numbers (``qc_metrics``), figures (``render_figures``) and one
+self-contained HTML report per subject (``write_report``).
+
+The numbers are defined in ``docs/qc.md``; in short:
+
+* motion: Power et al. (2012) framewise displacement (FD) of the
+  volume-to-b0 motion parameters, its mean and max, and the number of volumes
+  with FD above ``fd_outlier_mm``;
+* SNR: mean of the mean-b0 image inside the brain mask divided by the noise
+  σ of a single DWI volume (MP-PCA's σ when given, else estimated from the
+  image background assuming Rayleigh-distributed magnitude noise, see
+  ``background_sigma``);
+* the brain-mask volume, FA/MD summaries in the whole mask and in
+  "white-matter-like" voxels (FA > 0.2), the registration similarity
+  (Pearson correlation of template target and template-space FA inside the
+  template brain mask).
+"""
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import math
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from .. import __version__
+from .. import derivatives as dv
+
+WM_FA_THRESHOLD = 0.2
+"""FA above this (inside the brain mask) counts as white-matter-like."""
+
+BG_MARGIN_MM = 10.0
+"""Background for the noise estimate: farther than this from the brain mask."""
+
+MIN_BG_VOXELS = 500
+
+# thresholds that colour a row of the report table (warning only; nothing is excluded)
+WARN = {"max_fd": 2.0, "n_outlier_volumes_fraction": 0.2, "snr": 10.0, "registration_similarity": 0.8}
+
+
+# --- numbers -------------------------------------------------------------------
+
+def framewise_displacement(params, radius_mm: float = 50.0) -> np.ndarray:
+    """Power et al. (2012) FD per volume: Σ|Δtranslation| + r·Σ|Δrotation (rad)|; FD[0] = 0.
+
+    The same function the motion-correction step uses (``bids_adhd.dmri.motion``).
+    """
+    from ..dmri.motion import framewise_displacement as _fd
+
+    return np.asarray(_fd(np.asarray(params, float).reshape(-1, 6), radius=radius_mm), float)
+
+
+def background_sigma(image, mask, voxel_size, margin_mm: float = BG_MARGIN_MM) -> tuple[float | None, int]:
+    """Noise σ from the image background, assuming Rayleigh magnitude noise.
+
+    Background = voxels farther than ``margin_mm`` from the brain mask with a
+    finite, non-zero value (exact zeros are scanner or resampling padding, not
+    noise). For a magnitude image of pure noise (single-channel receiver) the
+    values are Rayleigh(σ) with median σ·√(2 ln 2); the median is robust to
+    ghosts and to the odd bright artefact. Averaging several b0 volumes does
+    not change the mean and barely changes the median of the background, so
+    this estimates the noise σ of *one* volume even from a mean-b0 image.
+    Multi-channel (non-central χ) or parallel-imaging data bias it upward
+    (SNR downward): it is a conservative estimate. Returns ``(σ, n_voxels)``;
+    σ is None when fewer than ``MIN_BG_VOXELS`` background voxels exist.
+    """
+    from scipy import ndimage
+
+    img = np.asarray(image, float)
+    m = np.asarray(mask, bool)
+    vox = np.asarray(voxel_size, float)[:3]
+    dist = ndimage.distance_transform_edt(~m, sampling=vox) if m.any() else np.full(m.shape, np.inf)
+    bg = (dist > margin_mm) & np.isfinite(img) & (img != 0)
+    n = int(bg.sum())
+    if n < MIN_BG_VOXELS:
+        return None, n
+    return float(np.median(np.abs(img[bg])) / math.sqrt(2 * math.log(2))), n
+
+
+def _voxel_sizes(voxel_size) -> np.ndarray:
+    v = np.asarray(voxel_size, float)
+    if v.shape == (4, 4):
+        return np.sqrt((v[:3, :3] ** 2).sum(0))
+    if v.size < 3:
+        raise ValueError("voxel_size must give 3 sizes (mm) or be a 4×4 affine")
+    return v.ravel()[:3]
+
+
+def _f(x) -> float | None:
+    """A finite float, or None (JSON has no NaN)."""
+    if x is None:
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def qc_metrics(mean_b0, mask, fa, md, params, fd=None, fd_outlier_mm: float = 0.5, voxel_size=None,
+               reg_similarity=None, noise_sigma=None, fd_radius_mm: float = 50.0) -> dict[str, Any]:
+    """QC numbers of one DWI run (all JSON-serialisable; NaN becomes None).
+
+    Parameters
+    ----------
+    mean_b0, mask, fa, md : 3D arrays in native space (MD in mm²/s).
+    params : (N, 6) motion parameters trans_x, trans_y, trans_z (mm), rot_x, rot_y, rot_z (rad).
+    fd : (N,) framewise displacement (mm); computed from ``params`` (Power, radius
+        ``fd_radius_mm``) when None.
+    fd_outlier_mm : a volume with FD strictly above this is an outlier.
+    voxel_size : 3 voxel sizes in mm, or the 4×4 affine (required).
+    reg_similarity : template-registration similarity (``register_to_template``'s).
+    noise_sigma : noise σ of one volume (e.g. MP-PCA's: a scalar, or a map whose
+        median inside the mask is used); NaN/None → background estimate.
+    """
+    if voxel_size is None:
+        raise ValueError("qc_metrics needs voxel_size (3 sizes in mm or the 4×4 affine)")
+    vox = _voxel_sizes(voxel_size)
+    mask = np.asarray(mask) > 0
+    b0 = np.asarray(mean_b0, float)
+    fa = np.asarray(fa, float)
+    md = np.asarray(md, float)
+    params = np.asarray(params, float).reshape(-1, 6)
+    fd = framewise_displacement(params, fd_radius_mm) if fd is None else np.asarray(fd, float).ravel()
+    fd_valid = np.nan_to_num(fd, nan=0.0)
+    outliers = np.flatnonzero(fd_valid > fd_outlier_mm)
+
+    n_mask = int(mask.sum())
+    voxel_ml = float(np.prod(vox)) / 1000.0
+    signal = float(np.mean(b0[mask])) if n_mask else float("nan")
+
+    sigma, method, n_bg = None, None, None
+    if noise_sigma is not None:
+        s = np.asarray(noise_sigma, float)
+        if s.ndim == 3 and s.shape == mask.shape:
+            s = s[mask]
+        s = s[np.isfinite(s) & (s > 0)]
+        if s.size:
+            sigma, method = float(np.median(s)), "mppca"
+    if sigma is None:
+        sigma, n_bg = background_sigma(b0, mask, vox)
+        method = "background-rayleigh" if sigma is not None else "unavailable"
+    snr = signal / sigma if sigma and sigma > 0 else None
+
+    fa_in = fa[mask & np.isfinite(fa)]
+    md_in = md[mask & np.isfinite(md)]
+    wm = mask & np.isfinite(fa) & (fa > WM_FA_THRESHOLD)
+    n_nonfinite = int(np.count_nonzero(mask & ~(np.isfinite(fa) & np.isfinite(md))))
+
+    out = {
+        "n_volumes": int(len(fd)),
+        "fd_threshold_mm": float(fd_outlier_mm),
+        "mean_fd": _f(np.mean(fd_valid)) if len(fd) else None,
+        "max_fd": _f(np.max(fd_valid)) if len(fd) else None,
+        "n_outlier_volumes": int(len(outliers)),
+        "outlier_volumes": [int(i) for i in outliers],
+        "max_abs_translation_mm": _f(np.abs(params[:, :3]).max()) if len(params) else None,
+        "max_abs_rotation_deg": _f(np.degrees(np.abs(params[:, 3:]).max())) if len(params) else None,
+        "snr": _f(snr),
+        "snr_method": method,
+        "noise_sigma": _f(sigma),
+        "mean_b0_in_mask": _f(signal),
+        "mask_volume_ml": n_mask * voxel_ml,
+        "mask_voxels": n_mask,
+        "voxel_size_mm": [float(v) for v in vox],
+        "registration_similarity": _f(reg_similarity),
+        "fa_mean": _f(fa_in.mean()) if fa_in.size else None,
+        "fa_median": _f(np.median(fa_in)) if fa_in.size else None,
+        "fa_mean_wm": _f(fa[wm].mean()) if wm.any() else None,
+        "fa_p95": _f(np.percentile(fa_in, 95)) if fa_in.size else None,
+        "wm_like_volume_ml": int(wm.sum()) * voxel_ml,
+        "wm_fa_threshold": WM_FA_THRESHOLD,
+        "md_median": _f(np.median(md_in)) if md_in.size else None,
+        "md_mean_wm": _f(md[wm].mean()) if wm.any() else None,
+        "n_nonfinite_in_mask": n_nonfinite,
+    }
+    if n_bg is not None:
+        out["noise_background_voxels"] = n_bg
+    return out
+
+
+QC_FIELDS = [
+    # key, label, unit, format, description
+    ("n_volumes", "Volumes", "", "{:d}", "DWI volumes in the run"),
+    ("mean_fd", "Mean FD", "mm", "{:.3f}", "mean framewise displacement (Power 2012, 50 mm sphere)"),
+    ("max_fd", "Max FD", "mm", "{:.3f}", "largest framewise displacement"),
+    ("n_outlier_volumes", "Outlier volumes", "", "{:d}", "volumes with FD above the threshold"),
+    ("fd_threshold_mm", "FD threshold", "mm", "{:.2f}", "outlier threshold"),
+    ("max_abs_translation_mm", "Max |translation|", "mm", "{:.2f}", "relative to the reference b0"),
+    ("max_abs_rotation_deg", "Max |rotation|", "deg", "{:.2f}", "relative to the reference b0"),
+    ("snr", "SNR (b0)", "", "{:.1f}", "mean b0 in the brain mask / noise σ of one volume"),
+    ("snr_method", "Noise σ from", "", "{}", "mppca: MP-PCA σ; background-rayleigh: image background"),
+    ("noise_sigma", "Noise σ", "a.u.", "{:.4g}", "noise standard deviation of one volume"),
+    ("mask_volume_ml", "Brain mask volume", "ml", "{:.0f}", "voxel count × voxel volume"),
+    ("fa_mean", "FA mean (mask)", "", "{:.3f}", "mean FA inside the brain mask"),
+    ("fa_mean_wm", "FA mean (WM-like)", "", "{:.3f}", "mean FA where FA > 0.2 inside the mask"),
+    ("wm_like_volume_ml", "WM-like volume", "ml", "{:.0f}", "volume with FA > 0.2 inside the mask"),
+    ("md_median", "MD median (mask)", "10⁻³ mm²/s", "{:.3f}", "median MD inside the brain mask"),
+    ("md_mean_wm", "MD mean (WM-like)", "10⁻³ mm²/s", "{:.3f}", "mean MD where FA > 0.2"),
+    ("registration_similarity", "Registration similarity", "", "{:.3f}",
+     "correlation of template-space FA with the template target inside the template brain"),
+    ("n_nonfinite_in_mask", "Non-finite FA/MD voxels", "", "{:d}", "NaN/inf inside the mask"),
+]
+
+
+def write_qc_json(out_root, source: dv.Source, metrics: Mapping, **extra) -> Path:
+    """The ``desc-qc`` JSON of one run: ``metrics`` (as ``qc_metrics`` returns them) plus ``extra``."""
+    return dv.write_json(dv.qc_json(out_root, source), {**metrics, **extra})
+
+
+# --- figures -------------------------------------------------------------------
+
+FIGURE_CAPTIONS = {
+    "b0_mask": "Mean b0 with the brain-mask outline (red). The outline should follow the brain edge: "
+               "no cut-off cortex or cerebellum, no large pieces of skull or eye.",
+    "fa": "Fractional anisotropy. White matter bright and symmetric; no stripes (bad volumes), "
+          "no speckle (noise or a failed fit).",
+    "md": "Mean diffusivity (0–3·10⁻³ mm²/s). CSF bright, tissue uniform grey.",
+    "colour_fa": "Colour FA: |principal eigenvector| × FA, red = left–right (corpus callosum), green = "
+                 "anterior–posterior (cingulum, optic radiations), blue = inferior–superior "
+                 "(corticospinal tract). Wrong colours in those tracts mean flipped or permuted b-vectors.",
+    "motion": "Head motion estimated by volume-to-b0 registration: translations (solid, mm) and "
+              "rotations (dashed, degrees); framewise displacement with the outlier threshold, outliers "
+              "circled.",
+    "registration": "Template-space FA on the network's grid with the MNI152NLin2009aSym brain (cyan) and "
+                    "white-matter (red) outlines; the subject's white matter should sit inside the red "
+                    "contours and its brain edge on the cyan one.",
+}
+FIGURE_ORDER = ("b0_mask", "fa", "md", "colour_fa", "motion", "registration")
+
+
+def render_figures(mean_b0, mask, fa, md, v1, params, fd, affine, *, fd_outlier_mm: float = 0.5,
+                   template_fa=None, template_affine=None, template_cfg=None,
+                   n_slices: int = 12) -> dict[str, bytes]:
+    """PNG bytes of every report figure of one run.
+
+    Native-space inputs share ``affine``; ``v1`` is (X, Y, Z, 3) (or DIPY
+    ``evecs``, (X, Y, Z, 3, 3)). ``template_fa`` on ``template_affine`` (the
+    output grid) gives the registration figure; the template outlines are
+    drawn from ``bids_adhd.dmri.template``. Missing inputs (None) skip their
+    figure.
+    """
+    from . import figures as F
+
+    out: dict[str, bytes] = {}
+    if mean_b0 is not None:
+        out["b0_mask"] = F.b0_mask_figure(mean_b0, mask, affine, n=n_slices)
+    if fa is not None:
+        out["fa"] = F.fa_figure(fa, mask, affine, n=n_slices)
+    if md is not None:
+        out["md"] = F.md_figure(md, mask, affine, n=n_slices)
+    if fa is not None and v1 is not None:
+        out["colour_fa"] = F.colour_fa_figure(fa, v1, mask, affine, n=n_slices)
+    if params is not None:
+        p = np.asarray(params, float).reshape(-1, 6)
+        f = framewise_displacement(p) if fd is None else np.asarray(fd, float)
+        out["motion"] = F.motion_figure(p, f, fd_outlier_mm)
+    if template_fa is not None:
+        from ..dmri import template as T
+
+        shape = np.asarray(template_fa).shape[:3]
+        grid = np.asarray(template_affine if template_affine is not None
+                          else T.template_grid(template_cfg)[1], float)
+        target, tmask = T.target_on_grid(shape, grid)
+        wm = target >= T.FA_WEIGHTS["wm"] * 0.5 + T.FA_WEIGHTS["gm"] * 0.5    # P(WM) ≈ 0.5 boundary
+        out["registration"] = F.registration_figure(template_fa, grid, tmask, wm, n=6)
+    return out
+
+
+def report_run_from_files(summary: Mapping) -> dict:
+    """A ``write_report`` run entry from a ``RunDerivatives`` summary (paths + QC numbers)."""
+    import nibabel as nib
+
+    files = summary["files"]
+
+    def load(key, dtype=np.float32):
+        p = files.get(key)
+        if not p or not os.path.exists(p):
+            return None, None
+        img = nib.load(p)
+        return np.asarray(img.get_fdata(dtype=np.float32), dtype=dtype), img.affine
+
+    b0, affine = load("b0")
+    mask, _ = load("mask")
+    fa, fa_aff = load("fa")
+    md, _ = load("md")
+    v1, _ = load("v1")
+    std_fa, std_aff = load("std_fa")
+    affine = affine if affine is not None else fa_aff
+    params = fd = None
+    if files.get("motion") and os.path.exists(files["motion"]):
+        table = np.loadtxt(files["motion"], skiprows=1, delimiter="\t", ndmin=2)
+        params = table[:, :6]
+        fd = table[:, 6] if table.shape[1] > 6 else None
+    qc = dict(summary.get("qc") or {})
+    figures = render_figures(b0, mask if mask is not None else (fa > 0 if fa is not None else None),
+                             fa, md, v1, params, fd, affine,
+                             fd_outlier_mm=qc.get("fd_threshold_mm", 0.5),
+                             template_fa=std_fa, template_affine=std_aff)
+    source = summary.get("source") or {}
+    return {"label": summary.get("label") or dv.Source(**source).prefix, "source": source,
+            "metrics": qc, "figures": figures}
+
+
+# --- HTML ----------------------------------------------------------------------
+
+_CSS = """
+body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:0;color:#222;background:#fafafa}
+header{background:#1f2d3d;color:#fff;padding:14px 24px}
+header h1{margin:0;font-size:22px} header p{margin:4px 0 0;font-size:13px;color:#c8d3df}
+main{padding:8px 24px 40px;max-width:1200px}
+section{background:#fff;border:1px solid #ddd;border-radius:6px;margin:18px 0;padding:12px 18px}
+h2{font-size:18px;margin:6px 0 10px} h3{font-size:15px;margin:18px 0 6px}
+table{border-collapse:collapse;font-size:13px;margin:6px 0}
+th,td{border-bottom:1px solid #e4e4e4;padding:3px 10px;text-align:left}
+th{background:#f0f3f6} td.num{text-align:right;font-variant-numeric:tabular-nums}
+tr.warn td{background:#fff1e0} td.desc{color:#666}
+figure{margin:10px 0 18px} figure img{max-width:100%;border:1px solid #ccc}
+figcaption{font-size:12.5px;color:#444;max-width:1000px;margin-top:4px}
+.note{font-size:12.5px;color:#555} nav a{margin-right:14px}
+"""
+
+
+def _fmt(value, fmt: str, key: str) -> str:
+    if value is None:
+        return "n/a"
+    try:
+        if key.startswith("md_"):
+            value = float(value) * 1e3
+        if "{:d}" in fmt:
+            value = int(value)
+        return fmt.format(value)
+    except (TypeError, ValueError):
+        return html.escape(str(value))
+
+
+def _warnings(m: Mapping) -> set[str]:
+    bad = set()
+    if (m.get("max_fd") or 0) > WARN["max_fd"]:
+        bad.add("max_fd")
+    n = m.get("n_volumes") or 0
+    if n and (m.get("n_outlier_volumes") or 0) / n > WARN["n_outlier_volumes_fraction"]:
+        bad.add("n_outlier_volumes")
+    if m.get("snr") is not None and m["snr"] < WARN["snr"]:
+        bad.add("snr")
+    if m.get("registration_similarity") is not None and m["registration_similarity"] < WARN["registration_similarity"]:
+        bad.add("registration_similarity")
+    if (m.get("n_nonfinite_in_mask") or 0) > 0:
+        bad.add("n_nonfinite_in_mask")
+    return bad
+
+
+def qc_table_html(m: Mapping) -> str:
+    bad = _warnings(m)
+    rows = ["<table><tr><th>Measure</th><th>Value</th><th>Unit</th><th>Meaning</th></tr>"]
+    for key, label, unit, fmt, desc in QC_FIELDS:
+        if key not in m:
+            continue
+        cls = ' class="warn"' if key in bad else ""
+        rows.append(f"<tr{cls}><td>{html.escape(label)}</td><td class=\"num\">{_fmt(m[key], fmt, key)}</td>"
+                    f"<td>{html.escape(unit)}</td><td class=\"desc\">{html.escape(desc)}</td></tr>")
+    if m.get("outlier_volumes"):
+        rows.append(f"<tr><td>Outlier volume indices</td><td class=\"num\" colspan=\"3\">"
+                    f"{html.escape(', '.join(str(i) for i in m['outlier_volumes']))}</td></tr>")
+    rows.append("</table>")
+    return "\n".join(rows)
+
+
+def _img(png: bytes, alt: str) -> str:
+    data = base64.b64encode(png).decode("ascii")
+    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
+
+
+def _run_title(run: Mapping) -> str:
+    src = run.get("source") or {}
+    parts = []
+    for key, name in (("session", "session"), ("acquisition", "acq"), ("direction", "dir"), ("run", "run")):
+        if src.get(key):
+            parts.append(f"{name} {src[key]}")
+    label = run.get("label") or ""
+    return f"{label}" + (f" ({', '.join(parts)})" if parts else "")
+
+
+def _anchor(run: Mapping, i: int) -> str:
+    label = str(run.get("label") or f"run{i}")
+    return "run-" + "".join(c if c.isalnum() or c in "-_" else "-" for c in label)
+
+
+def report_html(subject: str, runs: Sequence[Mapping]) -> str:
+    """The report as one HTML string (no external resources: figures are data: URIs)."""
+    now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+           f"<title>bids_adhd QC: sub-{html.escape(subject)}</title>", f"<style>{_CSS}</style></head><body>",
+           f"<header><h1>sub-{html.escape(subject)} — diffusion MRI quality control</h1>"
+           f"<p>bids_adhd {html.escape(__version__)} · {len(runs)} run(s) · generated {now}</p></header><main>"]
+    # summary across runs
+    out.append("<section><h2>Summary</h2><table><tr><th>Run</th><th>Volumes</th><th>Mean FD (mm)</th>"
+               "<th>Max FD (mm)</th><th>Outliers</th><th>SNR</th><th>Mask (ml)</th><th>FA WM-like</th>"
+               "<th>Registration r</th></tr>")
+    for i, run in enumerate(runs):
+        m = run.get("metrics") or {}
+        bad = _warnings(m)
+        cells = []
+        for key, fmt in (("n_volumes", "{:d}"), ("mean_fd", "{:.3f}"), ("max_fd", "{:.3f}"),
+                         ("n_outlier_volumes", "{:d}"), ("snr", "{:.1f}"), ("mask_volume_ml", "{:.0f}"),
+                         ("fa_mean_wm", "{:.3f}"), ("registration_similarity", "{:.3f}")):
+            style = ' style="background:#fff1e0"' if key in bad else ""
+            cells.append(f'<td class="num"{style}>{_fmt(m.get(key), fmt, key)}</td>')
+        out.append(f'<tr><td><a href="#{_anchor(run, i)}">{html.escape(_run_title(run))}</a></td>'
+                   + "".join(cells) + "</tr>")
+    out.append("</table><p class=\"note\">Shaded cells exceed a warning threshold (max FD &gt; "
+               f"{WARN['max_fd']:g} mm, more than {int(WARN['n_outlier_volumes_fraction'] * 100)} % outlier "
+               f"volumes, SNR &lt; {WARN['snr']:g}, registration r &lt; {WARN['registration_similarity']:g}). "
+               "Images are shown in neurological convention (patient left on image left); axial slices "
+               "run inferior to superior. See docs/qc.md for every measure.</p></section>")
+    for i, run in enumerate(runs):
+        out.append(f'<section id="{_anchor(run, i)}"><h2>{html.escape(_run_title(run))}</h2>')
+        out.append("<h3>QC measures</h3>")
+        out.append(qc_table_html(run.get("metrics") or {}))
+        figs = run.get("figures") or {}
+        names = [n for n in FIGURE_ORDER if n in figs] + [n for n in figs if n not in FIGURE_ORDER]
+        for name in names:
+            caption = FIGURE_CAPTIONS.get(name, name)
+            out.append(f"<figure>{_img(figs[name], name)}<figcaption><b>{html.escape(name)}</b> — "
+                       f"{html.escape(caption)}</figcaption></figure>")
+        out.append("</section>")
+    out.append("</main></body></html>")
+    return "\n".join(out) + "\n"
+
+
+def write_report(out_root, subject: str, runs: Sequence[Mapping]) -> Path:
+    """Write ``sub-<subject>.html`` (``derivatives.report_html``) atomically; return its path.
+
+    ``runs``: one mapping per DWI run with ``label`` (e.g. the BIDS prefix),
+    ``source`` (the ``derivatives.Source`` entities, optional), ``metrics``
+    (``qc_metrics``'s dict) and ``figures`` (``render_figures``'s dict). The
+    per-run ``desc-qc`` JSON is written by ``write_qc_json`` (the participant
+    workflow's derivatives sink calls it with the same ``metrics``).
+    """
+    subject = str(subject)
+    if subject.startswith("sub-"):
+        subject = subject[4:]
+    runs = [dict(r, source=(vars(r["source"]) if isinstance(r.get("source"), dv.Source) else r.get("source")))
+            for r in runs]
+    return dv.write_text(dv.report_html(out_root, subject), report_html(subject, runs))

@@ -1,0 +1,1002 @@
+"""Synthetic BIDS diffusion dataset with a planted ADHD effect and exact ground truth.
+
+``simulate_dataset(out_dir, ...)`` writes a valid BIDS dataset (DWI + T1w per
+subject/session, ``participants.tsv`` with a balanced ADHD/TD diagnosis) and,
+under ``derivatives/truth/``, the exact ground truth: FA/MD/AD/RD maps, tissue
+and brain masks, the effect region, the head pose and the per-volume motion.
+``bids_adhd simulate OUT_DIR ...`` is the command-line front end
+(``add_cli_arguments`` / ``run_cli``). See ``docs/simulation.md``.
+
+The phantom in brief
+--------------------
+* Anatomy: nilearn's packaged MNI152 2009a (symmetric) GM and WM probability
+  maps and whole-brain mask (T1 template > 0.2); CSF = mask - GM - WM, clipped
+  at 0. The maps are smoothed once with a Gaussian whose FWHM equals the DWI
+  voxel size (partial-volume model) and then sampled with trilinear
+  interpolation at the template point of every scanner-space voxel centre.
+* One diffusion tensor per voxel: the tissue-weighted mix of three
+  cylindrically symmetric tissue tensors that share the principal direction
+  ``e`` of a smooth analytic fibre field (so the mix is cylindrically symmetric
+  too). Subject variation and the ADHD effect are then applied to the
+  voxel's (FA, MD) and converted back to eigenvalues in closed form:
+  ``k = FA / sqrt(3 - 2 FA^2)``, ``AD = MD (1 + 2k)``, ``RD = MD (1 - k)``.
+  The truth maps are therefore the exact FA/MD/AD/RD of the simulated tensor.
+* Signal ``S = S0 exp(-b g_head^T D g_head)``, ``g_head = R^T g_scanner`` where
+  ``R`` is the head rotation at that volume (pose x motion); Rician noise with
+  ``sigma = S0_WM / snr``.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import importlib.util
+import logging
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from . import __version__
+from . import derivatives as _d
+from .errors import OutputError, UsageError
+
+LOG = logging.getLogger("bids_adhd.simulate")
+
+TEMPLATE_SPACE = "MNI152NLin2009aSym"
+
+# --- fixed physical / anatomical parameters ----------------------------------
+
+#: Tissue tensors. WM FA rises with the voxel's WM fraction w: FA = 0.45 + 0.25 w.
+WM_FA_BASE, WM_FA_SLOPE, WM_MD = 0.45, 0.25, 0.70e-3
+GM_FA, GM_MD = 0.15, 0.80e-3
+CSF_MD = 3.0e-3
+#: b0 signal of pure tissue (arbitrary units; CSF brighter, as at TE ~ 90 ms).
+S0_WM, S0_GM, S0_CSF = 1000.0, 1150.0, 2200.0
+
+#: Subject variation.
+POSE_MAX_ROT_DEG = 10.0      # uniform in [-10, 10] deg about each scanner axis
+POSE_MAX_SHIFT_MM = 8.0      # uniform in [-8, 8] mm along each axis
+SIZE_SCALE_MAX = 0.04        # isotropic head size: uniform in [0.96, 1.04]
+GLOBAL_JITTER_SD = 0.02      # FA and MD global scales ~ N(1, 0.02), clipped to +-0.05
+FA_FIELD_SD = 0.03           # smooth multiplicative FA field, SD ~3 %, clipped to +-10 %
+FA_FIELD_WAVES = 4
+FA_FIELD_WAVELENGTH_MM = (80.0, 160.0)
+
+#: Per-volume motion (never the first volume, the reference b0).
+MOTION_VOLUMES = (3, 4)      # how many volumes move per run (inclusive range)
+MOTION_MAX_ROT_DEG = 1.5
+MOTION_MAX_SHIFT_MM = 1.5
+
+#: The named effect region: an MNI box intersected with WM probability > 0.5.
+EFFECT_REGION = "frontal-callosal"
+EFFECT_BOX_MM = {"x": (-30.0, 30.0), "y": (-10.0, 45.0), "z": (0.0, 35.0)}
+EFFECT_WM_THRESHOLD = 0.5
+
+#: Head-frame centre of the field of view: centre of the MNI brain mask's bounding box.
+BRAIN_CENTRE_MNI = (0.0, -17.0, 5.0)
+
+DIAGNOSES = ("ADHD", "TD")
+SITES = ("SiteA", "SiteB")
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """Acquisition geometry and b-table of one ``size``."""
+
+    name: str
+    voxel_mm: float
+    shape: tuple
+    shells: tuple                 # (b-value, directions) per shell
+    n_b0: int
+    echo_time: float
+    repetition_time: float
+    total_readout_time: float
+    t1_voxel_mm: float = 2.0
+    t1_shape: tuple = (80, 100, 84)
+
+
+SIZES = {
+    "demo": Protocol("demo", 2.5, (64, 76, 64), ((1000, 30),), 3,
+                     echo_time=0.089, repetition_time=3.2, total_readout_time=0.05),
+    # HBN-like (CBIC): 1.8 mm, two shells of 64 directions, b0s interleaved.
+    "hbn": Protocol("hbn", 1.8, (128, 128, 84), ((1000, 64), (2000, 64)), 5,
+                    echo_time=0.1002, repetition_time=3.32, total_readout_time=0.0513),
+}
+
+# The simulator's random streams: np.random.default_rng([seed, STREAM, ...]).
+_PARTICIPANTS, _ANATOMY, _POSE, _NOISE, _T1NOISE = range(5)
+
+
+# --- small geometry helpers --------------------------------------------------
+
+def rotation_matrix(rx: float, ry: float, rz: float) -> np.ndarray:
+    """``Rz @ Ry @ Rx`` for right-handed angles (radians) about the scanner x, y, z axes.
+
+    Applied to a column vector, the x rotation acts first.
+    """
+    cx, sx, cy, sy, cz, sz = math.cos(rx), math.sin(rx), math.cos(ry), math.sin(ry), math.cos(rz), math.sin(rz)
+    Rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    Ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    Rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    return Rz @ Ry @ Rx
+
+
+def _homogeneous(linear: np.ndarray, translation) -> np.ndarray:
+    m = np.eye(4)
+    m[:3, :3] = linear
+    m[:3, 3] = translation
+    return m
+
+
+def _apply(m: np.ndarray, points: np.ndarray) -> np.ndarray:
+    return points @ m[:3, :3].T + m[:3, 3]
+
+
+def grid_affine(shape: Sequence[int], voxel_mm: float, centre) -> np.ndarray:
+    """Axis-aligned LAS affine (like dcm2niix output) whose middle voxel sits at ``centre``."""
+    aff = np.diag([-voxel_mm, voxel_mm, voxel_mm, 1.0])
+    mid = (np.asarray(shape, float) - 1) / 2
+    aff[:3, 3] = np.asarray(centre, float) - aff[:3, :3] @ mid
+    return aff
+
+
+
+
+# --- gradient scheme ---------------------------------------------------------
+
+@functools.lru_cache(maxsize=16)
+def gradient_directions(n: int, shell: int = 0) -> np.ndarray:
+    """``n`` unit vectors spread evenly by electrostatic repulsion (DIPY ``disperse_charges``).
+
+    Deterministic (a fixed seed per ``(n, shell)``, the same protocol for every
+    subject and dataset seed); every other vector is flipped to its antipode.
+    """
+    from dipy.core.sphere import HemiSphere, disperse_charges
+
+    rng = np.random.default_rng([7919, n, shell])
+    theta = np.arccos(rng.uniform(0, 1, n))
+    phi = rng.uniform(0, 2 * np.pi, n)
+    hemi, _ = disperse_charges(HemiSphere(theta=theta, phi=phi), 1000)
+    v = np.asarray(hemi.vertices, float)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    v[1::2] *= -1
+    return v
+
+
+def b_table(protocol: Protocol, directions: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(bvals (N,), bvecs (N, 3)) with the b0s interleaved, the first volume a b0.
+
+    The vectors are unit vectors in the image's voxel frame (see ``docs/simulation.md``).
+    """
+    dwi_b, dwi_g = [], []
+    for s, (b, n) in enumerate(protocol.shells):
+        n = int(directions or n)
+        dwi_b += [float(b)] * n
+        dwi_g.append(gradient_directions(n, s))
+    dwi_g = np.concatenate(dwi_g)
+    total = len(dwi_b) + protocol.n_b0
+    b0_at = {int(round(i * total / protocol.n_b0)) for i in range(protocol.n_b0)}
+    bvals, bvecs, k = [], [], 0
+    for i in range(total):
+        if i in b0_at:
+            bvals.append(0.0)
+            bvecs.append(np.zeros(3))
+        else:
+            bvals.append(dwi_b[k])
+            bvecs.append(dwi_g[k])
+            k += 1
+    return np.array(bvals), np.array(bvecs)
+
+
+# --- the template ------------------------------------------------------------
+
+def _nilearn_data_dir() -> Path | None:
+    spec = importlib.util.find_spec("nilearn")
+    if spec is None or spec.origin is None:
+        return None
+    return Path(spec.origin).parent / "datasets" / "data"
+
+
+@functools.lru_cache(maxsize=1)
+def _raw_template() -> dict:
+    """nilearn's packaged MNI152 2009a maps at 1 mm, cropped to the brain (+ margin).
+
+    Read straight from nilearn's package data (the files behind
+    ``load_mni152_{template,gm_template,wm_template,brain_mask}``), which skips
+    importing nilearn; falls back to those loaders if the files moved.
+    """
+    import nibabel as nib
+
+    names = {"t1": "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
+             "gm": "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz",
+             "wm": "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz"}
+    folder = _nilearn_data_dir()
+    imgs = {}
+    if folder is not None and all((folder / n).is_file() for n in names.values()):
+        for key, fname in names.items():
+            img = nib.load(str(folder / fname))
+            imgs[key] = (np.asarray(img.dataobj, dtype=np.float32) * np.float32(1 / 255), img.affine)
+    else:  # pragma: no cover - depends on the nilearn install
+        try:
+            from nilearn import datasets
+        except ImportError:
+            raise UsageError("nilearn is needed for the simulator's MNI152 maps (pip install nilearn)") from None
+        for key, fn in (("t1", datasets.load_mni152_template), ("gm", datasets.load_mni152_gm_template),
+                        ("wm", datasets.load_mni152_wm_template)):
+            img = fn(resolution=1)
+            imgs[key] = (np.asarray(img.get_fdata(), dtype=np.float32), img.affine)
+    t1, affine = imgs["t1"]
+    brain_full = t1 > 0.2                     # = nilearn.datasets.load_mni152_brain_mask(threshold=0.2)
+    # crop to the brain's bounding box plus a margin (smaller arrays, faster sampling)
+    lo, hi = [], []
+    for axis in range(3):
+        used = np.flatnonzero(brain_full.any(axis=tuple(a for a in range(3) if a != axis)))
+        lo.append(max(int(used[0]) - 6, 0))
+        hi.append(min(int(used[-1]) + 7, brain_full.shape[axis]))
+    sl = tuple(slice(a, b) for a, b in zip(lo, hi))
+    brain = brain_full[sl].astype(np.float32)
+    wm = imgs["wm"][0][sl] * brain
+    gm = imgs["gm"][0][sl] * brain
+    csf = np.clip(brain - gm - wm, 0, None)
+    crop_aff = affine.copy()
+    crop_aff[:3, 3] = affine[:3, :3] @ np.array(lo, float) + affine[:3, 3]
+    region = effect_region_mask(wm, crop_aff)
+    return {"t1": np.ascontiguousarray(t1[sl]), "gm": gm, "wm": wm, "csf": csf, "brain": brain,
+            "effect": region.astype(np.float32), "affine": crop_aff,
+            "full_shape": brain_full.shape, "full_affine": affine, "crop_lo": np.array(lo)}
+
+
+def effect_region_mask(wm: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """The named region on an axis-aligned template grid: MNI box ∩ WM probability > 0.5."""
+    inside = wm > EFFECT_WM_THRESHOLD
+    for axis, key in enumerate("xyz"):
+        lo, hi = EFFECT_BOX_MM[key]
+        coord = affine[axis, axis] * np.arange(wm.shape[axis]) + affine[axis, 3]
+        ok = (coord >= lo) & (coord <= hi)
+        inside &= ok.reshape([-1 if a == axis else 1 for a in range(3)])
+    return inside
+
+
+#: channels of the sampling stack (the T1 is kept apart)
+_CHANNELS = ("wm", "gm", "csf", "brain", "effect")
+
+
+@functools.lru_cache(maxsize=4)
+def _template(voxel_mm: float) -> dict:
+    """Maps smoothed with FWHM = ``voxel_mm`` (partial volume of a DWI voxel), stacked
+    channel-last for trilinear sampling. The effect mask and the T1 stay unsmoothed."""
+    from scipy.ndimage import binary_dilation, gaussian_filter
+
+    raw = _raw_template()
+    sigma = voxel_mm / (2 * math.sqrt(2 * math.log(2)))       # mm == voxels at 1 mm
+    chans = []
+    for key in _CHANNELS + ("t1",):
+        a = raw[key]
+        if key in ("gm", "wm", "csf", "brain"):
+            a = gaussian_filter(a, sigma, mode="constant", truncate=3.0)
+        chans.append(a)
+    stack = np.stack(chans[:-1]).astype(np.float32)
+    # where the trilinear value of any tissue channel can be non-zero, at nearest-voxel lookup
+    support = binary_dilation(stack[_CHANNELS.index("brain")] > 1e-4, iterations=1)
+    return {"stack": stack, "t1": chans[-1][None].astype(np.float32), "support": support,
+            "affine": raw["affine"], "inv_affine": np.linalg.inv(raw["affine"])}
+
+
+def _index_points(shape, matrix: np.ndarray) -> np.ndarray:
+    """``matrix`` (4x4) applied to every voxel index of ``shape``: (N, 3) float64.
+
+    Voxels are listed in Fortran (NIfTI) order: the first index varies fastest.
+    """
+    X, Y, Z = (int(n) for n in shape)
+    out = np.empty((Z, Y, X, 3))
+    i = np.arange(X, dtype=np.float64)[None, None, :]
+    j = np.arange(Y, dtype=np.float64)[None, :, None]
+    k = np.arange(Z, dtype=np.float64)[:, None, None]
+    for r in range(3):
+        out[..., r] = matrix[r, 0] * i + matrix[r, 1] * j + matrix[r, 2] * k + matrix[r, 3]
+    return out.reshape(-1, 3)
+
+
+def _trilinear(stack: np.ndarray, vox: np.ndarray) -> np.ndarray:
+    """Trilinear interpolation of every channel of ``stack`` (C, X, Y, Z) at voxel
+    coordinates ``vox`` (N, 3); 0 outside the grid. Returns (N, C) float32."""
+    n_ch = stack.shape[0]
+    shape = np.array(stack.shape[1:])
+    flat = stack.reshape(n_ch, -1)
+    inside = np.all((vox >= 0) & (vox <= shape - 1), axis=1)
+    v = vox[inside]
+    i0 = np.minimum(v.astype(np.intp), shape - 2)          # v >= 0, so astype == floor
+    d1 = (v - i0).astype(np.float32)
+    d0 = 1 - d1
+    sy, sz = int(shape[1] * shape[2]), int(shape[2])
+    base = i0[:, 0] * sy + i0[:, 1] * sz + i0[:, 2]
+    acc = np.zeros((n_ch, len(v)), np.float32)
+    for ox, wx in ((0, d0[:, 0]), (sy, d1[:, 0])):
+        for oy, wy in ((0, d0[:, 1]), (sz, d1[:, 1])):
+            wxy = wx * wy
+            for oz, wz in ((0, d0[:, 2]), (1, d1[:, 2])):
+                w = wxy * wz
+                idx = base + (ox + oy + oz)
+                for c in range(n_ch):
+                    acc[c] += w * flat[c].take(idx)
+    out = np.zeros((len(vox), n_ch), np.float32)
+    out[inside] = acc.T
+    return out
+
+
+# --- subject parameters --------------------------------------------------------
+
+@dataclass
+class Subject:
+    label: str
+    index: int
+    diagnosis: str
+    age: float
+    sex: str
+    site: str
+    fa_scale: float = 1.0
+    md_scale: float = 1.0
+    size_scale: float = 1.0
+    fa_waves: np.ndarray = field(default_factory=lambda: np.zeros((0, 3)))   # wave vectors (rad/mm)
+    fa_phases: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    fa_amplitudes: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    directions: int | None = None
+
+
+@dataclass
+class Run:
+    """One session of one subject: head pose and per-volume motion."""
+
+    session: str | None
+    rotation_deg: np.ndarray
+    translation_mm: np.ndarray
+    moved: dict             # volume index -> (rot (3,) radians, trans (3,) mm)
+
+
+def _participants(n: int, seed: int) -> list[Subject]:
+    rng = np.random.default_rng([seed, _PARTICIPANTS, n])
+    diag = np.array([DIAGNOSES[0]] * (n // 2) + [DIAGNOSES[1]] * (n - n // 2))
+    diag = diag[rng.permutation(n)]
+    ages = np.round(rng.uniform(7.0, 17.0, n), 1)
+    sexes = rng.choice(["M", "F"], size=n, p=[0.6, 0.4])
+    sites = rng.choice(SITES, size=n)
+    width = max(2, len(str(n)))
+    out = []
+    for i in range(n):
+        s = Subject(label=f"{i + 1:0{width}d}", index=i, diagnosis=str(diag[i]), age=float(ages[i]),
+                    sex=str(sexes[i]), site=str(sites[i]))
+        # Anatomy depends only on (seed, subject index): not on n, diagnosis or effect.
+        a = np.random.default_rng([seed, _ANATOMY, i])
+        s.fa_scale = float(1 + np.clip(a.normal(0, GLOBAL_JITTER_SD), -0.05, 0.05))
+        s.md_scale = float(1 + np.clip(a.normal(0, GLOBAL_JITTER_SD), -0.05, 0.05))
+        s.size_scale = float(1 + a.uniform(-SIZE_SCALE_MAX, SIZE_SCALE_MAX))
+        k = FA_FIELD_WAVES
+        dirs = a.normal(size=(k, 3))
+        dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
+        wavelength = a.uniform(*FA_FIELD_WAVELENGTH_MM, size=k)
+        s.fa_waves = dirs * (2 * np.pi / wavelength)[:, None]
+        s.fa_phases = a.uniform(0, 2 * np.pi, k)
+        s.fa_amplitudes = a.normal(0, FA_FIELD_SD * math.sqrt(2.0 / k), k)
+        out.append(s)
+    return out
+
+
+def _run_params(seed: int, subject: Subject, ses_index: int, session: str | None, n_volumes: int) -> Run:
+    rng = np.random.default_rng([seed, _POSE, subject.index, ses_index])
+    rot = rng.uniform(-POSE_MAX_ROT_DEG, POSE_MAX_ROT_DEG, 3)
+    trans = rng.uniform(-POSE_MAX_SHIFT_MM, POSE_MAX_SHIFT_MM, 3)
+    n_moved = min(int(rng.integers(MOTION_VOLUMES[0], MOTION_VOLUMES[1] + 1)), n_volumes - 1)
+    which = np.sort(rng.choice(np.arange(1, n_volumes), size=n_moved, replace=False))
+    moved = {}
+    for v in which:
+        r = np.radians(rng.uniform(-MOTION_MAX_ROT_DEG, MOTION_MAX_ROT_DEG, 3))
+        t = rng.uniform(-MOTION_MAX_SHIFT_MM, MOTION_MAX_SHIFT_MM, 3)
+        moved[int(v)] = (r, t)
+    return Run(session=session, rotation_deg=rot, translation_mm=trans, moved=moved)
+
+
+def pose_matrix(subject: Subject, run: Run) -> np.ndarray:
+    """Template (MNI mm) -> scanner (mm): ``x_s = t + s R x_mni`` (s = head size scale)."""
+    R = rotation_matrix(*np.radians(run.rotation_deg))
+    return _homogeneous(subject.size_scale * R, run.translation_mm)
+
+
+def motion_matrix(rot: np.ndarray, trans: np.ndarray, centre: np.ndarray) -> np.ndarray:
+    """Scanner -> scanner: a head point at ``x`` in the reference volume is at
+    ``R (x - c) + c + t`` in the moved volume (``c`` = centre of the DWI grid)."""
+    R = rotation_matrix(*rot)
+    return _homogeneous(R, centre + trans - R @ centre)
+
+
+# --- the tissue model ----------------------------------------------------------
+
+def fibre_direction(p: np.ndarray) -> np.ndarray:
+    """Smooth principal-direction field at MNI points ``p`` (N, 3), unit vectors (N, 3).
+
+    A positive blend of three axis fields: left-right near the midline at the
+    level of the corpus callosum, inferior-superior laterally (corona
+    radiata / corticospinal), anterior-posterior everywhere as a floor.
+    """
+    x, y, z = p[:, 0], p[:, 1], p[:, 2]
+
+    def sig(u):
+        return 0.5 * (1 + np.tanh(u / 2))
+
+    callosal = np.exp(-0.5 * (x / 14.0) ** 2) * np.exp(-0.5 * ((z - 18.0) / 12.0) ** 2) \
+        * sig((y + 40.0) / 5.0) * sig((35.0 - y) / 5.0)
+    lateral = sig((np.abs(x) - 18.0) / 5.0) * np.exp(-0.5 * ((y + 15.0) / 30.0) ** 2) * sig((z + 20.0) / 8.0)
+    ap = 0.35 + 0.25 * sig((np.abs(y + 15.0) - 35.0) / 8.0)
+    v = np.stack([2.0 * callosal + 0.15 * np.sin(y / 25.0) ** 2, ap, 1.5 * lateral], axis=1)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def _fa_field(p: np.ndarray, subject: Subject) -> np.ndarray:
+    if not len(subject.fa_amplitudes):
+        return np.ones(len(p))
+    phase = p @ subject.fa_waves.T + subject.fa_phases
+    f = 1 + np.cos(phase) @ subject.fa_amplitudes
+    return np.clip(f, 0.9, 1.1)
+
+
+def fa_to_k(fa):
+    """Cylindrical tensor with AD = MD(1+2k), RD = MD(1-k) has FA = sqrt(3) k / sqrt(1+2k²)."""
+    fa = np.asarray(fa, dtype=np.float64)
+    return fa / np.sqrt(3 - 2 * fa ** 2)
+
+
+def cylinder_fa_md(lpar, lperp):
+    lpar = np.asarray(lpar, np.float64)
+    lperp = np.asarray(lperp, np.float64)
+    md = (lpar + 2 * lperp) / 3
+    den = np.sqrt(lpar ** 2 + 2 * lperp ** 2)
+    fa = np.divide(np.abs(lpar - lperp), den, out=np.zeros_like(den), where=den > 0)
+    return fa, md
+
+
+def tissue_at(p: np.ndarray, subject: Subject, effect: float, tmpl: dict) -> dict:
+    """Every property of the phantom at template points ``p`` (N, 3) in MNI mm.
+
+    Returns float64 arrays: ``brain`` (fraction of the voxel that is brain),
+    ``wm``/``gm``/``csf`` (tissue fractions of the brain part, summing to 1),
+    ``s0``, ``fa``, ``md``, ``ad``, ``rd``, ``e`` (N, 3, template frame) and
+    ``effect`` (bool: inside the named region). Outside the brain all are 0.
+    """
+    vals = _trilinear(tmpl["stack"], _apply(tmpl["inv_affine"], p))
+    pw, pg, pc = (np.clip(vals[:, _CHANNELS.index(c)], 0, None).astype(np.float64) for c in ("wm", "gm", "csf"))
+    brain = np.clip(vals[:, _CHANNELS.index("brain")], 0, 1).astype(np.float64)
+    region = vals[:, _CHANNELS.index("effect")] >= 0.5
+    total = pw + pg + pc
+    valid = (total > 1e-4) & (brain > 1e-4)
+    safe = np.where(valid, total, 1.0)
+    ww, wg, wc = (np.where(valid, q / safe, 0.0) for q in (pw, pg, pc))
+    brain = np.where(valid, brain, 0.0)
+
+    # tissue tensors (cylindrical, shared direction) -> tissue-weighted mix
+    k_wm = fa_to_k(WM_FA_BASE + WM_FA_SLOPE * ww)
+    k_gm = fa_to_k(GM_FA)
+    lpar = ww * WM_MD * (1 + 2 * k_wm) + wg * GM_MD * (1 + 2 * k_gm) + wc * CSF_MD
+    lperp = ww * WM_MD * (1 - k_wm) + wg * GM_MD * (1 - k_gm) + wc * CSF_MD
+    fa, md = cylinder_fa_md(lpar, lperp)
+
+    # subject variation and the effect act on (FA, MD); back to eigenvalues in closed form
+    fa = fa * _fa_field(p, subject) * subject.fa_scale
+    md = md * subject.md_scale
+    if effect and subject.diagnosis == DIAGNOSES[0]:
+        fa = np.where(region, fa * (1 - effect), fa)
+    fa = np.where(valid, np.clip(fa, 0, 0.95), 0.0)
+    md = np.where(valid, md, 0.0)
+    k = fa_to_k(fa)
+    ad = md * (1 + 2 * k)
+    rd = md * (1 - k)
+    s0 = brain * (ww * S0_WM + wg * S0_GM + wc * S0_CSF)
+    return {"brain": brain, "wm": ww, "gm": wg, "csf": wc, "s0": s0, "fa": fa, "md": md,
+            "ad": ad, "rd": rd, "e": fibre_direction(p), "effect": region & valid}
+
+
+def _phantom_on_grid(shape, index_to_mni: np.ndarray, subject: Subject, effect: float, tmpl: dict) -> dict:
+    """``tissue_at`` for the voxels of a grid (``index_to_mni``: voxel index -> MNI mm) that
+    can hold brain; ``index`` lists them (flat, Fortran order), the rest are 0."""
+    vox = _index_points(shape, tmpl["inv_affine"] @ index_to_mni)
+    near = np.rint(vox).astype(np.intp)
+    tshape = np.array(tmpl["support"].shape)
+    ok = np.all((near >= 0) & (near < tshape), axis=1)
+    cand = np.flatnonzero(ok)
+    n = near[cand]
+    cand = cand[tmpl["support"][n[:, 0], n[:, 1], n[:, 2]]]
+    props = tissue_at(_apply(tmpl["affine"], vox[cand]), subject, effect, tmpl)
+    keep = props["brain"] > 0
+    props = {k: v[keep] for k, v in props.items()}
+    props["index"] = cand[keep]
+    props["n_voxels"] = int(np.prod(shape))
+    return props
+
+
+def _full(props: dict, key: str, shape, dtype=np.float32) -> np.ndarray:
+    """A compact per-voxel property as a full 3D volume (0 outside the brain)."""
+    out = np.zeros(props["n_voxels"], dtype)
+    out[props["index"]] = props[key]
+    return out.reshape(tuple(shape), order="F")
+
+
+# --- one run -----------------------------------------------------------------
+
+def _nifti(data, affine, zooms=None, dtype=None):
+    import nibabel as nib
+
+    img = nib.Nifti1Image(np.asarray(data), affine)
+    if dtype is not None:
+        img.set_data_dtype(dtype)
+    hdr = img.header
+    hdr.set_qform(affine, code=1)
+    hdr.set_sform(affine, code=1)
+    hdr.set_xyzt_units("mm", "sec")
+    if zooms is not None:
+        hdr.set_zooms(zooms)
+    return img
+
+
+def _rician(signal: np.ndarray, sigma: float, rng) -> np.ndarray:
+    n = rng.standard_normal((2,) + signal.shape, dtype=np.float32)
+    return np.sqrt((signal + sigma * n[0]) ** 2 + (sigma * n[1]) ** 2)
+
+
+def _simulate_run(root: Path, truth_root: Path, subject: Subject, run: Run, ses_index: int,
+                  protocol: Protocol, effect: float, snr: float, seed: int, motion: bool) -> dict:
+    """Write one subject/session: raw DWI + T1w, and its truth. Returns a summary."""
+    tmpl = _template(protocol.voxel_mm)
+    noise = bool(snr) and math.isfinite(snr)
+    sigma = S0_WM / snr if noise else 0.0
+    bvals, bvecs = b_table(protocol, subject.directions)
+    n_vol = len(bvals)
+    if not motion:
+        run.moved = {}
+
+    P = pose_matrix(subject, run)
+    P_inv = np.linalg.inv(P)
+    R_pose = rotation_matrix(*np.radians(run.rotation_deg))
+    centre = _apply(P, np.array([BRAIN_CENTRE_MNI]))[0]
+    affine = grid_affine(protocol.shape, protocol.voxel_mm, centre)
+
+    # gradient directions: bvec file is in the voxel frame; the scanner (world) frame
+    # vector is the affine's rotation part applied to it: here diag(-1, 1, 1) (LAS).
+    vox_to_world = affine[:3, :3] / protocol.voxel_mm
+    g_world = bvecs @ vox_to_world.T
+
+    ref = _phantom_on_grid(protocol.shape, P_inv @ affine, subject, effect, tmpl)
+    moved_props = {}
+    for v, (rot, trans) in run.moved.items():
+        M = motion_matrix(rot, trans, centre)
+        moved_props[v] = (_phantom_on_grid(protocol.shape, P_inv @ np.linalg.inv(M) @ affine,
+                                           subject, effect, tmpl),
+                          rotation_matrix(*rot) @ R_pose)
+
+    rng = np.random.default_rng([seed, _NOISE, subject.index, ses_index])
+    n_vox = ref["n_voxels"]
+    dtype = np.int16 if noise else np.float32
+    data = np.empty((n_vol, n_vox), dtype=dtype)       # volume-major: (V, Z, Y, X) in C order
+    sig = np.empty(n_vox, np.float32)
+    for v in range(n_vol):
+        props, R = moved_props.get(v, (ref, R_pose))
+        sig[:] = 0
+        if bvals[v] > 0:
+            g_head = R.T @ g_world[v]                                  # gradient in the head frame
+            proj = props["e"] @ g_head
+            adc = props["rd"] + (props["ad"] - props["rd"]) * proj ** 2
+            sig[props["index"]] = props["s0"] * np.exp(-bvals[v] * adc)
+        else:
+            sig[props["index"]] = props["s0"]
+        if noise:
+            data[v] = np.minimum(np.rint(_rician(sig, sigma, rng)), np.iinfo(np.int16).max)
+        else:
+            data[v] = sig
+    data = data.reshape((n_vol,) + tuple(protocol.shape)[::-1]).T     # (X, Y, Z, V), Fortran order
+
+    src = _d.Source(subject=subject.label, session=run.session)
+    prefix = src.prefix
+    sub_dir = root / f"sub-{subject.label}"
+    if run.session:
+        sub_dir = sub_dir / f"ses-{run.session}"
+    dwi_dir, anat_dir = sub_dir / "dwi", sub_dir / "anat"
+    zooms = (protocol.voxel_mm,) * 3 + (protocol.repetition_time,)
+    img = _nifti(data, affine, zooms)
+    if noise:
+        img.header.set_slope_inter(1.0, 0.0)
+    _d.write_nifti(dwi_dir / f"{prefix}_dwi.nii.gz", img)
+    _d.write_text(dwi_dir / f"{prefix}_dwi.bval", " ".join(f"{int(b)}" for b in bvals) + "\n")
+    _d.write_text(dwi_dir / f"{prefix}_dwi.bvec",
+                  "\n".join(" ".join(f"{c:.6f}" if c != 0 else "0" for c in row) for row in bvecs.T) + "\n")
+    _d.write_json(dwi_dir / f"{prefix}_dwi.json", {
+        "PhaseEncodingDirection": "j-", "TotalReadoutTime": protocol.total_readout_time,
+        "EchoTime": protocol.echo_time, "RepetitionTime": protocol.repetition_time,
+        "MagneticFieldStrength": 3, "Manufacturer": "bids_adhd simulator",
+        "ManufacturersModelName": f"bids_adhd {__version__} simulate (size {protocol.name})",
+        "SliceEncodingDirection": "k",
+    })
+
+    # T1w: the template T1 moved by the same head pose, 2 mm grid centred on the head
+    t1_aff = grid_affine(protocol.t1_shape, protocol.t1_voxel_mm, centre)
+    vox = _index_points(protocol.t1_shape, tmpl["inv_affine"] @ P_inv @ t1_aff)
+    t1 = 1000.0 * _trilinear(tmpl["t1"], vox)[:, 0]
+    t1_rng = np.random.default_rng([seed, _T1NOISE, subject.index, ses_index])
+    if noise:
+        t1 = _rician(t1, 10.0, t1_rng)
+    t1 = np.minimum(np.rint(t1), 32767).astype(np.int16)
+    t1_img = _nifti(t1.reshape(protocol.t1_shape, order="F"), t1_aff)
+    t1_img.header.set_slope_inter(1.0, 0.0)
+    _d.write_nifti(anat_dir / f"{prefix}_T1w.nii.gz", t1_img)
+    _d.write_json(anat_dir / f"{prefix}_T1w.json", {
+        "RepetitionTime": 2.5, "EchoTime": 0.0035, "InversionTime": 1.06, "FlipAngle": 8,
+        "MagneticFieldStrength": 3, "Manufacturer": "bids_adhd simulator"})
+
+    # --- truth (native DWI space, reference = volume 0) ---
+    tdir = truth_root / f"sub-{subject.label}"
+    if run.session:
+        tdir = tdir / f"ses-{run.session}"
+    tdir = tdir / "dwi"
+    shape = tuple(protocol.shape)
+    for param in ("fa", "md", "ad", "rd"):
+        _d.write_nifti(tdir / f"{prefix}_model-tensor_param-{param}_dwimap.nii.gz",
+                       _nifti(_full(ref, param, shape), affine))
+    ref["brain_mask"] = ref["brain"] >= 0.5
+    _d.write_nifti(tdir / f"{prefix}_desc-brain_mask.nii.gz", _nifti(_full(ref, "brain_mask", shape, np.uint8), affine))
+    for label in ("WM", "GM", "CSF"):
+        ref[f"{label}_fraction"] = ref[label.lower()] * ref["brain"]
+        _d.write_nifti(tdir / f"{prefix}_label-{label}_probseg.nii.gz",
+                       _nifti(_full(ref, f"{label}_fraction", shape), affine))
+    _d.write_nifti(tdir / f"{prefix}_desc-effect_mask.nii.gz", _nifti(_full(ref, "effect", shape, np.uint8), affine))
+
+    _d.write_json(tdir / f"{prefix}_desc-pose_xfm.json", {
+        "Description": "Head pose: maps template (MNI152NLin2009aSym, mm) points to this run's "
+                       "scanner (world, mm) points at the reference volume 0: x_scanner = "
+                       "TemplateToScanner @ [x_mni, 1]. TemplateToScanner = [[s*R, t], [0, 1]] with "
+                       "R = Rz(rz) @ Ry(ry) @ Rx(rx) (right-handed, about the scanner axes, through the "
+                       "MNI origin), s = Scale, t = TranslationMm.",
+        "FromSpace": TEMPLATE_SPACE, "ToSpace": "scanner",
+        "TemplateToScanner": P, "ScannerToTemplate": P_inv,
+        "RotationDegrees": run.rotation_deg, "RotationOrder": "R = Rz @ Ry @ Rx",
+        "TranslationMm": run.translation_mm, "Scale": subject.size_scale,
+        "DwiAffine": affine, "T1wAffine": t1_aff, "HeadCentreScannerMm": centre,
+    })
+
+    rows = {k: [] for k in ("trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z")}
+    mats = []
+    for v in range(n_vol):
+        rot, trans = run.moved.get(v, (np.zeros(3), np.zeros(3)))
+        for i, a in enumerate("xyz"):
+            rows[f"trans_{a}"].append(float(trans[i]))
+            rows[f"rot_{a}"].append(float(rot[i]))
+        mats.append(motion_matrix(rot, trans, centre))
+    _d.write_tsv(tdir / f"{prefix}_desc-motion_timeseries.tsv", rows, float_fmt="{:.8f}")
+    _d.write_json(tdir / f"{prefix}_desc-motion_timeseries.json", {
+        "Description": "Simulated head motion per DWI volume, relative to volume 0 (the reference, never "
+                       "moved), in the scanner (world, mm) frame. Volume v's matrix M_v maps a head point's "
+                       "scanner position in volume 0 to its position in volume v: x_v = M_v @ [x_0, 1], "
+                       "M_v = [[R, c + t - R c], [0, 1]], R = Rz(rot_z) @ Ry(rot_y) @ Rx(rot_x), c = "
+                       "RotationCentreMm (the DWI grid centre), t = (trans_x, trans_y, trans_z). To undo it, "
+                       "sample volume v at M_v @ x for every reference-grid point x (M_v is the static-to-"
+                       "moving map an image registration of volume v to volume 0 estimates). The signal of a "
+                       "moved volume was simulated with the head-frame gradient g_head = (R R_pose)^T g_scanner; "
+                       "the .bvec file holds the unrotated directions of the scanner's gradient axes (written "
+                       "on the image axes, BIDS/FSL convention), as a scanner writes them.",
+        "trans_x": {"Units": "mm"}, "trans_y": {"Units": "mm"}, "trans_z": {"Units": "mm"},
+        "rot_x": {"Units": "rad"}, "rot_y": {"Units": "rad"}, "rot_z": {"Units": "rad"},
+        "RotationCentreMm": centre, "MovedVolumes": sorted(run.moved), "Matrices": mats,
+    })
+    return {"session": run.session, "rotation_deg": run.rotation_deg, "translation_mm": run.translation_mm,
+            "moved_volumes": sorted(run.moved), "n_volumes": n_vol,
+            "effect_voxels": int(ref["effect"].sum()), "brain_voxels": int(ref["brain_mask"].sum())}
+
+
+# --- the dataset ---------------------------------------------------------------
+
+def _check_args(n_subjects, seed, size, effect, snr, sessions, directions, n_jobs=1):
+    if size not in SIZES:
+        raise UsageError(f"--size must be one of {', '.join(SIZES)} (got {size!r})")
+    if isinstance(n_subjects, bool) or not isinstance(n_subjects, (int, np.integer)) or n_subjects < 2:
+        raise UsageError(f"--subjects must be an integer of at least 2 (got {n_subjects!r})")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise UsageError(f"--seed must be a non-negative integer (got {seed!r})")
+    try:
+        effect = float(effect)
+    except (TypeError, ValueError):
+        raise UsageError(f"--effect must be a number in [0, 0.9) (got {effect!r})") from None
+    if not 0.0 <= effect < 0.9:
+        raise UsageError(f"--effect must be a fraction in [0, 0.9) (got {effect})")
+    try:
+        snr = float(snr)
+    except (TypeError, ValueError):
+        raise UsageError(f"--snr must be a positive number, or 0/inf for no noise (got {snr!r})") from None
+    if math.isnan(snr) or snr < 0:
+        raise UsageError(f"--snr must be positive, or 0/inf for no noise (got {snr})")
+    if isinstance(sessions, bool) or not isinstance(sessions, (int, np.integer)) or sessions < 1:
+        raise UsageError(f"--sessions must be an integer of at least 1 (got {sessions!r})")
+    if isinstance(n_jobs, bool) or not isinstance(n_jobs, (int, np.integer)) or n_jobs < 1:
+        raise UsageError(f"--nprocs must be a positive integer (got {n_jobs!r})")
+    if directions is not None:
+        seq = [directions] if isinstance(directions, (int, np.integer)) else list(directions)
+        if not seq or any(isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 6 for d in seq):
+            raise UsageError(f"--directions must be at least 6 per shell (a tensor has 6 unknowns) "
+                             f"(got {directions!r})")
+    return effect, snr
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    if out_dir.exists() or out_dir.is_symlink():
+        if not out_dir.is_dir():
+            raise OutputError(f"{out_dir} exists and is not a directory; choose a new OUT_DIR")
+        if any(out_dir.iterdir()):
+            raise OutputError(f"{out_dir} exists and is not empty; choose a new OUT_DIR or remove it")
+
+
+@contextlib.contextmanager
+def _staging_dir(out_dir: Path):
+    """A temporary folder beside ``out_dir``, renamed onto it on success, removed on failure."""
+    parent = out_dir.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".simulate-tmp", dir=parent))
+    except OSError as exc:
+        raise OutputError(f"cannot create {out_dir}: {exc.strerror or exc}") from None
+    try:
+        yield tmp
+        _usual_permissions(tmp)
+        if out_dir.is_dir() and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        os.rename(tmp, out_dir)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OutputError(f"cannot create {out_dir}: {exc.strerror or exc}") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _usual_permissions(root: Path) -> None:
+    """Temporary files/folders are created private (0600/0700); give the dataset the
+    permissions of ordinary new files (0666/0777 minus the umask) so others can read it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(root, 0o777 & ~umask)
+    for folder, dirs, files in os.walk(root):
+        for name in dirs:
+            os.chmod(os.path.join(folder, name), 0o777 & ~umask)
+        for name in files:
+            os.chmod(os.path.join(folder, name), 0o666 & ~umask)
+
+
+def _directions_for(directions, i):
+    if directions is None or isinstance(directions, (int, np.integer)):
+        return None if directions is None else int(directions)
+    seq = list(directions)
+    return int(seq[i % len(seq)])
+
+
+def effect_region_info() -> dict:
+    """Size of the named region at MNI 1 mm (voxels = mm³)."""
+    raw = _raw_template()
+    n = int(raw["effect"].sum())
+    wm = int((raw["wm"] > EFFECT_WM_THRESHOLD).sum())
+    return {"voxels_1mm": n, "volume_ml": n / 1000.0, "wm_voxels_1mm": wm,
+            "fraction_of_wm": n / wm}
+
+
+def simulate_dataset(out_dir, n_subjects=20, seed=0, size="demo", effect=0.08, snr=25.0,
+                     sessions=1, directions=None, *, motion=True, n_jobs=1) -> Path:
+    """Write a simulated BIDS dataset with a planted ADHD effect to ``out_dir``; return its path.
+
+    Parameters
+    ----------
+    out_dir : path
+        Must not exist, or be an empty directory. Everything is written to a
+        temporary folder beside it and renamed at the end.
+    n_subjects : int, at least 2
+        Half ADHD, half TD (shuffled with ``seed``; TD gets the odd one).
+    seed : int, non-negative
+        Same seed, same files (byte for byte).
+    size : ``"demo"`` or ``"hbn"``
+        Acquisition (see ``SIZES``).
+    effect : float in [0, 0.9)
+        Fractional FA reduction in the named region for ADHD subjects (MD kept).
+    snr : float
+        b0 SNR in white matter (sigma = S0_WM / snr). ``0`` or ``inf``: no noise,
+        and the DWI is stored as float32 (otherwise as integer-valued int16).
+    sessions : int
+        Sessions per subject (``ses-01``...; no session folder when 1).
+    directions : int or sequence of int, optional
+        Directions per shell instead of the protocol's; a sequence gives one
+        count per subject (cycled).
+    motion : bool
+        Keyword only. ``False``: no per-volume motion (the head pose stays).
+    n_jobs : int
+        Keyword only. Subjects simulated at once (threads); the files do not
+        depend on it.
+    """
+    effect, snr = _check_args(n_subjects, seed, size, effect, snr, sessions, directions, n_jobs)
+    out_dir = Path(out_dir).absolute()
+    _check_out_dir(out_dir)
+    protocol = SIZES[size]
+    n_subjects, seed, sessions = int(n_subjects), int(seed), int(sessions)
+    t0 = time.perf_counter()
+    LOG.info("simulating %d subjects (%s, seed %d, effect %.3g, SNR %s) into %s",
+             n_subjects, size, seed, effect, snr, out_dir)
+    subjects = _participants(n_subjects, seed)
+    for s in subjects:
+        s.directions = _directions_for(directions, s.index)
+
+    from threadpoolctl import threadpool_limits
+
+    with _staging_dir(out_dir) as root, threadpool_limits(1):
+        truth = root / "derivatives" / "truth"
+        _write_dataset_files(root, truth, subjects, protocol, effect, snr, seed, sessions, motion)
+        # the shared, cached pieces first (then the worker threads only read them)
+        _template(protocol.voxel_mm)
+        for d in {s.directions for s in subjects}:
+            b_table(protocol, d)
+
+        def one_subject(s: Subject) -> list:
+            runs = []
+            for k in range(sessions):
+                ses = f"{k + 1:02d}" if sessions > 1 else None
+                bvals, _ = b_table(protocol, s.directions)
+                run = _run_params(seed, s, k, ses, len(bvals))
+                runs.append(_simulate_run(root, truth, s, run, k, protocol, effect, snr, seed, motion))
+            LOG.debug("sub-%s done (%s)", s.label, s.diagnosis)
+            return runs
+
+        n_jobs = max(1, min(int(n_jobs or 1), len(subjects)))
+        if n_jobs == 1:
+            results = [one_subject(s) for s in _progress(subjects, len(subjects))]
+        else:
+            # numpy and zlib release the GIL: threads overlap the compute and the gzip writes
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(max_workers=n_jobs, thread_name_prefix="simulate") as pool:
+                results = list(_progress(pool.map(one_subject, subjects), len(subjects)))
+        summaries = {s.label: r for s, r in zip(subjects, results)}
+        _write_truth_summary(root, truth, subjects, summaries, protocol, effect, snr, seed, sessions,
+                             directions, motion)
+    LOG.info("wrote %s in %.1f s", out_dir, time.perf_counter() - t0)
+    return out_dir
+
+
+def _progress(items, total):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        return items
+    quiet = not sys.stderr.isatty() or not LOG.isEnabledFor(logging.INFO)
+    return tqdm(items, total=total, desc="simulate", unit="subject", disable=quiet, file=sys.stderr)
+
+
+def _write_dataset_files(root, truth, subjects, protocol, effect, snr, seed, sessions, motion):
+    generated = [{"Name": "bids_adhd", "Version": __version__,
+                  "Description": f"bids_adhd simulate --size {protocol.name} --seed {seed} "
+                                 f"--effect {effect:g} --snr {snr:g} --sessions {sessions}"
+                                 + ("" if motion else " (no motion)")}]
+    _d.write_json(root / "dataset_description.json", {
+        "Name": "bids_adhd simulated paediatric diffusion MRI (ADHD vs TD)",
+        "BIDSVersion": "1.10.0", "DatasetType": "raw", "License": "CC0",
+        "Authors": ["bids_adhd simulator"], "GeneratedBy": generated})
+    _d.write_text(root / "README", (
+        "Simulated diffusion MRI dataset written by `bids_adhd simulate`.\n\n"
+        "Every image is synthetic: a diffusion-tensor phantom built from the MNI152 2009a (symmetric) "
+        "grey/white-matter probability maps shipped with nilearn, moved by a random head pose, with "
+        "a few volumes moved again (head motion) and Rician noise. Subjects with diagnosis ADHD have "
+        f"white-matter FA lowered by {effect:.1%} in the '{EFFECT_REGION}' region (MD unchanged).\n\n"
+        "The exact ground truth (FA/MD/AD/RD maps, tissue masks, effect region, head pose and "
+        "motion per volume) is in derivatives/truth/; see truth.json there and docs/simulation.md "
+        "in the bids_adhd repository for the conventions.\n"))
+    _d.write_tsv(root / "participants.tsv", {
+        "participant_id": [f"sub-{s.label}" for s in subjects],
+        "diagnosis": [s.diagnosis for s in subjects],
+        "age": [s.age for s in subjects],
+        "sex": [s.sex for s in subjects],
+        "site": [s.site for s in subjects]}, float_fmt="{:.1f}")
+    _d.write_json(root / "participants.json", {
+        "participant_id": {"Description": "Unique participant identifier"},
+        "diagnosis": {"Description": "Simulated diagnostic group",
+                      "Levels": {"ADHD": "attention-deficit/hyperactivity disorder (FA lowered in the "
+                                         f"{EFFECT_REGION} region)",
+                                 "TD": "typically developing control"}},
+        "age": {"Description": "Age at scan (simulated; does not affect the images)", "Units": "year"},
+        "sex": {"Description": "Sex (simulated; does not affect the images)",
+                "Levels": {"M": "male", "F": "female"}},
+        "site": {"Description": "Acquisition site (simulated; does not affect the images)",
+                 "Levels": {k: f"site {k[-1]}" for k in SITES}}})
+    _d.write_json(truth / "dataset_description.json", {
+        "Name": "bids_adhd simulation ground truth", "BIDSVersion": "1.10.0",
+        "DatasetType": "derivative", "GeneratedBy": generated})
+    _d.write_text(truth / "README", (
+        "Ground truth of the simulated dataset one level up (two folders up). Per subject/session, "
+        "in the native DWI space of the raw data at the reference volume 0: the true tensor "
+        "FA/MD/AD/RD (md/ad/rd in mm^2/s), brain mask, tissue fractions, the effect region, the head "
+        "pose (desc-pose_xfm.json) and the per-volume motion (desc-motion_timeseries.tsv/.json). "
+        "truth.json summarises the parameters.\n"))
+    raw = _raw_template()
+    full = np.zeros(raw["full_shape"], np.uint8)
+    lo = raw["crop_lo"]
+    sl = tuple(slice(a, a + n) for a, n in zip(lo, raw["effect"].shape))
+    full[sl] = raw["effect"] > 0
+    _d.write_nifti(truth / f"space-{TEMPLATE_SPACE}_desc-effect_mask.nii.gz", _nifti(full, raw["full_affine"]))
+
+
+def _write_truth_summary(root, truth, subjects, summaries, protocol, effect, snr, seed, sessions,
+                         directions, motion):
+    noise = bool(snr) and math.isfinite(snr)
+    bvals, _ = b_table(protocol, None)
+    _d.write_json(truth / "truth.json", {
+        "EffectFraction": effect, "EffectRegion": EFFECT_REGION,
+        "EffectRegionDefinition": {"space": TEMPLATE_SPACE, "box_mm": EFFECT_BOX_MM,
+                                   "wm_probability_above": EFFECT_WM_THRESHOLD,
+                                   "mask": f"space-{TEMPLATE_SPACE}_desc-effect_mask.nii.gz"},
+        "EffectRegionSize": effect_region_info(),
+        "EffectModel": "ADHD subjects: voxel FA x (1 - EffectFraction) in the region, MD unchanged; "
+                       "TD subjects unchanged",
+        "SNR": snr if noise else None, "NoiseSigma": S0_WM / snr if noise else 0.0,
+        "NoiseModel": "Rician, sigma = S0_WM / SNR" if noise else "none",
+        "Size": protocol.name, "Seed": seed, "Sessions": sessions, "Motion": bool(motion),
+        "Grid": {"shape": protocol.shape, "voxel_size_mm": protocol.voxel_mm, "orientation": "LAS",
+                 "T1w_shape": protocol.t1_shape, "T1w_voxel_size_mm": protocol.t1_voxel_mm},
+        "Shells": [{"bval": b, "directions": n} for b, n in protocol.shells],
+        "DirectionsOverride": directions, "NumberOfB0": protocol.n_b0,
+        "NumberOfVolumes": len(bvals),
+        "BvecFrame": "voxel frame of the DWI image (= FSL convention for this LAS, negative-determinant "
+                     "grid); scanner-frame vector = affine[:3,:3]/voxel_size @ bvec = (-x, y, z)",
+        "Tissue": {"WM": {"FA": f"{WM_FA_BASE} + {WM_FA_SLOPE} * w_wm", "MD": WM_MD, "S0": S0_WM},
+                   "GM": {"FA": GM_FA, "MD": GM_MD, "S0": S0_GM},
+                   "CSF": {"FA": 0.0, "MD": CSF_MD, "S0": S0_CSF},
+                   "mixing": "one cylindrical tensor per voxel: tissue-fraction-weighted mean of the tissue "
+                             "eigenvalues along a shared smooth fibre direction"},
+        "SubjectVariation": {"pose_rotation_deg_max": POSE_MAX_ROT_DEG, "pose_shift_mm_max": POSE_MAX_SHIFT_MM,
+                             "size_scale_max": SIZE_SCALE_MAX, "global_fa_md_scale_sd": GLOBAL_JITTER_SD,
+                             "fa_field_sd": FA_FIELD_SD,
+                             "fa_field_wavelength_mm": FA_FIELD_WAVELENGTH_MM},
+        "MotionModel": {"volumes_per_run": MOTION_VOLUMES, "rotation_deg_max": MOTION_MAX_ROT_DEG,
+                        "shift_mm_max": MOTION_MAX_SHIFT_MM},
+        "Template": "MNI152NLin2009aSym: ICBM 2009a nonlinear symmetric T1, GM and WM maps packaged with "
+                    "nilearn; brain mask = T1 > 0.2",
+        "Subjects": {f"sub-{s.label}": {"diagnosis": s.diagnosis, "fa_scale": s.fa_scale,
+                                        "md_scale": s.md_scale, "size_scale": s.size_scale,
+                                        "directions_per_shell": s.directions, "runs": summaries[s.label]}
+                     for s in subjects},
+    })
+
+
+# --- command line --------------------------------------------------------------
+
+def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("out_dir", metavar="OUT_DIR",
+                        help="where the BIDS dataset goes (must not exist, or be empty)")
+    parser.add_argument("--subjects", type=int, default=20, metavar="N",
+                        help="number of subjects, half ADHD half TD (default 20)")
+    parser.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
+    parser.add_argument("--size", default="demo", choices=list(SIZES),
+                        help="demo: 2.5 mm, 3 b0 + 30 directions; hbn: 1.8 mm, b=1000/2000 x 64 + 5 b0")
+    parser.add_argument("--effect", type=float, default=0.08, metavar="F",
+                        help=f"fractional FA reduction in the {EFFECT_REGION} region for ADHD (default 0.08)")
+    parser.add_argument("--snr", type=float, default=25.0, metavar="X",
+                        help="b0 SNR in white matter (default 25; 0 or inf: no noise)")
+    parser.add_argument("--sessions", type=int, default=1, metavar="K", help="sessions per subject (default 1)")
+    parser.add_argument("--directions", type=int, default=None, metavar="N",
+                        help="directions per shell instead of the size's default")
+    parser.add_argument("--no-motion", dest="motion", action="store_false",
+                        help="no per-volume head motion (the head pose stays)")
+    parser.add_argument("--nprocs", type=int, default=min(2, os.cpu_count() or 1), metavar="N",
+                        help="subjects simulated at once (threads; default: 2 or the CPU count if lower); "
+                             "the files do not depend on it")
+
+
+def run_cli(args) -> int:
+    out = simulate_dataset(args.out_dir, n_subjects=args.subjects, seed=args.seed, size=args.size,
+                           effect=args.effect, snr=args.snr, sessions=args.sessions,
+                           directions=args.directions, motion=args.motion, n_jobs=args.nprocs)
+    print(out)
+    return 0
