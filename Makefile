@@ -10,11 +10,19 @@ NPROCS ?= 2
 
 .PHONY: demo test venv sysdeps clean
 
+# Debian packages the tests use: mrtrix3 (reference tests), slurm-wlm + munge (a real
+# one-node Slurm cluster, which tests/test_slurm.py starts with ci/setup-slurm.sh).
+# One apt-get for whatever is missing; nothing when all are there.
 sysdeps:
-	@command -v dwidenoise >/dev/null 2>&1 || { \
+	@pkgs=""; \
+	command -v dwidenoise >/dev/null 2>&1 || pkgs="$$pkgs mrtrix3"; \
+	for c in slurmctld slurmd sinfo munged; do \
+	  command -v $$c >/dev/null 2>&1 || { pkgs="$$pkgs slurm-wlm munge"; break; }; done; \
+	if [ -n "$$pkgs" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends mrtrix3 >/dev/null; \
-	  else echo "note: mrtrix3 not installed (needs root: apt-get install mrtrix3); its reference tests will be skipped"; fi; }
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$pkgs >/dev/null; \
+	  else echo "note: not installed:$$pkgs (needs root: apt-get install$$pkgs); the tests that need them are skipped"; fi; \
+	fi
 
 $(VENV)/.installed: setup.cfg pyproject.toml requirements/constraints-cpu.txt
 	$(PYTHON) -m venv $(VENV)

@@ -188,6 +188,7 @@ def collect_runs(bids_dir: Path, participant_label=None, session_label=None, fil
     runs = []
     for f in sorted(files, key=lambda f: f.path):
         dwi = Path(f.path)
+        _check_name_entities(dwi, bids_dir, f.get_entities())
         stem = dwi.name[: -len("".join(dwi.suffixes[-2:]) if dwi.name.endswith(".nii.gz") else dwi.suffix)]
         bval = _sidecar(layout, f, ".bval", dwi.parent / f"{stem}.bval")
         bvec = _sidecar(layout, f, ".bvec", dwi.parent / f"{stem}.bvec")
@@ -210,6 +211,35 @@ def collect_runs(bids_dir: Path, participant_label=None, session_label=None, fil
         raise NothingSelectedError(f"no DWI series selected ({'; '.join(what) or 'whole dataset'}); "
                                    "check the labels and --bids-filter-file")
     return runs
+
+
+_NAME_KEYS = {"sub": "subject", "ses": "session", "acq": "acquisition", "dir": "direction", "run": "run"}
+
+
+def _check_name_entities(dwi: Path, bids_dir: Path, entities) -> None:
+    """The entities pybids parsed must be exactly the ones in the file name.
+
+    pybids matches ``sub-café`` as subject ``caf``, ``run-1b`` as run 1, and a
+    ``sub-ü`` file as having no subject at all: derivatives named after them
+    would collide or lose the subject. Such a file is refused (exit 65).
+    """
+    try:
+        folders = list(dwi.parent.relative_to(bids_dir).parts)
+    except ValueError:
+        folders = []
+    rel = "/".join(folders + [dwi.name])
+    if entities.get("subject") is None:
+        raise DataError(f"{rel}: no valid 'sub-<label>' entity in the file name (labels are ASCII letters "
+                        "and digits only); rename the file")
+    for token in dwi.name.split(".")[0].split("_")[:-1] + folders:
+        key, _, value = token.partition("-")
+        entity = _NAME_KEYS.get(key)
+        if entity is None:
+            continue
+        parsed = entities.get(entity)
+        if not _LABEL.match(value) or parsed is None or str(parsed) != value:
+            raise DataError(f"{rel}: {token!r} is not a valid BIDS entity (labels are ASCII letters and digits "
+                            "only, and must match the folder names); rename the file")
 
 
 def _sidecar(layout, bidsfile, ext: str, fallback: Path) -> Path:
@@ -299,6 +329,7 @@ def load_dwi_header(path: Path):
         raise DataError(f"{path.name} has only {shape[3]} volumes; a tensor fit needs a b0 and ≥ 6 directions")
     if int(np.prod(shape, dtype=np.int64)) > MAX_ELEMENTS:
         raise DataError(f"{path.name} header claims {shape} voxels×volumes, beyond what a DWI series can be")
+    _check_size_claim(path, img)
     if min(shape[:3]) < 4:
         raise DataError(f"{path.name} has a spatial dimension below 4 voxels (shape {shape})")
     affine = img.affine
@@ -309,6 +340,29 @@ def load_dwi_header(path: Path):
         raise DataError(f"{path.name} voxel size {tuple(zooms.round(3))} mm is degenerate or too anisotropic "
                         "(ratio > 5) for DTI")
     return img
+
+
+#: deflate cannot compress by more than ~1032:1; a .nii.gz whose header needs more
+#: bytes than this many times its size is truncated or lies about its dimensions.
+MAX_GZIP_RATIO = 1100
+
+
+def _check_size_claim(path: Path, img) -> None:
+    """Refuse a header that asks for far more data than the file can hold, before anything is
+    allocated (nibabel would allocate the full claimed array first, then find the data short)."""
+    header = img.header
+    try:
+        need = int(np.prod(img.shape, dtype=np.int64)) * header.get_data_dtype().itemsize
+        need += int(header.get_data_offset())
+    except Exception:
+        return
+    size = path.stat().st_size
+    if path.name.endswith(".gz"):
+        if need > size * MAX_GZIP_RATIO:
+            raise DataError(f"{path.name} header claims shape {tuple(img.shape)} ({need / 1e6:.4g} MB of data) "
+                            f"but the compressed file has only {size} bytes: truncated, or a corrupt header")
+    elif size < need:
+        raise DataError(f"{path.name} is truncated: its header needs {need} bytes, the file has {size}")
 
 
 def load_dwi_data(path: Path, img=None) -> np.ndarray:
@@ -328,6 +382,9 @@ def load_dwi_data(path: Path, img=None) -> np.ndarray:
 def check_run(run: DwiRun, b0_threshold: float = 50.0, read_data: bool = True) -> dict:
     """All cheap checks of one run; returns a summary (shape, zooms, n_b0, shells)."""
     for p in (run.dwi, run.bval, run.bvec):
+        if p.is_symlink() and not p.exists():
+            raise MissingInputError(f"{p} is a symbolic link to {os.readlink(p)}, which does not exist here "
+                                    "(a DataLad dataset needs 'datalad get'; in a container, mount the target too)")
         if not p.is_file():
             raise MissingInputError(f"{p} is missing")
     img = load_dwi_header(run.dwi)
@@ -340,6 +397,40 @@ def check_run(run: DwiRun, b0_threshold: float = 50.0, read_data: bool = True) -
 
 
 # --- labels for the group level ------------------------------------------------
+
+def participants_warnings(bids_dir: Path) -> list[str]:
+    """What is wrong with participants.tsv, as warnings: the participant level does not need it
+    (it processes the sub-* folders), but the group level takes its labels from it and refuses
+    duplicates, so say so early. Never raises."""
+    path = Path(bids_dir) / "participants.tsv"
+    if not path.is_file():
+        return [f"{path.name} is missing; the group level will need it for the labels"]
+    try:
+        lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        return [f"{path.name} cannot be read ({exc.__class__.__name__}); the group level will refuse it"]
+    header = lines[0].split("\t") if lines else []
+    if "participant_id" not in header:
+        return [f"{path.name} has no participant_id column; the group level will refuse it"]
+    col = header.index("participant_id")
+    out, seen = [], set()
+    for i, ln in enumerate(lines[1:], start=2):
+        cells = ln.split("\t")
+        pid = cells[col].strip() if len(cells) > col else ""
+        if pid in seen:
+            out.append(f"{path.name} lists {pid} twice (line {i}); the group level will refuse it")
+        seen.add(pid)
+    folders = {p.name for p in Path(bids_dir).glob("sub-*") if p.is_dir()}
+    unlisted = sorted(folders - seen)
+    if unlisted:
+        out.append(f"{path.name} has no row for {', '.join(unlisted[:5])}{' ...' if len(unlisted) > 5 else ''}; "
+                   "processed anyway, left out at the group level")
+    extra = sorted(seen - folders)
+    if extra:
+        out.append(f"{path.name} lists {', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''} without a "
+                   "sub-* folder in BIDS_DIR")
+    return out
+
 
 def read_participants(bids_dir: Path) -> list[dict]:
     """participants.tsv as a list of row dicts ('n/a' → None)."""

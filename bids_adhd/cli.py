@@ -119,6 +119,9 @@ def _run_subcommand(name: str, argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # No network at run time: Nipype otherwise asks rig.mit.edu (etelemetry) for its latest
+    # version when it creates an interface. Set before anything below imports nipype.
+    os.environ.setdefault("NIPYPE_NO_ET", "1")
     verbose = any(a in ("-v", "-vv", "--verbose") for a in argv)
     try:
         if argv and argv[0] in SUBCOMMANDS:

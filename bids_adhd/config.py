@@ -81,7 +81,9 @@ class ModelConfig:
     train_norm: bool = True           # BatchNorm affine parameters trainable
     channels: tuple = ("fa",)         # ("fa",) or ("fa", "md")
     stem_init: str = "average"        # how a 1-channel stem takes >1 channels: average | duplicate
-    pooling: str = "avg"              # avg | multiscale
+    pooling: str = "avg"              # avg | multiscale | avgmax | spatial (see docs/group.md)
+    intensity: str = "none"           # per-subject input normalisation: none | mean | zscore (docs/group.md)
+    head_norm: bool = False           # BatchNorm1d (no affine, no parameters) on the pooled features
     head_hidden: int = 128
     head_dropout: float = 0.0
     num_classes: int = 2
@@ -102,8 +104,10 @@ class ModelConfig:
             raise UsageError("adaptation 'scratch' means no pre-training: set pretrained: false")
         if self.adaptation == "peft-lora" and self.lora_factorisation != "flat":
             raise UsageError("adaptation 'peft-lora' supports only lora_factorisation: flat")
-        if self.pooling not in ("avg", "multiscale"):
-            raise UsageError(f"pooling must be avg or multiscale (got {self.pooling!r})")
+        if self.pooling not in ("avg", "multiscale", "avgmax", "spatial"):
+            raise UsageError(f"pooling must be avg, multiscale, avgmax or spatial (got {self.pooling!r})")
+        if self.intensity not in ("none", "mean", "zscore"):
+            raise UsageError(f"intensity must be none, mean or zscore (got {self.intensity!r})")
 
 
 @dataclass(frozen=True)
@@ -125,6 +129,9 @@ class TrainConfig:
     amp: str = "bf16"                 # bf16 | fp16 | none (GPU only; CPU runs fp32)
     stratify_site: bool = False
     num_workers: int = 0
+    norm_mode: str = "train"          # BatchNorm statistics: train | recalibrate | frozen (docs/group.md)
+    head_epochs: int = 0              # head warm-up steps on cached features before fine-tuning (0: none)
+    head_lr: float = 1e-2             # learning rate of the head warm-up
 
     def __post_init__(self):
         if self.folds < 2:
@@ -133,6 +140,10 @@ class TrainConfig:
             raise UsageError(f"balance must be loss, sampler or none (got {self.balance!r})")
         if self.amp not in ("bf16", "fp16", "none"):
             raise UsageError(f"amp must be bf16, fp16 or none (got {self.amp!r})")
+        if self.norm_mode not in ("train", "recalibrate", "frozen"):
+            raise UsageError(f"norm_mode must be train, recalibrate or frozen (got {self.norm_mode!r})")
+        if self.epochs < 0 or self.head_epochs < 0:
+            raise UsageError("epochs and head_epochs must be ≥ 0")
 
 
 @dataclass(frozen=True)

@@ -180,7 +180,10 @@ def atomic_path(final: os.PathLike) -> Iterator[Path]:
     except OSError as exc:
         raise OutputError(f"cannot create {final.parent}: {exc.strerror}") from None
     ext = "".join(final.suffixes[-2:]) if final.name.endswith(".nii.gz") else final.suffix
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=f".tmp{ext}", dir=final.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=f".tmp{ext}", dir=final.parent)
+    except OSError as exc:  # read-only file system, no space for the inode, ...
+        raise OutputError(f"cannot write {final}: {exc.strerror or exc}") from None
     os.close(fd)
     tmp = Path(tmp)
     try:
@@ -195,6 +198,46 @@ def atomic_path(final: os.PathLike) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+_TEMP = re.compile(r"^\.(?P<final>.+)\.[a-z0-9_]{8}\.tmp")
+
+
+def remove_stale_temps(root: os.PathLike, sources, min_age_s: float = 60.0) -> list[Path]:
+    """Delete the hidden temporary files a killed run left beside the outputs of ``sources``.
+
+    Only temporaries of this module's writes (``.<final name>.<random>.tmp*``) whose final name
+    belongs to one of ``sources`` (or to its subject's report) are touched: another job may be
+    writing other subjects into the same OUTPUT_DIR. ``dataset_description.json``, which every
+    job writes, loses only temporaries older than ``min_age_s``.
+    """
+    import time
+
+    root = Path(root)
+    removed = []
+    by_folder: dict[Path, set[str]] = {}
+    for src in sources:
+        names = [p for p in participant_outputs(root, src) if p.parent == src.folder(root)]
+        names += [done_stamp(root, src), prediction_json(root, src)]
+        by_folder.setdefault(src.folder(root), set()).update(p.name for p in names)
+        by_folder.setdefault(root, set()).add(report_html(root, src.subject).name)
+    for folder, finals in by_folder.items():
+        if not folder.is_dir():
+            continue
+        for tmp in folder.glob(".*.tmp*"):
+            m = _TEMP.match(tmp.name)
+            if m and m.group("final") in finals and tmp.is_file():
+                tmp.unlink(missing_ok=True)
+                removed.append(tmp)
+    now = time.time()
+    for tmp in root.glob(".dataset_description.json.*.tmp*"):
+        try:
+            if _TEMP.match(tmp.name) and now - tmp.stat().st_mtime > min_age_s:
+                tmp.unlink(missing_ok=True)
+                removed.append(tmp)
+        except OSError:
+            pass
+    return removed
 
 
 def _umask() -> int:

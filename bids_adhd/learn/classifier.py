@@ -35,6 +35,9 @@ from .lora import NORM_TYPES, inject_lora, parameter_report, set_norm_trainable
 LOG = logging.getLogger("bids_adhd.classifier")
 
 STEM_MODES = ("average", "duplicate")
+POOLINGS = ("avg", "multiscale", "avgmax", "spatial")
+#: ``pooling: spatial`` average-pools every feature map to this many cells per axis
+SPATIAL_GRID = 2
 
 
 def adapt_stem(encoder: nn.Module, in_channels: int, mode: str = "average", attr: str = "conv_init") -> nn.Module:
@@ -89,34 +92,43 @@ class ADHDClassifier(nn.Module):
     ----------
     encoder : nn.Module
         Returns a list of feature maps, one per level (MONAI SegResEncoder).
-    pooling : {'avg', 'multiscale'}
+    pooling : {'avg', 'multiscale', 'avgmax', 'spatial'}
         ``avg``: global average of the last map (512 features for CT-FM, as
         CT-FM's own feature extraction). ``multiscale``: the global averages
         of every level, concatenated (32+64+128+256+512 = 992 for CT-FM).
+        ``avgmax``: the global average and the global maximum of every level
+        (2 x 992). ``spatial``: every level average-pooled to a 2x2x2 grid of
+        octants, which keeps coarse location (8 x 992). See docs/group.md.
     head_hidden : int
         Hidden width of the head (Linear -> ReLU -> Dropout -> Linear); 0 for
         a single Linear layer.
     num_classes : int
     dropout : float
         Dropout between the two head layers.
+    head_norm : bool
+        Put a ``BatchNorm1d`` without affine parameters in front of the head
+        (standardises the pooled features with statistics of the training
+        data; as in MAE's linear probing). Adds no parameters.
     feature_channels : list of int, optional
         Channels per level; read from the encoder when not given.
     """
 
     def __init__(self, encoder: nn.Module, pooling: str = "avg", head_hidden: int = 128, num_classes: int = 2,
-                 dropout: float = 0.0, feature_channels: Sequence[int] | None = None):
+                 dropout: float = 0.0, feature_channels: Sequence[int] | None = None, head_norm: bool = False):
         super().__init__()
-        if pooling not in ("avg", "multiscale"):
-            raise UsageError(f"pooling must be avg or multiscale (got {pooling!r})")
+        if pooling not in POOLINGS:
+            raise UsageError(f"pooling must be one of {', '.join(POOLINGS)} (got {pooling!r})")
         self.encoder = encoder
         self.pooling = pooling
         channels = list(feature_channels or encoder_feature_channels(encoder))
-        self.num_features = channels[-1] if pooling == "avg" else sum(channels)
+        self.num_features = {"avg": channels[-1], "multiscale": sum(channels), "avgmax": 2 * sum(channels),
+                             "spatial": SPATIAL_GRID ** 3 * sum(channels)}[pooling]
+        norm = [nn.BatchNorm1d(self.num_features, affine=False)] if head_norm else []
         if head_hidden:
-            self.head = nn.Sequential(nn.Linear(self.num_features, head_hidden), nn.ReLU(inplace=True),
+            self.head = nn.Sequential(*norm, nn.Linear(self.num_features, head_hidden), nn.ReLU(inplace=True),
                                       nn.Dropout(dropout), nn.Linear(head_hidden, num_classes))
         else:
-            self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(self.num_features, num_classes))
+            self.head = nn.Sequential(*norm, nn.Dropout(dropout), nn.Linear(self.num_features, num_classes))
         #: keep the encoder's BatchNorm in eval mode during training (running statistics frozen)
         self.freeze_norm_stats = False
 
@@ -127,6 +139,12 @@ class ADHDClassifier(nn.Module):
             maps = [maps]
         if self.pooling == "avg":
             return maps[-1].float().mean(dim=(2, 3, 4))
+        if self.pooling == "avgmax":
+            return torch.cat([torch.cat([m.float().mean(dim=(2, 3, 4)), m.float().amax(dim=(2, 3, 4))], dim=1)
+                              for m in maps], dim=1)
+        if self.pooling == "spatial":
+            return torch.cat([nn.functional.adaptive_avg_pool3d(m.float(), SPATIAL_GRID).flatten(1) for m in maps],
+                             dim=1)
         return torch.cat([m.float().mean(dim=(2, 3, 4)) for m in maps], dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -211,7 +229,8 @@ def build_model(cfg: ModelConfig, weights=None, *, architecture_only: bool = Fal
             encoder.requires_grad_(True)
 
         model = ADHDClassifier(encoder, pooling=cfg.pooling, head_hidden=cfg.head_hidden,
-                               num_classes=cfg.num_classes, dropout=cfg.head_dropout)
+                               num_classes=cfg.num_classes, dropout=cfg.head_dropout,
+                               head_norm=getattr(cfg, "head_norm", False))
     model.freeze_norm_stats = cfg.adaptation == "linear-probe"
     head_parameters = count_parameters(model.head)
     info.update(adaptation=cfg.adaptation, in_channels=in_channels, lora_layers=names,

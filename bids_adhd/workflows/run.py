@@ -5,14 +5,17 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 from pathlib import Path
 
 from .. import __version__
 from .. import derivatives as dv
-from ..bids import check_bids_dir, check_writable, check_output_dir, check_run, collect_runs, ensure_writable_dir, run_validator
+from ..bids import (check_bids_dir, check_output_dir, check_run, check_writable, collect_runs,
+                    ensure_writable_dir, participants_warnings, run_validator)
 from ..config import load_pipeline
-from ..errors import BidsAppError, DataError, UsageError
+from .. import errors
+from ..errors import BidsAppError, DataError, OutputError, UsageError
 
 LOG = logging.getLogger("bids_adhd.participant")
 _THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS")
@@ -76,6 +79,11 @@ def run_participant(args) -> int:
     if not args.skip_bids_validation:
         run_validator(bids_dir)
     runs = collect_runs(bids_dir, args.participant_label, args.session_label, args.bids_filter_file)
+    for warning in participants_warnings(bids_dir):
+        LOG.warning(warning)
+    if out_root.is_dir():  # a killed run's hidden temporaries of the selected runs
+        for tmp in dv.remove_stale_temps(out_root, [r.source for r in runs]):
+            LOG.info("removed %s, left by an interrupted run", tmp)
     chash = config_hash(cfg.to_dict())
     todo = [r for r in runs if not is_done(out_root, r, chash)]
     for r in runs:
@@ -112,12 +120,17 @@ def _run_workflow(args, cfg, bids_dir, out_root, runs, chash) -> None:
                                    else out_root / ".bids_adhd_work", "--work-dir")
     nipype_config.update_config({
         "execution": {"crashdump_dir": str(work_dir / "crash"), "crashfile_format": "txt",
+                      "check_version": "false",  # no etelemetry request (no network at run time)
                       "poll_sleep_duration": 0.05, "stop_on_first_crash": "true",
                       "remove_unnecessary_outputs": "false", "hash_method": "content",
                       "create_report": "false", "write_provenance": "false"},
         "monitoring": {"enabled": "false"}})
-    nipype_config.set("logging", "workflow_level", "WARNING")
-    nipype_config.set("logging", "interface_level", "WARNING")
+    # Nipype logs every node failure with its traceback at ERROR; a user error is reported as one
+    # line below (the crash file keeps the details), so Nipype speaks only with -v.
+    verbose = int(getattr(args, "verbose", 0) or 0)
+    level = "CRITICAL" if verbose == 0 else ("WARNING" if verbose == 1 else "INFO")
+    nipype_config.set("logging", "workflow_level", level)
+    nipype_config.set("logging", "interface_level", level)
     nipype_logging.update_logging(nipype_config)
     wf = init_participant_wf(runs, cfg, bids_dir, out_root, work_dir, chash, nthreads=nthreads)
     timer = _StepTimer()
@@ -128,20 +141,40 @@ def _run_workflow(args, cfg, bids_dir, out_root, runs, chash) -> None:
         plugin_args.update(n_procs=nprocs, raise_insufficient=False)
     elif args.nipype_plugin == "SLURMGraph":
         plugin_args.update(dont_resubmit_completed_jobs=True)
+    started = time.time() - 1.0
     try:
         wf.run(plugin=args.nipype_plugin, plugin_args=plugin_args)
     except BidsAppError:
         raise
     except RuntimeError as exc:
-        crash = sorted((work_dir / "crash").glob("crash-*.txt"), key=lambda p: p.stat().st_mtime)
-        reason = _crash_reason(crash[-1]) if crash else str(exc).splitlines()[0]
-        raise DataError(f"processing failed: {reason} (details: {crash[-1] if crash else work_dir})") from None
+        crash = sorted((p for p in (work_dir / "crash").glob("crash-*.txt") if p.stat().st_mtime >= started),
+                       key=lambda p: p.stat().st_mtime)
+        if not crash:
+            raise DataError(f"processing failed: {str(exc).splitlines()[0]} (details: {work_dir})") from None
+        raise _crash_error(crash[-1]) from None
+    except OSError as exc:  # the engine itself could not write (work dir full, read only, ...)
+        raise OutputError(f"cannot write in the work dir {work_dir}: {exc.strerror or exc}") from None
 
 
-def _crash_reason(crash_file: Path) -> str:
-    """The last exception line of a Nipype crash file (user errors raised in a node carry their message)."""
+_USER_ERROR = re.compile(r"^bids_adhd\.errors\.(\w+): (.*)$")
+
+
+def _crash_error(crash_file: Path) -> BidsAppError:
+    """The user error behind a Nipype crash file, with its own exit code.
+
+    An error from ``bids_adhd.errors`` raised inside a node keeps its class (a full
+    output disk while the sink writes → ``OutputError``, exit 73); a full disk anywhere
+    else is ``OutputError`` too; any other failure is ``DataError`` (65).
+    """
     lines = [ln.strip() for ln in crash_file.read_text(errors="replace").splitlines() if ln.strip()]
-    for ln in reversed(lines):
-        if "Error:" in ln or "Exception:" in ln:
-            return ln
-    return lines[-1] if lines else "unknown error"
+    node = lines[0].split(":", 1)[1].strip().split(".", 1)[-1] if lines and lines[0].startswith("Node:") else "?"
+    reason = next((ln for ln in reversed(lines) if "Error:" in ln or "Exception:" in ln),
+                  lines[-1] if lines else "unknown error")
+    details = f"(node {node}; details: {crash_file})"
+    match = _USER_ERROR.match(reason)
+    if match and isinstance(getattr(errors, match.group(1), None), type) \
+            and issubclass(getattr(errors, match.group(1)), BidsAppError):
+        return getattr(errors, match.group(1))(f"{match.group(2)} {details}")
+    if "[Errno 28]" in reason or "No space left on device" in reason:
+        return OutputError(f"no space left on a device while processing: {reason} {details}")
+    return DataError(f"processing failed: {reason} {details}")

@@ -1,0 +1,526 @@
+"""Benchmark the participant-level numerics against MRtrix3 (issue "Speed").
+
+One simulated subject (``bids_adhd.simulate``, ``--size hbn`` by default:
+128 x 128 x 84 voxels of 1.8 mm, 5 b0 + 2 x 64 directions, int16 with Rician
+noise, per-volume motion) is processed twice on the same input:
+
+ours      premask (median_otsu of the raw mean b0, dilated by patch radius + 2,
+          as the workflow does) -> MP-PCA (bids_adhd.dmri.denoise.mppca, inside
+          the premask) -> Gibbs unringing (gibbs.unring) -> motion correction
+          (motion.correct_motion) -> brain mask (mask.brain_mask) -> DTI WLS on
+          b <= 1500 (dti.fit_dti)
+mrtrix3   dwidenoise -> mrdegibbs -> dwiextract -fslgrad -shells (b <= 1500) ->
+          dwi2tensor -mask (our final mask) -> tensor2metric, -nthreads N
+
+``ours_s`` (compared with ``mrtrix3_s``) = the steps MRtrix3 also does:
+premask + denoise + unring + tensor fit (the premask is counted because our
+denoising needs it). ``ours_total_s`` adds motion correction and the final
+mask. ``mrtrix3_s`` uses dwidenoise as users run it by default (whole volume);
+``mrtrix3_masked_s`` gives dwidenoise our premask (``-mask``) as well.
+
+Agreement (all in the final brain mask unless said otherwise):
+* DIPY reference functions on the same input: MP-PCA on a central sub-block
+  (all volumes), Gibbs on whole slices of a few volumes (max |diff|).
+* FA: ``dwi2tensor -ols -iter 0`` vs DIPY OLS on identical input (our
+  unrung data, b <= 1500): an exact comparison; MRtrix3's default (IWLS, 2
+  reweightings) vs DIPY WLS (one reweighting); the two full chains; each
+  chain vs the simulator's true FA.
+* Motion parameters vs the simulator's truth.
+
+Times: wall and CPU (user + sys, this process and its children). The machine
+may be shared: each MRtrix3 step runs right after our matching step, the load
+averages around each step are recorded, and the CPU-time ratio is reported
+next to the wall-time ratio.
+
+Run (from the repository root; ~1 h on 2 cores for hbn):
+    .venv/bin/python benchmarks/participant.py --size hbn --nprocs 2
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+# --- measurement helpers ---------------------------------------------------------
+
+class PeakRSS:
+    """Peak memory of this process (RSS) + its children (USS: their own pages, so
+    the pages a forked worker shares with this process are not counted twice),
+    sampled every 0.1 s."""
+
+    def __init__(self):
+        import psutil
+
+        self.proc = psutil.Process()
+        self.peak = 0
+        self._stop = threading.Event()
+        self._t = None
+
+    def _rss(self):
+        total = self.proc.memory_info().rss
+        for ch in self.proc.children(recursive=True):
+            try:
+                total += ch.memory_full_info().uss
+            except Exception:
+                pass
+        return total
+
+    def __enter__(self):
+        self.peak = self._rss()
+
+        def loop():
+            while not self._stop.wait(0.1):
+                try:
+                    self.peak = max(self.peak, self._rss())
+                except Exception:
+                    pass
+
+        self._t = threading.Thread(target=loop, daemon=True)
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, self._rss())
+
+
+def cpu_now():
+    s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+
+
+def timed(name, fn, steps):
+    load0 = os.getloadavg()[0]
+    t0, c0 = time.perf_counter(), cpu_now()
+    with PeakRSS() as mem:
+        out = fn()
+    rec = {"wall_s": time.perf_counter() - t0, "cpu_s": cpu_now() - c0, "peak_rss_mb": mem.peak / 2**20,
+           "load_before": load0, "load_after": os.getloadavg()[0]}
+    steps[name] = rec
+    print(f"[ours] {name:10s} wall {rec['wall_s']:8.1f} s  cpu {rec['cpu_s']:8.1f} s  "
+          f"peak {rec['peak_rss_mb']:7.0f} MB  load {load0:.1f}->{rec['load_after']:.1f}", flush=True)
+    return out
+
+
+def run_cmd(name, cmd, steps):
+    """Run a command; wall, CPU and peak RSS of that child alone (os.wait4)."""
+    load0 = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, ru = os.wait4(p.pid, 0)
+    wall = time.perf_counter() - t0
+    err = p.stderr.read().decode(errors="replace")
+    p.stderr.close()
+    p.returncode = os.waitstatus_to_exitcode(status)
+    if p.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({p.returncode}): {err[-2000:]}")
+    rec = {"wall_s": wall, "cpu_s": ru.ru_utime + ru.ru_stime, "peak_rss_mb": ru.ru_maxrss / 1024,
+           "load_before": load0, "load_after": os.getloadavg()[0], "command": " ".join(map(str, cmd))}
+    steps[name] = rec
+    print(f"[mrtrix3] {name:14s} wall {wall:8.1f} s  cpu {rec['cpu_s']:8.1f} s  "
+          f"peak {rec['peak_rss_mb']:7.0f} MB  load {load0:.1f}->{rec['load_after']:.1f}", flush=True)
+    return rec
+
+
+def machine_info():
+    import dipy
+    import scipy
+    import torch
+
+    cpu = platform.processor()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError):
+        mem = None
+    mr = shutil.which("dwidenoise")
+    mrver = subprocess.run(["dwidenoise", "-version"], capture_output=True, text=True).stdout.splitlines()[0] \
+        if mr else None
+    return {"platform": platform.platform(), "cpu": cpu, "cpus_usable": len(os.sched_getaffinity(0)),
+            "memory_gb": mem, "python": platform.python_version(), "numpy": np.__version__,
+            "scipy": scipy.__version__, "torch": torch.__version__, "dipy": dipy.__version__,
+            "mrtrix3": mrver, "load_avg_at_start": os.getloadavg()}
+
+
+# --- comparisons ---------------------------------------------------------------------
+
+def fa_agreement(a, b, mask):
+    a, b = np.asarray(a, float)[mask], np.asarray(b, float)[mask]
+    d = np.abs(a - b)
+    return {"corr": float(np.corrcoef(a, b)[0, 1]), "median_abs_diff": float(np.median(d)),
+            "p99_abs_diff": float(np.quantile(d, 0.99)), "max_abs_diff": float(d.max()), "n_voxels": int(d.size)}
+
+
+def load(path):
+    import nibabel as nib
+
+    return np.asarray(nib.load(str(path)).dataobj, dtype=np.float32)
+
+
+def save(arr, affine, path, dtype=np.float32):
+    import nibabel as nib
+
+    img = nib.Nifti1Image(np.asarray(arr, dtype=dtype), affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    nib.save(img, str(path))
+    return str(path)
+
+
+def write_fsl(bvals, bvecs, stem):
+    np.savetxt(f"{stem}.bval", np.asarray(bvals)[None], fmt="%g")
+    np.savetxt(f"{stem}.bvec", np.asarray(bvecs).T, fmt="%.8f")
+    return f"{stem}.bvec", f"{stem}.bval"
+
+
+def dipy_checks(raw, den_input_dtype, unring_input, block, gibbs_vols, gibbs_slices):
+    """Our MP-PCA and unringing vs DIPY's functions on the same input (sub-block / few slices)."""
+    import warnings
+
+    from dipy.denoise.gibbs import gibbs_removal
+    from dipy.denoise.localpca import mppca as dipy_mppca
+    from threadpoolctl import threadpool_limits
+
+    from bids_adhd.dmri.denoise import mppca
+    from bids_adhd.dmri.gibbs import unring
+
+    out = {}
+    sub = np.ascontiguousarray(raw[block])
+    rng = float(np.ptp(sub))
+    with threadpool_limits(limits=1), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t = time.perf_counter()
+        ref32 = dipy_mppca(sub.astype(den_input_dtype))
+        t_dipy32 = time.perf_counter() - t
+        t = time.perf_counter()
+        ref64 = dipy_mppca(sub.astype(np.float64))
+        t_dipy64 = time.perf_counter() - t
+        t = time.perf_counter()
+        ours32 = mppca(sub.astype(den_input_dtype), nprocs=1, suppress_warning=True)
+        t_ours32 = time.perf_counter() - t
+        t = time.perf_counter()
+        ours64 = mppca(sub.astype(np.float64), nprocs=1, suppress_warning=True)
+        t_ours64 = time.perf_counter() - t
+    d32 = np.abs(ours32 - ref32) / rng
+    out["mppca"] = {
+        "block_shape": list(sub.shape),
+        "data_range": rng,
+        "float32_input_max_abs_diff_rel_range": float(d32.max()),
+        "float32_input_p999_abs_diff_rel_range": float(np.quantile(d32, 0.999)),
+        "float32_input_max_abs_diff": float(np.abs(ours32 - ref32).max()),
+        "float64_input_max_abs_diff_rel_range": float(np.abs(ours64 - ref64).max() / rng),
+        "float64_input_max_abs_diff": float(np.abs(ours64 - ref64).max()),
+        "dipy_float32_vs_dipy_float64_max_abs_diff_rel_range": float(np.abs(ref32 - ref64).max() / rng),
+        "single_thread_seconds": {"dipy_float32": t_dipy32, "ours_float32": t_ours32,
+                                  "dipy_float64": t_dipy64, "ours_float64": t_ours64},
+    }
+    gsub = np.ascontiguousarray(unring_input[:, :, gibbs_slices][..., gibbs_vols])
+    t = time.perf_counter()
+    ref = gibbs_removal(gsub.copy(), slice_axis=2, num_processes=1, inplace=False)
+    t_dipy = time.perf_counter() - t
+    t = time.perf_counter()
+    ours = unring(gsub, slice_axis=2, nprocs=1)
+    t_ours = time.perf_counter() - t
+    out["gibbs"] = {"shape": list(gsub.shape), "max_abs_diff": float(np.abs(ours - ref).max()),
+                    "bit_identical": bool(np.array_equal(ours, ref)),
+                    "single_thread_seconds": {"dipy": t_dipy, "ours": t_ours}}
+    return out
+
+
+# --- main ------------------------------------------------------------------------------------
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", default="hbn", choices=["demo", "hbn"])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--nprocs", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="torch device for the MP-PCA eigen-decompositions")
+    ap.add_argument("--work", default="/tmp/bids_adhd_bench_participant")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--reuse", action="store_true", help="reuse the simulated dataset in --work")
+    ap.add_argument("--skip-motion", action="store_true", help="(debug) skip motion correction")
+    ap.add_argument("--skip-masked-dwidenoise", action="store_true")
+    args = ap.parse_args(argv)
+
+    from scipy.ndimage import binary_dilation
+
+    from bids_adhd.config import PreprocConfig
+    from bids_adhd.dmri.denoise import mppca
+    from bids_adhd.dmri.dti import fit_dti
+    from bids_adhd.dmri.gibbs import unring
+    from bids_adhd.dmri.mask import brain_mask
+    from bids_adhd.dmri.motion import correct_motion
+    from bids_adhd.simulate import simulate_dataset
+
+    cfg = PreprocConfig()
+    work = Path(args.work)
+    bids = work / "bids"
+    result = {"size": args.size, "seed": args.seed, "nprocs": args.nprocs, "device": args.device,
+              "config": {k: getattr(cfg, k) for k in ("denoise_patch_radius", "gibbs_slice_axis", "gibbs_n_points",
+                                                       "motion_level_iters", "motion_factors", "motion_sigmas",
+                                                       "b0_threshold", "mask_median_radius", "mask_numpass",
+                                                       "dti_fit", "dti_bmax")},
+              "command": " ".join([".venv/bin/python", "benchmarks/participant.py"] + (argv or sys.argv[1:])),
+              "machine": machine_info()}
+    if not (args.reuse and bids.is_dir()):
+        if work.exists():
+            shutil.rmtree(work)
+        work.mkdir(parents=True)
+        t = time.perf_counter()
+        simulate_dataset(bids, n_subjects=2, size=args.size, seed=args.seed, n_jobs=args.nprocs)
+        result["simulate_wall_s"] = time.perf_counter() - t
+    tmp = work / "run"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    dwi = bids / "sub-01" / "dwi" / "sub-01_dwi.nii.gz"
+    import nibabel as nib
+
+    img = nib.load(str(dwi))
+    affine = img.affine
+    raw = np.asarray(img.get_fdata(dtype=np.float32))          # as the pipeline loads it
+    bvals = np.loadtxt(str(dwi).replace(".nii.gz", ".bval"), ndmin=1)
+    bvecs = np.loadtxt(str(dwi).replace(".nii.gz", ".bvec"), ndmin=2).T
+    result["data"] = {"file": str(dwi.relative_to(work)), "shape": list(raw.shape), "dtype_on_disk":
+                      str(img.get_data_dtype()), "voxel_mm": [float(z) for z in img.header.get_zooms()[:3]],
+                      "bvals": sorted({int(b) for b in bvals}), "n_b0": int((bvals <= cfg.b0_threshold).sum())}
+    print(f"data {raw.shape} {result['data']}", flush=True)
+    n = args.nprocs
+    ours = {}
+
+    # --- ours ------------------------------------------------------------------------------------
+    def premask():
+        m, _ = brain_mask(raw, bvals, cfg.b0_threshold, cfg.mask_median_radius, cfg.mask_numpass)
+        return binary_dilation(m, iterations=cfg.denoise_patch_radius + 2)
+
+    mr = {}
+    have_mr = shutil.which("dwidenoise") is not None
+    nt = ["-nthreads", str(n), "-quiet", "-force"]
+    fsl = (str(dwi).replace(".nii.gz", ".bvec"), str(dwi).replace(".nii.gz", ".bval"))
+    raw_nii = str(dwi)
+    # Each MRtrix3 step runs right after our matching step, so that both see
+    # about the same machine load (the machine may be shared).
+    pm = timed("premask", premask, ours)
+    pm_nii = save(pm, affine, tmp / "premask.nii.gz", np.uint8)
+    den = timed("denoise", lambda: mppca(raw, mask=pm, patch_radius=cfg.denoise_patch_radius, nprocs=n,
+                                         device=args.device, suppress_warning=True), ours)
+    ours["denoise"]["patches"] = mppca.last_stats["patches"]
+    ours["denoise"]["precision"] = mppca.last_stats["precision"]
+    ours["denoise"]["premask_voxels"] = int(pm.sum())
+    if have_mr:
+        run_cmd("dwidenoise", ["dwidenoise", raw_nii, str(tmp / "mr_den.mif")] + nt, mr)
+        if not args.skip_masked_dwidenoise:
+            run_cmd("dwidenoise_masked", ["dwidenoise", raw_nii, str(tmp / "mr_den_m.mif"), "-mask", pm_nii] + nt,
+                    mr)
+    unr = timed("unring", lambda: unring(den, slice_axis=cfg.gibbs_slice_axis, n_points=cfg.gibbs_n_points,
+                                         nprocs=n), ours)
+    if have_mr:
+        run_cmd("mrdegibbs", ["mrdegibbs", str(tmp / "mr_den.mif"), str(tmp / "mr_deg.mif"), "-axes", "0,1"] + nt,
+                mr)
+    if args.skip_motion:
+        mc = {"data": unr, "bvecs": bvecs, "params": np.zeros((len(bvals), 6))}
+    else:
+        mc = timed("motion", lambda: correct_motion(unr, affine, bvals, bvecs, cfg.b0_threshold,
+                                                    cfg.motion_level_iters, cfg.motion_factors,
+                                                    cfg.motion_sigmas, nprocs=n), ours)
+    mask, _ = timed("mask", lambda: brain_mask(mc["data"], bvals, cfg.b0_threshold, cfg.mask_median_radius,
+                                                cfg.mask_numpass), ours)
+    mask_nii = save(mask, affine, tmp / "mask.nii.gz", np.uint8)
+    dti = timed("dti", lambda: fit_dti(mc["data"], bvals, mc["bvecs"], mask=mask, method=cfg.dti_fit,
+                                       bmax=cfg.dti_bmax, b0_threshold=cfg.b0_threshold, nprocs=n), ours)
+    low = bvals <= cfg.dti_bmax
+    shells = ",".join(str(int(b)) for b in sorted({int(round(b)) for b in bvals[low]}))
+    if have_mr:
+        run_cmd("dwiextract", ["dwiextract", str(tmp / "mr_deg.mif"), str(tmp / "mr_low.mif"), "-fslgrad", *fsl,
+                               "-shells", shells] + nt, mr)
+        run_cmd("dwi2tensor", ["dwi2tensor", str(tmp / "mr_low.mif"), str(tmp / "mr_dt.mif"), "-mask", mask_nii]
+                + nt, mr)
+        run_cmd("tensor2metric", ["tensor2metric", str(tmp / "mr_dt.mif"), "-fa", str(tmp / "mr_fa.nii"),
+                                  "-adc", str(tmp / "mr_md.nii"), "-mask", mask_nii] + nt, mr)
+    matched = ["premask", "denoise", "unring", "dti"]
+    result["ours_steps"] = ours
+    result["ours_s"] = sum(ours[k]["wall_s"] for k in matched)
+    result["ours_cpu_s"] = sum(ours[k]["cpu_s"] for k in matched)
+    result["ours_total_s"] = sum(v["wall_s"] for v in ours.values())
+    result["ours_total_cpu_s"] = sum(v["cpu_s"] for v in ours.values())
+    result["ours_peak_rss_mb"] = max(v["peak_rss_mb"] for v in ours.values())
+    result["ours_matched_steps"] = matched
+    print(f"ours matched {result['ours_s']:.1f} s, total {result['ours_total_s']:.1f} s", flush=True)
+
+    unr_low = save(unr[..., low], affine, tmp / "unrung_low.nii")
+    low_fsl = write_fsl(bvals[low], bvecs[low], str(tmp / "low"))
+    if have_mr:
+        chain = ["dwidenoise", "mrdegibbs", "dwiextract", "dwi2tensor", "tensor2metric"]
+        result["mrtrix3_steps"] = mr
+        result["mrtrix3_chain"] = chain
+        result["mrtrix3_s"] = sum(mr[k]["wall_s"] for k in chain)
+        result["mrtrix3_cpu_s"] = sum(mr[k]["cpu_s"] for k in chain)
+        result["ratio"] = result["ours_s"] / result["mrtrix3_s"]
+        result["ratio_cpu"] = result["ours_cpu_s"] / result["mrtrix3_cpu_s"]
+        if "dwidenoise_masked" in mr:
+            ms = result["mrtrix3_s"] - mr["dwidenoise"]["wall_s"] + mr["dwidenoise_masked"]["wall_s"]
+            mc_cpu = result["mrtrix3_cpu_s"] - mr["dwidenoise"]["cpu_s"] + mr["dwidenoise_masked"]["cpu_s"]
+            result["mrtrix3_masked_s"] = ms
+            result["mrtrix3_masked_cpu_s"] = mc_cpu
+            result["ratio_vs_masked"] = result["ours_s"] / ms
+            result["ratio_cpu_vs_masked"] = result["ours_cpu_s"] / mc_cpu
+        result["mrtrix3_peak_rss_mb"] = max(v["peak_rss_mb"] for v in mr.values())
+
+        # FA agreement on identical input (our unrung data, b <= bmax, same mask)
+        agree = {}
+        ext = {}
+        run_cmd("ols_fit", ["dwi2tensor", unr_low, str(tmp / "ols_dt.mif"), "-fslgrad", *low_fsl, "-ols", "-iter",
+                            "0", "-mask", mask_nii] + nt, ext)
+        run_cmd("ols_fa", ["tensor2metric", str(tmp / "ols_dt.mif"), "-fa", str(tmp / "ols_fa.nii")] + nt, ext)
+        run_cmd("wls_fit", ["dwi2tensor", unr_low, str(tmp / "wls_dt.mif"), "-fslgrad", *low_fsl, "-mask", mask_nii]
+                + nt, ext)
+        run_cmd("wls_fa", ["tensor2metric", str(tmp / "wls_dt.mif"), "-fa", str(tmp / "wls_fa.nii")] + nt, ext)
+        dipy_ols = fit_dti(unr, bvals, bvecs, mask=mask, method="OLS", bmax=cfg.dti_bmax, nprocs=n)["fa"]
+        dipy_wls = fit_dti(unr, bvals, bvecs, mask=mask, method="WLS", bmax=cfg.dti_bmax, nprocs=n)["fa"]
+        mr_ols = np.nan_to_num(load(tmp / "ols_fa.nii"))
+        mr_wls = np.nan_to_num(load(tmp / "wls_fa.nii"))
+        mr_chain = np.nan_to_num(load(tmp / "mr_fa.nii"))
+        agree["ols_identical_input"] = fa_agreement(dipy_ols, mr_ols, mask)
+        agree["defaults_identical_input_dipy_wls_vs_mrtrix_iwls"] = fa_agreement(dipy_wls, mr_wls, mask)
+        agree["chains_ours_vs_mrtrix3"] = fa_agreement(dti["fa"], mr_chain, mask)
+        truth = bids / "derivatives" / "truth" / "sub-01" / "dwi" / "sub-01_model-tensor_param-fa_dwimap.nii.gz"
+        if truth.exists():
+            tfa = load(truth)
+            agree["ours_chain_vs_truth"] = fa_agreement(dti["fa"], tfa, mask)
+            agree["mrtrix3_chain_vs_truth"] = fa_agreement(mr_chain, tfa, mask)
+            agree["ours_without_motion_correction_vs_truth"] = fa_agreement(dipy_wls, tfa, mask)
+        result["fa_agreement"] = agree
+        result["fa_comparison_commands"] = {k: v["command"] for k, v in ext.items()}
+        result["fa_corr"] = agree["ols_identical_input"]["corr"]
+        result["fa_max_abs_diff"] = agree["ols_identical_input"]["max_abs_diff"]
+        result["fa_median_abs_diff"] = agree["ols_identical_input"]["median_abs_diff"]
+    else:
+        result["mrtrix3_s"] = None
+        result["ratio"] = None
+
+    # --- motion vs truth ------------------------------------------------------------------------
+    tsv = bids / "derivatives" / "truth" / "sub-01" / "dwi" / "sub-01_desc-motion_timeseries.tsv"
+    if tsv.exists() and not args.skip_motion:
+        import csv
+
+        with open(tsv) as fh:
+            rows = list(csv.DictReader(fh, delimiter="\t"))
+        cols = ["trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z"]
+        true = np.array([[float(r[c]) for c in cols] for r in rows])
+        err = mc["params"] - true
+        b0 = bvals <= cfg.b0_threshold
+        moved = np.abs(true).sum(1) > 0
+        result["motion_vs_truth"] = {
+            "n_volumes": int(len(true)), "n_moved": int(moved.sum()),
+            "max_abs_trans_err_mm": float(np.abs(err[:, :3]).max()),
+            "median_abs_trans_err_mm": float(np.median(np.abs(err[:, :3]))),
+            "max_abs_rot_err_deg": float(np.degrees(np.abs(err[:, 3:])).max()),
+            "median_abs_rot_err_deg": float(np.degrees(np.median(np.abs(err[:, 3:])))),
+            "b0_max_abs_trans_err_mm": float(np.abs(err[b0, :3]).max()),
+            "b0_max_abs_rot_err_deg": float(np.degrees(np.abs(err[b0, 3:])).max()),
+            "moved_max_abs_trans_err_mm": float(np.abs(err[moved, :3]).max()) if moved.any() else None,
+            "moved_max_abs_rot_err_deg": float(np.degrees(np.abs(err[moved, 3:])).max()) if moved.any() else None,
+            "true_max_abs_trans_mm": float(np.abs(true[:, :3]).max()),
+            "true_max_abs_rot_deg": float(np.degrees(np.abs(true[:, 3:])).max()),
+        }
+
+    # --- DIPY reference agreement ---------------------------------------------------------------
+    cx, cy, cz = (s // 2 for s in raw.shape[:3])
+    block = (slice(cx - 12, cx + 12), slice(cy - 12, cy + 12), slice(cz - 8, cz + 8))
+    result["dipy_agreement"] = dipy_checks(raw, np.float32, den, block, gibbs_vols=[0, 1, len(bvals) // 2, -1],
+                                           gibbs_slices=slice(cz - 2, cz + 2))
+    result["dipy_agreement"]["mppca"]["block"] = [[s.start, s.stop] for s in block]
+    result["machine"]["load_avg_at_end"] = os.getloadavg()
+    result["peak_rss_mb_process"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "participant.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
+    (out / "participant.md").write_text(markdown(result))
+    print(json.dumps({k: result.get(k) for k in ("ours_s", "ours_total_s", "mrtrix3_s", "mrtrix3_masked_s",
+                                                  "ratio", "ratio_vs_masked", "ratio_cpu", "fa_corr",
+                                                  "fa_max_abs_diff")}, indent=1, default=float))
+    return result
+
+
+def markdown(r):
+    o, m = r["ours_steps"], r.get("mrtrix3_steps", {})
+    L = [f"# Participant-level benchmark ({r['size']}, {r['nprocs']} workers)", "",
+         f"Command: `{r['command']}`  ", f"Data: {r['data']['shape']} ({r['data']['dtype_on_disk']}, "
+         f"{r['data']['voxel_mm']} mm, b = {r['data']['bvals']})  ",
+         f"Machine: {r['machine']['cpu']}, {r['machine']['cpus_usable']} CPUs usable; load average "
+         f"{r['machine']['load_avg_at_start'][0]:.1f} at start, {r['machine']['load_avg_at_end'][0]:.1f} at end "
+         "(shared machine: compare CPU times too).", "",
+         "| step | ours wall s | ours CPU s | peak MB | | MRtrix3 step | wall s | CPU s | peak MB |",
+         "|---|---:|---:|---:|---|---|---:|---:|---:|"]
+    pairs = [("premask", None), ("denoise", "dwidenoise"), ("unring", "mrdegibbs"), (None, "dwiextract"),
+             ("dti", "dwi2tensor"), (None, "tensor2metric"), ("motion", None), ("mask", None),
+             (None, "dwidenoise_masked")]
+    for a, b in pairs:
+        ra = o.get(a) if a else None
+        rb = m.get(b) if b else None
+        if ra is None and rb is None:
+            continue
+        fa = (f"{a} | {ra['wall_s']:.1f} | {ra['cpu_s']:.1f} | {ra['peak_rss_mb']:.0f}" if ra else " | | |")
+        fb = (f"{b} | {rb['wall_s']:.1f} | {rb['cpu_s']:.1f} | {rb['peak_rss_mb']:.0f}" if rb else " | | |")
+        L.append(f"| {fa} | | {fb} |")
+    L += ["", f"* **matched steps** (premask + denoise + unring + tensor fit): ours **{r['ours_s']:.1f} s** wall "
+          f"({r['ours_cpu_s']:.1f} s CPU)"]
+    if r.get("mrtrix3_s"):
+        L += [f"* MRtrix3 chain (dwidenoise whole volume, mrdegibbs, dwiextract, dwi2tensor, tensor2metric): "
+              f"**{r['mrtrix3_s']:.1f} s** wall ({r['mrtrix3_cpu_s']:.1f} s CPU) -> ratio **{r['ratio']:.2f}** "
+              f"(CPU {r['ratio_cpu']:.2f})"]
+        if r.get("mrtrix3_masked_s"):
+            L += [f"* MRtrix3 chain with dwidenoise -mask (our premask): {r['mrtrix3_masked_s']:.1f} s wall "
+                  f"({r['mrtrix3_masked_cpu_s']:.1f} s CPU) -> ratio {r['ratio_vs_masked']:.2f} "
+                  f"(CPU {r['ratio_cpu_vs_masked']:.2f})"]
+    L += [f"* ours total incl. motion correction and mask: {r['ours_total_s']:.1f} s wall "
+          f"({r['ours_total_cpu_s']:.1f} s CPU); peak RSS {r['ours_peak_rss_mb']:.0f} MB"]
+    if "fa_agreement" in r:
+        L += ["", "| FA agreement (in mask) | corr | median abs diff | p99 | max abs diff |", "|---|---:|---:|---:|---:|"]
+        for k, v in r["fa_agreement"].items():
+            L.append(f"| {k} | {v['corr']:.6f} | {v['median_abs_diff']:.2e} | {v['p99_abs_diff']:.2e} | "
+                     f"{v['max_abs_diff']:.2e} |")
+    d = r["dipy_agreement"]
+    L += ["", "| vs DIPY on the same input | value |", "|---|---|",
+          f"| MP-PCA block {d['mppca']['block_shape']}, float32 input: max abs diff / range | "
+          f"{d['mppca']['float32_input_max_abs_diff_rel_range']:.2e} (p99.9 "
+          f"{d['mppca']['float32_input_p999_abs_diff_rel_range']:.2e}) |",
+          f"| MP-PCA, float64 input: max abs diff / range | {d['mppca']['float64_input_max_abs_diff_rel_range']:.2e} |",
+          f"| DIPY float32 vs DIPY float64 (same block): max abs diff / range | "
+          f"{d['mppca']['dipy_float32_vs_dipy_float64_max_abs_diff_rel_range']:.2e} |",
+          f"| Gibbs {d['gibbs']['shape']}: max abs diff | {d['gibbs']['max_abs_diff']:.3g} "
+          f"(bit identical: {d['gibbs']['bit_identical']}) |"]
+    if "motion_vs_truth" in r:
+        mv = r["motion_vs_truth"]
+        L += ["", f"Motion vs simulator truth ({mv['n_moved']} of {mv['n_volumes']} volumes moved, up to "
+              f"{mv['true_max_abs_rot_deg']:.2f} deg / {mv['true_max_abs_trans_mm']:.2f} mm): max error "
+              f"{mv['max_abs_rot_err_deg']:.2f} deg / {mv['max_abs_trans_err_mm']:.2f} mm (median "
+              f"{mv['median_abs_rot_err_deg']:.3f} deg / {mv['median_abs_trans_err_mm']:.3f} mm); b0 volumes max "
+              f"{mv['b0_max_abs_rot_err_deg']:.2f} deg / {mv['b0_max_abs_trans_err_mm']:.2f} mm."]
+    return "\n".join(L) + "\n"
+
+
+if __name__ == "__main__":
+    main()

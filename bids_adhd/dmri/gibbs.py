@@ -1,0 +1,250 @@
+"""Gibbs unringing: DIPY's ``gibbs_removal`` (Kellner et al. 2016, Neto
+Henriques 2018), vectorised over slices.
+
+:func:`unring` gives the same result as ``dipy.denoise.gibbs.gibbs_removal``
+with ``num_processes=1`` (tested: identical bits on float32 and float64
+input). DIPY runs its 1-D sub-voxel-shift search one 2-D slice at a time (for
+each slice: 2 axes x 45 shifts x 2 signs of small FFTs, ~0.1 s per 64x64
+slice); here the same operations, in the same order and the same floating
+point types, run on stacks of slices at once (batched ``scipy.fft`` along the
+last axis), and stacks are shared between ``nprocs`` threads (the FFTs and
+the numpy kernels release the GIL).
+
+Exactly what is reproduced, per 2-D slice (see ``dipy/denoise/gibbs.py``):
+
+* ``_gibbs_removal_1d`` along each in-plane axis: total variation ``TV =
+  min(sum_{n<n_points} |x[i+n]-x[i+n+1]|, sum_{n<n_points} |x[i-n]-x[i-n-1]|)``
+  with circular wrap, summed in DIPY's order; shifts ``s`` in
+  ``linspace(0.02, 0.9, 45)`` applied as ``|ifft(fft(x) exp(±2πi k s))|``;
+  the lowest TV per voxel wins for each sign (strict ``>`` update, as DIPY);
+  the two winners are interpolated back to the grid.
+* ``_gibbs_removal_2d``: the two 1-D corrected images are combined in
+  k-space with DIPY's ``_weights`` (G0, G1), ``|ifft2(fftshift(F1) G1 +
+  fftshift(F0) G0)|`` (the combination runs in complex128 as in DIPY, because
+  the weights are float64).
+
+Computation type: float32/complex64 for float32 (and integer) input,
+float64/complex128 for float64 input, as DIPY. Integer input is first cast to
+float32 (DIPY would write intermediate float results back into the integer
+array); the output is float32 for integer input, otherwise the input dtype.
+"""
+from __future__ import annotations
+
+import numpy as np
+import scipy.fft as _fft
+
+from ._parallel import resolve_nprocs, single_threaded_blas, thread_map
+
+__all__ = ["unring"]
+
+# slices per work item: ~ (64*64) * 48 complex64 = 1.5 MB per array, so the
+# dozen working arrays of one item stay in the shared L3 cache.
+_TARGET_ELEMENTS = 64 * 64 * 48
+
+
+def _weights(shape):
+    """DIPY's ``_weights``: k-space weights of the two 1-D corrections."""
+    G0 = np.zeros(shape)
+    G1 = np.zeros(shape)
+    k0 = np.linspace(-np.pi, np.pi, num=shape[0])
+    k1 = np.linspace(-np.pi, np.pi, num=shape[1])
+    K1, K0 = np.meshgrid(k1[1:-1], k0[1:-1])
+    cosk0 = 1.0 + np.cos(K0)
+    cosk1 = 1.0 + np.cos(K1)
+    G1[1:-1, 1:-1] = cosk0 / (cosk0 + cosk1)
+    G0[1:-1, 1:-1] = cosk1 / (cosk0 + cosk1)
+    G1[1:-1, 0] = G1[1:-1, -1] = 1
+    G1[0, 0] = G1[-1, -1] = G1[0, -1] = G1[-1, 0] = 1 / 2
+    G0[0, 1:-1] = G0[-1, 1:-1] = 1
+    G0[0, 0] = G0[-1, -1] = G0[0, -1] = G0[-1, 0] = 1 / 2
+    return G0, G1
+
+
+class _TV:
+    """min of DIPY's right/left total variation along the last axis (circular).
+
+    With ``d[j] = |x[j] - x[j+1]|`` (circular), DIPY's right sum is
+    ``((d[i] + d[i+1]) + d[i+2]) + ...`` and its left sum ``((|x[i]-x[i-1]| +
+    |x[i-1]-x[i-2]|) + ...)``; ``|x[i-n] - x[i-n-1]|`` equals ``d[i-n-1]`` bit
+    for bit (IEEE subtraction is antisymmetric), so both sums are formed from
+    ``d`` in DIPY's order. For ``n_points = 3`` the shared pair sum ``q[k] =
+    d[k] + d[k+1]`` gives ``ptv[i] = q[i] + d[i+2]`` and ``ntv[i] = q[i-2] +
+    d[i-3]`` (addition is commutative, so the bits are DIPY's); these run as
+    contiguous whole-array operations with the few wrapped columns fixed
+    afterwards. Buffers are allocated once per stack.
+    """
+
+    def __init__(self, shape, dtype, n_points):
+        self.P = n_points
+        self.N = N = shape[-1]
+        self.fast = n_points == 3 and N >= 4
+        self.d = np.empty(shape, dtype)
+        self.ptv = np.empty(shape, dtype)
+        self.ntv = np.empty(shape, dtype)
+        self.q = np.empty(shape, dtype) if self.fast else None
+
+    def __call__(self, x, out=None):
+        N, d, ptv, ntv = self.N, self.d, self.ptv, self.ntv
+        if out is None:
+            out = np.empty_like(ptv)
+        if not self.fast:
+            return self._generic(x, out)
+        xf, df, qf, pf, nf = (a.reshape(-1) for a in (x, d, self.q, ptv, ntv))
+        q = self.q
+        np.subtract(xf[:-1], xf[1:], out=df[:-1])
+        np.subtract(x[..., N - 1], x[..., 0], out=d[..., N - 1])
+        np.abs(df, out=df)
+        np.add(df[:-1], df[1:], out=qf[:-1])
+        np.add(d[..., N - 1], d[..., 0], out=q[..., N - 1])
+        np.add(qf[:-2], df[2:], out=pf[:-2])                     # (d[i] + d[i+1]) + d[i+2]
+        np.add(q[..., N - 2], d[..., 0], out=ptv[..., N - 2])
+        np.add(q[..., N - 1], d[..., 1], out=ptv[..., N - 1])
+        np.add(qf[1:-2], df[:-3], out=nf[3:])                    # (d[i-2] + d[i-1]) + d[i-3]
+        np.add(q[..., N - 2], d[..., N - 3], out=ntv[..., 0])
+        np.add(q[..., N - 1], d[..., N - 2], out=ntv[..., 1])
+        np.add(q[..., 0], d[..., N - 1], out=ntv[..., 2])
+        return np.minimum(ptv, ntv, out=out)
+
+    def _generic(self, x, out):
+        P, N = self.P, self.N
+        d = np.abs(x - np.roll(x, -1, axis=-1))
+        dp = np.concatenate((d[..., N - P:], d, d[..., :P]), axis=-1)   # dp[P + j] = d[j mod N]
+        ptv, ntv = self.ptv, self.ntv
+        np.copyto(ptv, dp[..., P:P + N])
+        np.copyto(ntv, dp[..., P - 1:P - 1 + N])
+        for n in range(1, P):
+            ptv += dp[..., P + n:P + n + N]
+            ntv += dp[..., P - 1 - n:P - 1 - n + N]
+        return np.minimum(ptv, ntv, out=out)
+
+
+def _select(dst, src, m):
+    """``dst[m] = src[m]`` as bit operations (``m``: all-ones/zero unsigned mask)."""
+    di = dst.view(m.dtype)
+    t = np.bitwise_xor(di, src.view(m.dtype))
+    np.bitwise_and(t, m, out=t)
+    np.bitwise_xor(di, t, out=di)
+
+
+def _unring_1d(x, n_points):
+    """DIPY ``_gibbs_removal_1d(x, axis=1)`` for a stack ``x`` (..., lines, N).
+
+    DIPY's masked updates ``isp[tvp > tvs] = img[...]; sp[...] = s; tvp[...] =
+    tvs[...]`` are done as ``tvp = minimum(tvp, tvs)`` and bitwise selects
+    (identical results for finite data; non-finite input takes DIPY's path).
+    """
+    dtype_float = np.promote_types(x.real.dtype, np.float32)
+    ssamp = np.linspace(0.02, 0.9, num=45, dtype=dtype_float)
+    xs = x.copy()
+    tvf = _TV(xs.shape, xs.dtype, n_points)
+    tvp = tvf(xs)
+    tvn = tvp.copy()
+    isp = xs.copy()
+    isn = xs.copy()
+    sp = np.zeros(xs.shape, dtype=dtype_float)
+    sn = np.zeros(xs.shape, dtype=dtype_float)
+    N = xs.shape[-1]
+    c = _fft.fft(xs, axis=-1)
+    k = _fft.fftfreq(N, 1 / (2.0j * np.pi))
+    k = k.astype(c.dtype, copy=False)
+    prod = np.empty_like(c)
+    img = np.empty(xs.shape, dtype=np.result_type(np.abs(c[..., :1])))
+    tvs = np.empty_like(tvp)
+    mask = np.empty(xs.shape, dtype=bool)
+    fast = bool(np.isfinite(xs).all()) and img.dtype == xs.dtype == dtype_float
+    if fast:
+        uint = np.dtype(f"u{xs.dtype.itemsize}")
+        mbits = np.empty(xs.shape, dtype=uint)
+        sfull = np.empty(xs.shape, dtype=dtype_float)
+    for s in ssamp:
+        ks = k * s
+        for e, iss, ss, tv in ((np.exp(ks), isp, sp, tvp), (np.exp(-ks), isn, sn, tvn)):
+            np.multiply(c, e, out=prod)
+            np.abs(_fft.ifft(prod, axis=-1, overwrite_x=True), out=img)
+            tvf(img, out=tvs)
+            np.greater(tv, tvs, out=mask)
+            if fast:
+                np.copyto(mbits, mask)
+                np.negative(mbits, out=mbits)            # 1 -> all ones
+                _select(iss, img, mbits)
+                sfull.fill(s)
+                _select(ss, sfull, mbits)
+                np.minimum(tv, tvs, out=tv)
+            else:
+                np.copyto(iss, img, where=mask)
+                np.copyto(ss, s, where=mask)
+                np.copyto(tv, tvs, where=mask)
+    tot = sp + sn
+    with np.errstate(divide="ignore", invalid="ignore"):
+        val = (isp - isn) / tot * sn + isn
+    np.copyto(xs, val, where=tot != 0)
+    return xs
+
+
+def _unring_stack(stack, n_points, G0, G1):
+    """DIPY ``_gibbs_removal_2d`` for every slice of ``stack`` (S, A, B)."""
+    img_c1 = _unring_1d(stack, n_points)
+    img_c0 = _unring_1d(np.ascontiguousarray(stack.transpose(0, 2, 1)), n_points).transpose(0, 2, 1)
+    axes = (-2, -1)
+    C1 = _fft.fft2(img_c1, axes=axes)
+    C0 = _fft.fft2(img_c0, axes=axes)
+    comb = _fft.fftshift(C1, axes=axes) * G1 + _fft.fftshift(C0, axes=axes) * G0
+    return np.abs(_fft.ifft2(comb, axes=axes))
+
+
+def unring(data, slice_axis=2, n_points=3, nprocs=1, *, slices_per_item=None):
+    """Suppress Gibbs ringing slice by slice; same result as DIPY's ``gibbs_removal``.
+
+    Parameters
+    ----------
+    data : ndarray (X, Y), (X, Y, Z) or (X, Y, Z, N)
+        Image(s); the last axis of a 4-D array is the volume axis.
+    slice_axis : int
+        Axis (0, 1 or 2) along which the slices were acquired.
+    n_points : int
+        Neighbours used for the local total variation (DIPY default 3).
+    nprocs : int
+        Worker threads (each with single-threaded BLAS); ``None``/0: all CPUs.
+    slices_per_item : int, optional
+        Slices per work item (default: about 200k voxels per item).
+
+    Returns
+    -------
+    ndarray, same shape; float32 for integer input, else the input dtype.
+    The input is not modified.
+    """
+    arr = np.asarray(data)
+    nd = arr.ndim
+    if nd > 4 or nd < 2:
+        raise ValueError("Data have to be a 4D, 3D or 2D matrix")
+    if slice_axis not in (0, 1, 2):
+        raise ValueError("slice_axis must be 0, 1 or 2")
+    if not np.issubdtype(arr.dtype, np.floating):
+        arr = arr.astype(np.float32)
+    if nd == 2:
+        vol = arr[None]
+    elif nd == 3:
+        vol = np.moveaxis(arr, slice_axis, 0)
+    else:
+        vol = np.moveaxis(arr, (slice_axis, 3), (0, 1))
+    inishape = vol.shape
+    vol = np.ascontiguousarray(vol).reshape((-1,) + inishape[-2:])
+    G0, G1 = _weights(vol.shape[-2:])
+    per = slices_per_item or max(1, _TARGET_ELEMENTS // int(np.prod(vol.shape[-2:])))
+    nprocs = resolve_nprocs(nprocs)
+    # at least a few items per worker so that the threads stay busy to the end
+    per = max(1, min(per, -(-vol.shape[0] // (4 * nprocs)) if nprocs > 1 else per))
+    starts = list(range(0, vol.shape[0], per))
+    out = np.empty(vol.shape, dtype=arr.dtype)
+
+    def work(i0):
+        out[i0:i0 + per] = _unring_stack(vol[i0:i0 + per], n_points, G0, G1)
+
+    with single_threaded_blas():
+        thread_map(work, starts, nprocs)
+    out = out.reshape(inishape)
+    if nd == 2:
+        return out[0]
+    if nd == 3:
+        return np.moveaxis(out, 0, slice_axis)
+    return np.moveaxis(out, (0, 1), (slice_axis, 3))

@@ -1,0 +1,398 @@
+"""Group-level inputs: find the template-space maps, turn them into network inputs.
+
+What the network reads
+----------------------
+For every run the participant level writes, on the preset's template grid
+(:func:`bids_adhd.dmri.template.template_grid`)::
+
+    <src>_space-MNI152NLin2009aSym_model-tensor_param-fa_dwimap.nii.gz
+    <src>_space-MNI152NLin2009aSym_model-tensor_param-md_dwimap.nii.gz
+    <src>_space-MNI152NLin2009aSym_desc-brain_mask.nii.gz
+
+:func:`load_input` turns them into one ``(C, D, H, W)`` float32 array, one
+channel per entry of ``ModelConfig.channels``:
+
+* **FA** is used as it is (a fraction in [0, 1]; clipped to [0, 1]).
+* **MD** (mm²/s) is divided by ``MD_SCALE`` = 3.0e-3 mm²/s (free water at
+  body temperature) and clipped to [0, 1], so that brain tissue (≈0.7e-3)
+  lands near 0.23 and CSF near 1 — the same [0, 1] window as FA and as the
+  CT intensities CT-FM was pre-trained on (see ``models/ct-fm.json``).
+* Everything outside the template-space brain mask is set to 0 (like air
+  in the CT window).
+* Optional per-subject normalisation (``ModelConfig.intensity``):
+  ``none`` (the paper preset: the fixed mapping above, nothing else);
+  ``mean``: each channel divided by its mean inside the brain mask and
+  multiplied by ``MEAN_TARGET`` (0.3), which removes a subject's global
+  scale (scanner, noise floor, head-size partial volume) but keeps the
+  contrast and the zero background; ``zscore``: (x − mean) / SD inside the
+  mask, 0 outside.
+
+A map whose grid differs from the model's grid (another ``--pipeline`` at the
+participant level) is resampled: both grids are axis-aligned in the same
+template space, so this is a trilinear interpolation in world coordinates,
+with a Gaussian anti-aliasing pre-filter (FWHM = the new voxel size) when
+going to a coarser grid; the mask is resampled linearly and thresholded at 0.5.
+
+MONAI
+-----
+:func:`make_dataset` wraps the subjects into a ``monai.data.CacheDataset``
+(the loaded arrays are cached; 32³ or 96³ floats per channel) whose random
+transforms are the optional augmentation: ``RandFlipd`` along the
+left-right axis (``TrainConfig.augment_flip``; the brain is roughly
+symmetric and the template is the symmetric MNI 2009a) and a small
+``RandAffined`` (``augment_affine``: ±5° rotations, ±5 % scaling, ±1 voxel
+translations, trilinear, zero padding).
+
+:func:`write_synthetic_maps` writes template-space maps directly (no
+participant level) for fast tests and benchmarks of the group level.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .. import derivatives as dv
+from ..errors import DataError
+
+LOG = logging.getLogger("bids_adhd.group")
+
+MD_SCALE = 3.0e-3
+"""MD (mm²/s) is divided by this (free water at 37 °C) and clipped to [0, 1]."""
+MEAN_TARGET = 0.3
+"""``intensity: mean`` rescales each channel to this mean inside the brain mask."""
+INTENSITY_MODES = ("none", "mean", "zscore")
+
+_MAP_RE = re.compile(r"^(?P<prefix>sub-[A-Za-z0-9]+(?:_[a-z]+-[A-Za-z0-9]+)*)_space-"
+                     + re.escape(dv.TEMPLATE_SPACE) + r"_model-tensor_param-fa_dwimap\.nii(\.gz)?$")
+_ENT = {"sub": "subject", "ses": "session", "acq": "acquisition", "dir": "direction", "run": "run"}
+
+
+@dataclass(frozen=True)
+class RunMaps:
+    """The template-space maps of one run."""
+
+    source: dv.Source
+    fa: Path
+    md: Path
+    mask: Path
+
+    @property
+    def subject(self) -> str:
+        return self.source.subject
+
+    def paths(self) -> dict:
+        return {"fa": self.fa, "md": self.md, "mask": self.mask}
+
+
+def source_from_prefix(prefix: str) -> dv.Source | None:
+    ents = {}
+    for part in prefix.split("_"):
+        key, _, value = part.partition("-")
+        if key not in _ENT or not value:
+            return None
+        ents[_ENT[key]] = value
+    try:
+        return dv.Source(**ents)
+    except Exception:
+        return None
+
+
+def run_maps(root, src: dv.Source) -> RunMaps:
+    """The expected template-space file names of one run (whether or not they exist)."""
+    return RunMaps(src, dv.dwimap(root, src, "fa", space=dv.TEMPLATE_SPACE),
+                   dv.dwimap(root, src, "md", space=dv.TEMPLATE_SPACE),
+                   dv.brain_mask(root, src, space=dv.TEMPLATE_SPACE))
+
+
+def find_template_maps(out_root) -> tuple[dict[str, list[RunMaps]], dict[str, list[str]]]:
+    """Scan OUTPUT_DIR for runs with template-space maps.
+
+    Returns ``(complete, incomplete)``: subject → its runs that have FA, MD and
+    the mask; subject → names of files missing for runs that have only some.
+    """
+    root = Path(out_root)
+    complete: dict[str, list[RunMaps]] = {}
+    incomplete: dict[str, list[str]] = {}
+    for fa in sorted(root.glob("sub-*/**/dwi/*_param-fa_dwimap.nii*")):
+        m = _MAP_RE.match(fa.name)
+        if not m:
+            continue
+        src = source_from_prefix(m.group("prefix"))
+        if src is None:
+            continue
+        rm = run_maps(root, src)
+        missing = [p.name for p in (rm.fa, rm.md, rm.mask) if not p.is_file()]
+        if missing:
+            incomplete.setdefault(src.subject, []).extend(missing)
+        else:
+            complete.setdefault(src.subject, []).append(rm)
+    return complete, incomplete
+
+
+# --- intensities and grids -----------------------------------------------------
+
+def _load_image(path: Path):
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(path))
+        data = np.asarray(img.get_fdata(dtype=np.float32))
+    except Exception as exc:
+        raise DataError(f"{path.name} is not a readable NIfTI image ({exc.__class__.__name__}); "
+                        "re-run the participant level for this subject") from None
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise DataError(f"{path.name} is {data.ndim}D; a template-space map must be 3D")
+    return np.nan_to_num(data, nan=0.0, posinf=0.0, neginf=0.0), np.asarray(img.affine, float)
+
+
+def same_grid(shape_a, affine_a, shape_b, affine_b, tol: float = 1e-3) -> bool:
+    return tuple(shape_a) == tuple(shape_b) and np.allclose(affine_a, affine_b, atol=tol)
+
+
+def resample_to_grid(data: np.ndarray, affine: np.ndarray, shape, target_affine: np.ndarray,
+                     order: int = 1) -> np.ndarray:
+    """Resample an image on one axis-aligned grid onto another (world coordinates, trilinear).
+
+    Going to a coarser grid, a Gaussian pre-filter (FWHM = target voxel size,
+    minus the source voxel size in quadrature) avoids aliasing.
+    """
+    from scipy import ndimage
+
+    data = np.asarray(data, np.float32)
+    src_vox = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(0))
+    dst_vox = np.sqrt((np.asarray(target_affine)[:3, :3] ** 2).sum(0))
+    if np.any(dst_vox > src_vox * 1.01):
+        fwhm = np.sqrt(np.maximum(dst_vox ** 2 - src_vox ** 2, 0))
+        data = ndimage.gaussian_filter(data, fwhm / 2.3548 / src_vox, mode="constant")
+    vox = np.linalg.solve(affine, target_affine)     # target voxel -> source voxel
+    return ndimage.affine_transform(data, vox[:3, :3], vox[:3, 3], output_shape=tuple(int(s) for s in shape),
+                                    order=order, mode="constant", cval=0.0).astype(np.float32)
+
+
+def map_intensity(name: str, data: np.ndarray) -> np.ndarray:
+    """The fixed mapping to [0, 1]: FA as is, MD / ``MD_SCALE``; both clipped."""
+    if name == "fa":
+        return np.clip(data, 0.0, 1.0)
+    if name == "md":
+        return np.clip(data / MD_SCALE, 0.0, 1.0)
+    raise ValueError(f"unknown channel {name!r}")
+
+
+def normalise(x: np.ndarray, mask: np.ndarray, mode: str) -> np.ndarray:
+    """Per-subject, per-channel normalisation inside ``mask`` (see the module docstring)."""
+    if mode == "none":
+        return x
+    out = np.zeros_like(x)
+    for c in range(x.shape[0]):
+        v = x[c][mask]
+        if v.size == 0:
+            continue
+        if mode == "mean":
+            m = float(v.mean())
+            out[c] = np.where(mask, x[c] * (MEAN_TARGET / m if m > 0 else 0.0), 0.0)
+        elif mode == "zscore":
+            m, s = float(v.mean()), float(v.std())
+            out[c] = np.where(mask, (x[c] - m) / (s if s > 0 else 1.0), 0.0)
+        else:
+            raise ValueError(f"intensity must be one of {', '.join(INTENSITY_MODES)} (got {mode!r})")
+    return out
+
+
+def load_input(maps: RunMaps, channels: Sequence[str], grid: tuple, intensity: str = "none") -> np.ndarray:
+    """One run's network input ``(C, D, H, W)`` float32 on ``grid = (shape, affine)``."""
+    shape, affine = grid
+    mask, m_aff = _load_image(maps.mask)
+    if not same_grid(mask.shape, m_aff, shape, affine):
+        mask = resample_to_grid(mask, m_aff, shape, affine)
+    mask = mask >= 0.5
+    if not mask.any():
+        raise DataError(f"{maps.mask.name} is empty on the model grid; re-run the participant level")
+    chans = []
+    for name in channels:
+        path = maps.fa if name == "fa" else maps.md
+        data, aff = _load_image(path)
+        if not same_grid(data.shape, aff, shape, affine):
+            data = resample_to_grid(data, aff, shape, affine)
+        chans.append(np.where(mask, map_intensity(name, data), 0.0).astype(np.float32))
+    x = np.stack(chans)
+    return normalise(x, mask, intensity).astype(np.float32)
+
+
+def grid_of(path: Path) -> tuple[tuple, np.ndarray]:
+    import nibabel as nib
+
+    img = nib.load(str(path))
+    return tuple(int(s) for s in img.shape[:3]), np.asarray(img.affine, float)
+
+
+# --- MONAI dataset -------------------------------------------------------------
+
+class LoadRunMapsd:
+    """MONAI-style dict transform: ``{"maps": RunMaps, ...}`` → adds ``"image"`` (C, D, H, W)."""
+
+    def __init__(self, channels: Sequence[str], grid: tuple, intensity: str):
+        self.channels, self.grid, self.intensity = tuple(channels), grid, intensity
+
+    def __call__(self, item: dict) -> dict:
+        out = dict(item)
+        out["image"] = load_input(item["maps"], self.channels, self.grid, self.intensity)
+        return out
+
+
+def make_transforms(channels, grid, intensity: str, augment_flip: bool = False, augment_affine: bool = False):
+    """(deterministic loading transform, random augmentation transform or None)."""
+    from monai.transforms import Compose, RandAffined, RandFlipd, ToTensord
+
+    load = Compose([LoadRunMapsd(channels, grid, intensity), ToTensord(keys=["image"], track_meta=False)])
+    aug = []
+    if augment_flip:
+        aug.append(RandFlipd(keys=["image"], prob=0.5, spatial_axis=0))
+    if augment_affine:
+        aug.append(RandAffined(keys=["image"], prob=0.8, rotate_range=(np.radians(5),) * 3,
+                               scale_range=(0.05,) * 3, translate_range=(1, 1, 1), mode="bilinear",
+                               padding_mode="zeros"))
+    return load, (Compose(aug) if aug else None)
+
+
+def make_dataset(items: list[dict], channels, grid, intensity: str, augment_flip=False, augment_affine=False,
+                 cache: dict | None = None):
+    """A MONAI ``CacheDataset`` of ``items`` (dicts with ``maps``, ``label``, ``id``).
+
+    ``cache`` (id → loaded tensor) lets folds share the loaded arrays.
+    """
+    from monai.data import CacheDataset, Dataset
+
+    load, aug = make_transforms(channels, grid, intensity, augment_flip, augment_affine)
+    if cache is not None:
+        loaded = []
+        for it in items:
+            key = it["id"]
+            if key not in cache:
+                cache[key] = load(it)["image"]
+            loaded.append({**it, "image": cache[key]})
+        return Dataset(loaded, transform=aug) if aug else Dataset(loaded)
+    ds = CacheDataset(items, transform=load, progress=False, num_workers=0)
+    return Dataset(list(ds), transform=aug) if aug else ds
+
+
+# --- synthetic template-space maps (tests, benchmarks) ----------------------------
+
+@functools.lru_cache(maxsize=4)
+def _mni_on_grid(shape: tuple, affine_key: tuple) -> dict:
+    """nilearn's MNI152 2009a WM/GM/brain maps, smoothed to the grid's resolution and resampled."""
+    import warnings
+
+    from nilearn import datasets
+
+    affine = np.asarray(affine_key, float).reshape(4, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        wm = datasets.load_mni152_wm_template(resolution=1)
+        gm = datasets.load_mni152_gm_template(resolution=1)
+        brain = datasets.load_mni152_brain_mask(resolution=1)
+    out = {}
+    for key, img in (("wm", wm), ("gm", gm), ("brain", brain)):
+        out[key] = np.clip(resample_to_grid(np.asarray(img.get_fdata(), np.float32), img.affine, shape, affine),
+                           0, 1)
+    out["brain"] = out["brain"] >= 0.5
+    out["csf"] = np.clip(out["brain"] - out["wm"] - out["gm"], 0, 1)
+    return out
+
+
+#: The synthetic effect region: an MNI box (mm) intersected with WM probability > 0.5
+#: (the same as the simulator's "frontal-callosal" region).
+SYNTH_EFFECT_BOX_MM = {"x": (-30.0, 30.0), "y": (-10.0, 45.0), "z": (0.0, 35.0)}
+
+
+def synthetic_effect_region(shape, affine, box=None) -> np.ndarray:
+    box = box or SYNTH_EFFECT_BOX_MM
+    mni = _mni_on_grid(tuple(shape), tuple(np.asarray(affine, float).ravel()))
+    inside = mni["wm"] > 0.5
+    for axis, key in enumerate("xyz"):
+        lo, hi = box[key]
+        coord = affine[axis, axis] * np.arange(shape[axis]) + affine[axis, 3]
+        inside &= ((coord >= lo) & (coord <= hi)).reshape([-1 if a == axis else 1 for a in range(3)])
+    return inside
+
+
+def write_synthetic_maps(out_root, bids_root, n_subjects: int = 20, seed: int = 0, effect: float = 0.08,
+                         template_cfg=None, sites=("SiteA", "SiteB"), noise_sd: float = 0.015,
+                         sessions: int = 1, label_column: str = "diagnosis") -> list[dict]:
+    """Write template-space FA/MD/mask maps for ``n_subjects`` and a minimal BIDS root with participants.tsv.
+
+    The maps mimic what the participant level writes from the simulator's data:
+    FA = WM·(0.45 + 0.25·WM) + 0.15·GM, MD = 0.7e-3·WM + 0.8e-3·GM + 3e-3·CSF
+    (nilearn's MNI152 2009a maps), with per-subject variation: a global FA and
+    MD scale N(1, 0.02), a smooth multiplicative FA field (SD 3 %, wavelengths
+    80–160 mm), a residual misregistration (random shift, SD 1 mm) and voxel
+    noise (``noise_sd``). ADHD subjects (half, shuffled) get FA × (1 − effect) in
+    :func:`synthetic_effect_region`. Returns the participants rows.
+    """
+    from scipy import ndimage
+
+    from ..config import TemplateConfig
+    from ..dmri.template import template_grid
+    import nibabel as nib
+    import json
+
+    shape, affine = template_grid(template_cfg or TemplateConfig())
+    mni = _mni_on_grid(tuple(shape), tuple(affine.ravel()))
+    region = synthetic_effect_region(shape, affine)
+    res = float(abs(affine[0, 0]))
+    rng = np.random.default_rng([seed, 7])
+    diag = np.array(["ADHD"] * (n_subjects // 2) + ["TD"] * (n_subjects - n_subjects // 2))
+    diag = diag[rng.permutation(n_subjects)]
+    ijk = np.indices(shape).reshape(3, -1).T
+    xyz = ijk @ affine[:3, :3].T + affine[:3, 3]
+    bids_root = Path(bids_root)
+    bids_root.mkdir(parents=True, exist_ok=True)
+    (bids_root / "dataset_description.json").write_text(json.dumps({"Name": "synthetic", "BIDSVersion": "1.10.0"}))
+    rows = []
+    width = max(2, len(str(n_subjects)))
+    for i in range(n_subjects):
+        sub = f"{i + 1:0{width}d}"
+        a = np.random.default_rng([seed, 11, i])
+        fa_scale = 1 + np.clip(a.normal(0, 0.02), -0.05, 0.05)
+        md_scale = 1 + np.clip(a.normal(0, 0.02), -0.05, 0.05)
+        k = 4
+        dirs = a.normal(size=(k, 3))
+        dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
+        waves = dirs * (2 * np.pi / a.uniform(80, 160, k))[:, None]
+        field = 1 + np.cos(xyz @ waves.T + a.uniform(0, 2 * np.pi, k)) @ a.normal(0, 0.03 * np.sqrt(2 / k), k)
+        field = np.clip(field, 0.9, 1.1).reshape(shape)
+        row = {"participant_id": f"sub-{sub}", label_column: str(diag[i]),
+               "age": f"{a.uniform(7, 17):.1f}", "sex": str(a.choice(["M", "F"])),
+               "site": str(sites[int(a.integers(len(sites)))])}
+        rows.append(row)
+        for s in range(sessions):
+            ses = f"{s + 1:02d}" if sessions > 1 else None
+            n = np.random.default_rng([seed, 13, i, s])
+            shift = n.normal(0, 1.0, 3) / res
+            wm, gm, csf = (ndimage.shift(mni[t], shift, order=1, mode="constant") for t in ("wm", "gm", "csf"))
+            brain = ndimage.shift(mni["brain"].astype(np.float32), shift, order=1, mode="constant") >= 0.5
+            fa = (wm * (0.45 + 0.25 * wm) + 0.15 * gm) * fa_scale * field
+            if effect and diag[i] == "ADHD":
+                reg = ndimage.shift(region.astype(np.float32), shift, order=1, mode="constant")
+                fa = fa * (1 - effect * reg)
+            md = (0.7e-3 * wm + 0.8e-3 * gm + 3.0e-3 * csf) * md_scale
+            fa = np.clip(fa + n.normal(0, noise_sd, shape), 0, 1) * brain
+            md = np.clip(md * (1 + n.normal(0, noise_sd, shape)), 0, 3.5e-3) * brain
+            src = dv.Source(subject=sub, session=ses)
+            rm = run_maps(out_root, src)
+            dv.write_nifti(rm.fa, nib.Nifti1Image(fa.astype(np.float32), affine))
+            dv.write_nifti(rm.md, nib.Nifti1Image(md.astype(np.float32), affine))
+            dv.write_nifti(rm.mask, nib.Nifti1Image(brain.astype(np.uint8), affine))
+    cols = list(rows[0])
+    text = "\t".join(cols) + "\n" + "".join("\t".join(r[c] for c in cols) + "\n" for r in rows)
+    (bids_root / "participants.tsv").write_text(text)
+    for r in rows:
+        (bids_root / r["participant_id"]).mkdir(exist_ok=True)
+    return rows
