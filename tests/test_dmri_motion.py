@@ -132,17 +132,19 @@ def test_bvecs_rotated_by_the_head_rotation(corrected):
     assert angle_deg(exact, truth3) < 1e-6
 
 
-def test_rigid_only_and_serial_agree(corrected):
+@pytest.mark.parametrize("transform", ["rigid", "rigid+affine"])
+def test_rigid_and_two_stage_serial(corrected, transform):
     moves, data, bvals, bvecs, _, res = corrected
     sub = data[..., :3]
-    r1 = correct_motion(sub, AFFINE, bvals[:3], bvecs[:3], transform="rigid", nprocs=1)
+    r1 = correct_motion(sub, AFFINE, bvals[:3], bvecs[:3], transform=transform, nprocs=1, box_margin=None)
     truth = rigid_params(np.stack([moves.get(i, np.eye(4)) for i in range(3)]), SHAPE, AFFINE)
     err = r1["params"] - truth
     assert np.abs(err[:2, :3]).max() < 0.3 and np.degrees(np.abs(err[:2, 3:])).max() < 0.3, err
     assert np.abs(err[2, :3]).max() < 0.5 and np.degrees(np.abs(err[2, 3:])).max() < 1.5, err
-    # rigid: the affines are rotations (no scale/shear)
-    for A in r1["affines"]:
+    # the motion affines (rigid stage) are rotations; with "rigid" they are also the resampling affines
+    for A in r1["motion_affines"]:
         assert np.allclose(A[:3, :3] @ A[:3, :3].T, np.eye(3), atol=1e-6)
+    assert np.array_equal(r1["motion_affines"], r1["affines"]) == (transform == "rigid")
 
 
 def test_framewise_displacement_power():

@@ -11,7 +11,10 @@ per-patch work batched:
   volume (centres ``r <= i < X - r``; a dimension of size 1 gets radius 0);
   ``X_p`` = the patch's ``m`` voxels x ``N`` volumes, centred by its mean ``M``;
 * ``C = X_p^T X_p / m`` and its eigenvalues ``d`` (ascending) and vectors
-  (``eigh``; ``pca_method="svd"``: from the SVD of ``X_p``);
+  (``eigh``; ``pca_method="svd"``: from the SVD of ``X_p``; with more volumes
+  than patch voxels, ``N > m``, the m x m Gram matrix ``X_p X_p^T / m``,
+  which has the same non-zero eigenvalues, is decomposed instead and the
+  ``N - m`` others are 0);
 * DIPY's Marchenko-Pastur classifier (``_pca_classifier``): keep the last
   ``m - 1`` eigenvalues if ``N > m - 1``; starting from ``c = n-1`` and
   ``var = mean(L)``, while ``L[c] - L[0] - 4 sqrt((c+1)/m) var > 0``:
@@ -68,8 +71,6 @@ import numpy as np
 from ._parallel import resolve_nprocs, single_threaded_blas, thread_map
 
 __all__ = ["mppca", "patch2self", "denoise"]
-
-_USE_GRAM = True
 
 
 def _patch_radius(shape3, patch_radius):
@@ -182,7 +183,7 @@ def _slab_work(index, arr, centres, k0, k1, pr, dim, m, tau_factor, is_svd, mode
             W = torch.zeros((nb, N, N), dtype=f64, device=device)
             W[:, :, N - k:] = Vh.flip(1).transpose(1, 2)
             var = _mp_classify(d, m)
-        elif m < N and _USE_GRAM:
+        elif m < N:
             # more volumes than patch voxels: the non-zero spectrum of X^T X / m is
             # that of the smaller Gram matrix X X^T / m (m x m); the other N - m
             # eigenvalues are 0 (DIPY gets them as rounding-level values; they
@@ -230,7 +231,7 @@ def _slab_work(index, arr, centres, k0, k1, pr, dim, m, tau_factor, is_svd, mode
 
 
 def mppca(data, mask=None, patch_radius=2, pca_method="eig", return_sigma=False, nprocs=1, *,
-          mask_mode="roi", dtype=None, device="cpu", batch=256, slab=None, suppress_warning=False):
+          mask_mode="roi", dtype=None, device="cpu", batch=128, slab=None, suppress_warning=False):
     """MP-PCA denoising; the same result as ``dipy.denoise.localpca.mppca``.
 
     Parameters

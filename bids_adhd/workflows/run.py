@@ -137,13 +137,27 @@ def _run_workflow(args, cfg, bids_dir, out_root, runs, chash) -> None:
     LOG.info("running %d series with %s (%d processes, %d threads per node); work dir %s",
              len(runs), args.nipype_plugin, nprocs, nthreads, work_dir)
     plugin_args = {"status_callback": timer}
+    slurm_tag = None
     if args.nipype_plugin == "MultiProc":
         plugin_args.update(n_procs=nprocs, raise_insufficient=False)
     elif args.nipype_plugin == "SLURMGraph":
-        plugin_args.update(dont_resubmit_completed_jobs=True)
+        from .slurm import slurm_plugin_args
+        # graph plugins ignore status_callback (and warn if given); they need sbatch_args
+        slurm_tag, plugin_args = slurm_plugin_args(nthreads)
     started = time.time() - 1.0
     try:
         wf.run(plugin=args.nipype_plugin, plugin_args=plugin_args)
+        if slurm_tag is not None:
+            from .slurm import wait_for_jobs
+            wait_for_jobs(slurm_tag)  # SLURMGraph returns right after sbatch
+            unfinished = [r.source.prefix for r in runs if not is_done(out_root, r, chash)]
+            if unfinished:
+                crash = sorted((p for p in (work_dir / "crash").glob("crash-*.txt")
+                                if p.stat().st_mtime >= started), key=lambda p: p.stat().st_mtime)
+                if crash:
+                    raise _crash_error(crash[-1])
+                raise DataError(f"Slurm jobs failed for {', '.join(unfinished)} "
+                                f"(job logs: {work_dir}/**/batch/batchscript_*.sh.e)")
     except BidsAppError:
         raise
     except RuntimeError as exc:
