@@ -100,8 +100,6 @@ class ModelConfig:
             raise UsageError(f"channels must be taken from fa, md (got {self.channels})")
         if self.stem_init not in ("average", "duplicate"):
             raise UsageError(f"stem_init must be average or duplicate (got {self.stem_init!r})")
-        if self.adaptation == "scratch" and self.pretrained:
-            raise UsageError("adaptation 'scratch' means no pre-training: set pretrained: false")
         if self.adaptation == "peft-lora" and self.lora_factorisation != "flat":
             raise UsageError("adaptation 'peft-lora' supports only lora_factorisation: flat")
         if self.pooling not in ("avg", "multiscale", "avgmax", "spatial"):
