@@ -65,7 +65,9 @@ class _Timed(SimpleInterface):
 
 
 class _Common(BaseInterfaceInputSpec):
-    nthreads = traits.Int(1, usedefault=True, desc="threads/processes inside this node")
+    # nohash: the thread count does not change the result, so a re-run with another --nprocs or
+    # another selection of runs (which changes the threads per node) reuses the cached nodes
+    nthreads = traits.Int(1, usedefault=True, nohash=True, desc="threads/processes inside this node")
 
 
 class _TimedOut(TraitedSpec):
