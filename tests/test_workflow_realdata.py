@@ -12,9 +12,26 @@ from bids_adhd.config import PreprocConfig
 from bids_adhd.workflows.dwi import init_dwi_preproc_wf
 
 
+def _bids_btable(tmp_path, bval, bvec):
+    """DIPY's crops ship FSL-style tables in either orientation, small_64D with NaN b-vectors
+    for the b0; our input check (rightly) refuses those, so write them the BIDS way: 3 rows,
+    a zero vector for b=0."""
+    bvals = np.loadtxt(bval).ravel()
+    bvecs = np.loadtxt(bvec)
+    if bvecs.shape[0] != 3:
+        bvecs = bvecs.T
+    assert bvecs.shape == (3, bvals.size)
+    bvecs[:, bvals <= 50] = np.nan_to_num(bvecs[:, bvals <= 50])
+    out_bval, out_bvec = tmp_path / "in.bval", tmp_path / "in.bvec"
+    np.savetxt(out_bval, bvals[None], fmt="%.6f")
+    np.savetxt(out_bvec, bvecs, fmt="%.8f")
+    return str(out_bval), str(out_bvec)
+
+
 @pytest.mark.parametrize("name", ["small_64D", "small_101D"])
 def test_preproc_workflow_on_real_crop(tmp_path, name):
     dwi, bval, bvec = (str(p) for p in get_fnames(name=name))
+    bval, bvec = _bids_btable(tmp_path, bval, bvec)
     cfg = PreprocConfig(motion_level_iters=(20, 5))
     wf = init_dwi_preproc_wf(cfg, nthreads=1, name=f"wf_{name.replace('_', '')}")
     wf.base_dir = str(tmp_path)
