@@ -32,6 +32,7 @@ class PreprocConfig:
     motion_level_iters: tuple = (100, 20)   # DIPY affine optimiser, coarse → fine
     motion_factors: tuple = (2, 1)
     motion_sigmas: tuple = (1.0, 0.0)
+    motion_sampling: float = 0.25     # share of voxels the MI metric samples (DIPY sparse sampling); 1 = all
     b0_threshold: float = 50.0        # s/mm²; b ≤ this counts as b0
     mask_median_radius: int = 2       # DIPY median_otsu
     mask_numpass: int = 2
@@ -45,6 +46,8 @@ class PreprocConfig:
             raise UsageError(f"denoise must be one of mppca, patch2self, none (got {self.denoise!r})")
         if self.dti_fit not in ("WLS", "OLS", "NLLS", "RESTORE"):
             raise UsageError(f"dti_fit must be one of WLS, OLS, NLLS, RESTORE (got {self.dti_fit!r})")
+        if not 0 < float(self.motion_sampling) <= 1:
+            raise UsageError(f"motion_sampling must be in (0, 1] (got {self.motion_sampling!r})")
 
 
 @dataclass(frozen=True)

@@ -162,6 +162,10 @@ def _head_box(vol, margin):
                  for i, n in zip(idx, v.shape))
 
 
+#: fewest metric sample points (full-resolution level) sparse sampling may use
+MIN_SAMPLES = 40_000
+
+
 def _register_one(task):
     """Worker: register one volume to the reference.
 
@@ -171,7 +175,7 @@ def _register_one(task):
     Returns (final affine, resampled volume, motion affine): the motion affine
     is the rigid stage's result when there is one, else the final affine.
     """
-    (static, moving, grid2world, box, level_iters, factors, sigmas, nbins, transform, static_mask) = task
+    (static, moving, grid2world, box, level_iters, factors, sigmas, nbins, transform, static_mask, sampling) = task
     from dipy.align.imaffine import AffineMap, AffineRegistration, MutualInformationMetric
     from dipy.align.transforms import AffineTransform3D, RigidTransform3D
 
@@ -191,15 +195,23 @@ def _register_one(task):
     mv = np.ascontiguousarray(moving[box], dtype=np.float64)
     smask = None if static_mask is None else np.ascontiguousarray(static_mask[box])
     with single_threaded_blas():
-        metric = MutualInformationMetric(nbins=nbins, sampling_proportion=None)
+        if sampling is not None:
+            # never fewer than MIN_SAMPLES points at full resolution: on small images a sparse
+            # metric is too noisy (a 36x36x24 phantom: 3 deg errors at 0.25, 1 deg dense)
+            sampling = max(float(sampling), min(1.0, MIN_SAMPLES / st.size))
+        sparse = sampling is not None and sampling < 1
+        metric = MutualInformationMetric(nbins=nbins, sampling_proportion=sampling if sparse else None)
         reg = AffineRegistration(metric=metric, level_iters=list(level_iters), sigmas=list(sigmas),
                                  factors=list(factors), verbosity=0)
-        kw = dict(static_grid2world=g2w_box, moving_grid2world=g2w_box, static_mask=smask)
+        kw = dict(static_grid2world=g2w_box, moving_grid2world=g2w_box, static_mask=None if sparse else smask)
         amap = rigid = None
         stages = {"rigid": [RigidTransform3D()], "affine": [AffineTransform3D()],
                   "rigid+affine": [RigidTransform3D(), AffineTransform3D()]}[transform]
         for tf in stages:
             start = None if amap is None else amap.affine
+            # DIPY jitters the sparse sample points with NumPy's global generator: a fixed seed
+            # makes a volume's result independent of the process and of the other volumes
+            np.random.seed(12345)
             amap = reg.optimize(st, mv, tf, None, starting_affine=start, **kw)
             if isinstance(tf, RigidTransform3D):
                 rigid = np.asarray(amap.affine, float)
@@ -214,7 +226,7 @@ def _register_one(task):
 
 def correct_motion(data, affine, bvals, bvecs, b0_threshold=50, level_iters=(100, 20), factors=(2, 1),
                    sigmas=(1.0, 0.0), nprocs=1, *, transform="affine", nbins=32, mask=None,
-                   fd_radius=50.0, box_margin=8):
+                   fd_radius=50.0, box_margin=8, sampling=0.25):
     """Register every volume to the mean b0, resample, rotate the b-vectors.
 
     Parameters
@@ -237,6 +249,13 @@ def correct_motion(data, affine, bvals, bvecs, b0_threshold=50, level_iters=(100
     box_margin : int or None
         The metric is computed on the bounding box of the first b0's
         foreground (Otsu) grown by this many voxels (None: the whole grid).
+    sampling : float or None
+        Share of the box's voxels the mutual-information metric samples at
+        each level (DIPY's ``sampling_proportion``: a regular grid, every
+        ``ceil(1/sampling)``-th voxel, jittered with a fixed seed), raised
+        where needed to keep ``MIN_SAMPLES`` points. ``None`` or 1: dense. Sparse sampling ignores ``mask`` (DIPY does not
+        support masks there). 0.25 is ~4x faster than dense on the demo
+        data with the same accuracy on planted motion (tests).
 
     Returns
     -------
@@ -264,7 +283,7 @@ def correct_motion(data, affine, bvals, bvecs, b0_threshold=50, level_iters=(100
     if b0s.size == 0:
         mean_b0(arr, bvals, b0_threshold)            # raises the DataError
     smask = None if mask is None else np.asarray(mask, np.int32)
-    sched = (tuple(level_iters), tuple(factors), tuple(sigmas), nbins, transform, smask)
+    sched = (tuple(level_iters), tuple(factors), tuple(sigmas), nbins, transform, smask, sampling)
     nprocs = resolve_nprocs(nprocs)
     first = np.asarray(arr[..., b0s[0]], np.float32)
     box = _head_box(first, box_margin) if box_margin is not None else tuple(slice(0, n) for n in first.shape)

@@ -216,6 +216,8 @@ class _MotionInput(_Common):
     level_iters = traits.List(traits.Int, [100, 20], usedefault=True)
     factors = traits.List(traits.Int, [2, 1], usedefault=True)
     sigmas = traits.List(traits.Float, [1.0, 0.0], usedefault=True)
+    sampling = traits.Range(low=0.0, high=1.0, value=0.25, exclude_low=True, usedefault=True,
+                            desc="share of voxels sampled by the MI metric (1: dense)")
     enabled = traits.Bool(True, usedefault=True, desc="False: pass the data through unchanged")
 
 
@@ -240,7 +242,8 @@ class MotionCorrect(_Timed):
         if self.inputs.enabled:
             res = correct_motion(data, img.affine, bvals, bvecs, b0_threshold=self.inputs.b0_threshold,
                                  level_iters=tuple(self.inputs.level_iters), factors=tuple(self.inputs.factors),
-                                 sigmas=tuple(self.inputs.sigmas), nprocs=self.inputs.nthreads)
+                                 sigmas=tuple(self.inputs.sigmas), sampling=self.inputs.sampling,
+                                 nprocs=self.inputs.nthreads)
         else:
             n = data.shape[3]
             params = np.zeros((n, 6))

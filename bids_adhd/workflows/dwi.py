@@ -37,7 +37,8 @@ def init_dwi_preproc_wf(cfg: PreprocConfig, nthreads: int = 1, name: str = "dwi_
                       name="denoise", n_procs=nthreads)
     motion = pe.Node(MotionCorrect(b0_threshold=cfg.b0_threshold, enabled=cfg.motion,
                                    level_iters=list(cfg.motion_level_iters), factors=list(cfg.motion_factors),
-                                   sigmas=list(cfg.motion_sigmas), nthreads=nthreads),
+                                   sigmas=list(cfg.motion_sigmas), sampling=float(cfg.motion_sampling),
+                                   nthreads=nthreads),
                      name="motion", n_procs=nthreads)
     mask = pe.Node(BrainMask(b0_threshold=cfg.b0_threshold, median_radius=cfg.mask_median_radius,
                              numpass=cfg.mask_numpass), name="mask")
