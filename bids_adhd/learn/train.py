@@ -36,8 +36,9 @@ After the head stage and after every epoch, ``<ckpt_dir>/last.pt`` is written
 atomically (temp file + rename) with the trainable state, the normalisation
 buffers, the optimiser and scheduler, the best state so far and the history.
 It is read back with ``torch.load(weights_only=True)`` (no arbitrary
-unpickling). Each epoch reseeds from ``(seed, epoch)``, so a resumed fold
-replays the same shuffles and augmentations as an uninterrupted one.
+unpickling). Each epoch reseeds torch and the augmentation transforms (MONAI's
+own numpy random state) from ``(seed, epoch)``, so a resumed fold replays the
+same shuffles and augmentations as an uninterrupted one.
 """
 from __future__ import annotations
 
@@ -312,6 +313,11 @@ def train_model(model: nn.Module, init: dict, train_set: list[dict], val_set: li
         t0 = time.perf_counter()
         g = torch.Generator().manual_seed(int(seed) * 1000 + epoch)
         torch.manual_seed(int(seed) * 1000 + epoch)
+        if augment is not None and hasattr(augment, "set_random_state"):
+            # MONAI random transforms draw from their own numpy RandomState (seeded from
+            # entropy at import), not from torch: reseed it too, or augmentations differ
+            # between two runs and between a resumed and an uninterrupted fold
+            augment.set_random_state(seed=int(seed) * 1000 + epoch)
         if t_cfg.balance == "sampler":
             w = class_weights(y_train)[torch.tensor(y_train)]
             order = torch.multinomial(w, len(train_set), replacement=True, generator=g).tolist()
@@ -323,7 +329,10 @@ def train_model(model: nn.Module, init: dict, train_set: list[dict], val_set: li
             batch = [train_set[j] for j in order[i:i + bs]]
             if len(batch) < 2 and norm_mode == "train" and len(order) > 1:
                 batch = batch + [train_set[order[0]]]       # BatchNorm needs > 1 sample in train mode
-            imgs = [augment({"image": it["image"]})["image"] if augment else it["image"] for it in batch]
+            # "is not None", never "if augment": bool(Compose) calls len() -> flatten(), which builds
+            # a new Compose whose __init__ reseeds the SAME transforms from entropy (MONAI 1.x)
+            imgs = [augment({"image": it["image"]})["image"] if augment is not None else it["image"]
+                    for it in batch]
             x = to_input(torch.stack([torch.as_tensor(im) for im in imgs]).float(), device)
             y = torch.tensor([int(it["label"]) for it in batch], device=device)
             with autocast(device, amp):
