@@ -61,3 +61,19 @@ def test_augmented_training_is_reproducible(tmp_path):
     r2, s2 = _train(tmp_path, cfg, "b")
     assert [h["train_loss"] for h in r1["history"]] == [h["train_loss"] for h in r2["history"]]
     _same_state(s1, s2)
+
+
+def test_resume_after_early_stop_stays_stopped(tmp_path):
+    """A fold killed after the checkpoint of the epoch that stopped it early (before its
+    adapter and metrics were written) resumes as stopped: no further epoch is trained.
+
+    lr 0 and frozen normalisation statistics: the validation loss never improves, so the
+    run stops after 1 + patience epochs, long before ``epochs``."""
+    cfg = _cfg(lr=0.0, norm_mode="frozen", patience=2, epochs=6, augment_flip=False, augment_affine=False)
+    r1, s1 = _train(tmp_path, cfg, "a")
+    assert r1["stopped_early"] and r1["epochs_run"] == 3
+    assert (tmp_path / "ckpt" / "a" / "last.pt").is_file()      # as a kill would leave it
+    r2, s2 = _train(tmp_path, cfg, "a", resume=True)
+    assert (r2["epochs_run"], r2["stopped_early"], r2["best_epoch"]) == (3, True, r1["best_epoch"])
+    assert r2["history"] == r1["history"]
+    _same_state(s1, s2)

@@ -304,10 +304,15 @@ def train_model(model: nn.Module, init: dict, train_set: list[dict], val_set: li
 
     # --- stage 2: fine-tuning ----------------------------------------------------
     epochs = int(t_cfg.epochs)
+    # resumed after the checkpoint of the epoch that stopped the run early (killed before the
+    # fold's outputs were written): it stays stopped, as the uninterrupted run did
+    stopped_before = bool(val_set) and start_epoch > 0 and bad >= int(t_cfg.patience)
+    if stopped_before:
+        epochs = start_epoch
     bar = tqdm(total=(epochs - start_epoch) * steps_per_epoch, desc=desc, file=sys.stderr,
                disable=not progress, leave=False, dynamic_ncols=True, unit="step")
     writer = _tensorboard(tb_dir)
-    stopped = False
+    stopped = stopped_before
     epoch = start_epoch
     for epoch in range(start_epoch + 1, epochs + 1):
         t0 = time.perf_counter()
