@@ -502,6 +502,9 @@ def summarise_run(ctx: RunContext, folds: list[dict], final: dict, warning: str 
                           for f in folds]},
         "versions": package_versions(),
     }
-    dv.write_json(ctx.gdir / "metrics.json", results)
     write_group_report(ctx.gdir, results, folds, final)
+    # written last: group/metrics.json marks a finished run (one killed before it is continued by
+    # --resume); the checkpoints go first, so a finished run never leaves them behind
+    shutil.rmtree(ctx.ckpt_root, ignore_errors=True)
+    dv.write_json(ctx.gdir / "metrics.json", results)
     return results
