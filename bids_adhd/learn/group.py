@@ -220,6 +220,8 @@ def run_group(args) -> int:
 
     gdir = ensure_writable_dir(dv.group_dir(out_root), "OUTPUT_DIR/group")
     resume = bool(getattr(args, "resume", False))
+    if resume:
+        _remove_stale_temps(gdir)
     progress = not getattr(args, "quiet", False)
     LOG.info("group level: %d subjects (%s), pipeline %s, %d folds, seed %d, device %s",
              len(inputs.subjects), ", ".join(f"{n} {name}" for name, n in zip(
@@ -288,6 +290,16 @@ def _clear_previous(gdir: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
         else:
             p.unlink(missing_ok=True)
+
+
+def _remove_stale_temps(gdir: Path) -> None:
+    """--resume: delete the hidden temporary files (``.<name>.<random>.tmp*``, see
+    ``derivatives.atomic_path``) a killed run left under group/ (a half-written adapter, a
+    report not yet renamed). The group level owns group/: no other job writes there."""
+    for tmp in sorted(gdir.rglob(".*.tmp*")):
+        if dv._TEMP.match(tmp.name) and tmp.is_file():
+            tmp.unlink(missing_ok=True)
+            LOG.info("--resume: removed %s, left by the interrupted run", tmp.relative_to(gdir))
 
 
 def _check_resume_config(gdir: Path, cfg) -> None:
