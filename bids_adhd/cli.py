@@ -129,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         _setup_logging(args.verbose, args.quiet)
         if args.analysis_level == "participant":
+            if int(os.environ.get("WORLD_SIZE") or 1) > 1 and "LOCAL_RANK" in os.environ:
+                raise UsageError("the participant level does not run under torchrun (every rank would process "
+                                 "every subject); run it as one process (--nprocs N) or one job per subject")
             from .workflows.run import run_participant
             return int(run_participant(args) or 0)
         from .learn.group import run_group

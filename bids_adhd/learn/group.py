@@ -16,6 +16,10 @@ Steps (each is a function below; see ``docs/group.md`` for the design):
 ``--resume`` continues a killed run: finished folds are skipped, an
 unfinished one continues from its last epoch checkpoint, with the saved fold
 assignment.
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1) the same steps run in every process,
+with the batches split among them, DistributedDataParallel for the training and
+only rank 0 writing; see :mod:`bids_adhd.learn.distributed` and ``docs/deploy.md``.
 """
 from __future__ import annotations
 
@@ -174,86 +178,95 @@ def resolve_config(args):
 
 
 def run_group(args) -> int:
+    """The group level; under torchrun one process per GPU (see :mod:`bids_adhd.learn.distributed`)."""
+    from .distributed import close, leaving, setup
+
+    dist, device = setup(getattr(args, "device", "auto") or "auto")
+    try:
+        return _run_group(args, dist, device)
+    except BaseException:
+        leaving()
+        raise
+    finally:
+        close()
+
+
+def _run_group(args, dist, device) -> int:
     import torch
 
-    from ..bids import check_bids_dir, ensure_writable_dir
+    from ..bids import check_bids_dir
     from ..dmri.template import template_grid
     from .adapter import encoder_fingerprint
     from .classifier import build_model
-    from .crossval import assign_folds, check_resume_folds, read_folds, write_folds
-    from .train import initial_state, resolve_device
+    from .crossval import assign_folds
+    from .train import initial_state
 
     t_run = time.perf_counter()
-    bids_dir = check_bids_dir(args.bids_dir)
-    out_root = Path(args.output_dir).expanduser().resolve()
-    if not out_root.is_dir():
-        raise MissingInputError(f"OUTPUT_DIR {args.output_dir} does not exist; run the participant level first "
-                                f"(bids_adhd {args.bids_dir} {args.output_dir} participant)")
-    cfg = resolve_config(args)
-    device = resolve_device(getattr(args, "device", "auto") or "auto")
-    if getattr(args, "nprocs", None):
-        torch.set_num_threads(int(args.nprocs))
-    column = getattr(args, "label_column", "diagnosis") or "diagnosis"
-    positive = getattr(args, "positive", "ADHD") or "ADHD"
-    inputs = collect_inputs(bids_dir, out_root, column, positive, cfg.train.folds,
-                            getattr(args, "participant_label", None), cfg.name)
-    # --- the model, built once --------------------------------------------------
-    t0 = time.perf_counter()
-    torch.manual_seed(cfg.train.seed)
-    model, info = build_model(cfg.model, weights=getattr(args, "weights", None))
-    fingerprint = encoder_fingerprint(model)
-    model.to(device).to(memory_format=torch.channels_last_3d)
-    init = initial_state(model)
-    report = info["parameters"]
-    LOG.info("model: %s + %s, %d trainable of %d parameters (built in %.0f s)", cfg.model.foundation,
-             cfg.model.adaptation, report["trainable"], report["total"], time.perf_counter() - t0)
-    warning = None
-    if not info.get("pretrained"):
-        if cfg.model.pretrained:
-            warning = ("The foundation encoder is RANDOMLY INITIALISED: no CT-FM weights were found "
-                       "(bids_adhd fetch-model ct-fm, or --weights PATH). These results are NOT those of the "
-                       "pre-trained model.")
-        else:
-            warning = (f"The encoder is randomly initialised on purpose (pipeline {cfg.name}: pretrained: false); "
-                       "no pre-training is involved.")
-        LOG.warning(warning)
+    with dist.phase():          # every rank; an error on any rank stops them all with its exit code
+        bids_dir = check_bids_dir(args.bids_dir)
+        out_root = Path(args.output_dir).expanduser().resolve()
+        if not out_root.is_dir():
+            raise MissingInputError(f"OUTPUT_DIR {args.output_dir} does not exist; run the participant level "
+                                    f"first (bids_adhd {args.bids_dir} {args.output_dir} participant)")
+        cfg = resolve_config(args)
+        if getattr(args, "nprocs", None):
+            torch.set_num_threads(int(args.nprocs))
+        column = getattr(args, "label_column", "diagnosis") or "diagnosis"
+        positive = getattr(args, "positive", "ADHD") or "ADHD"
+        inputs = collect_inputs(bids_dir, out_root, column, positive, cfg.train.folds,
+                                getattr(args, "participant_label", None), cfg.name)
+        # --- the model, built once --------------------------------------------------
+        t0 = time.perf_counter()
+        torch.manual_seed(cfg.train.seed)
+        model, info = build_model(cfg.model, weights=getattr(args, "weights", None))
+        fingerprint = encoder_fingerprint(model)
+        model.to(device).to(memory_format=torch.channels_last_3d)
+        if dist.prepare_model(model, cfg):
+            LOG.info("torchrun: the encoder's BatchNorm layers are SyncBatchNorm (statistics of the global batch)")
+        init = initial_state(model)
+        report = info["parameters"]
+        LOG.info("model: %s + %s, %d trainable of %d parameters (built in %.0f s)", cfg.model.foundation,
+                 cfg.model.adaptation, report["trainable"], report["total"], time.perf_counter() - t0)
+        warning = None
+        if not info.get("pretrained"):
+            if cfg.model.pretrained:
+                warning = ("The foundation encoder is RANDOMLY INITIALISED: no CT-FM weights were found "
+                           "(bids_adhd fetch-model ct-fm, or --weights PATH). These results are NOT those of the "
+                           "pre-trained model.")
+            else:
+                warning = (f"The encoder is randomly initialised on purpose (pipeline {cfg.name}: pretrained: "
+                           "false); no pre-training is involved.")
+            LOG.warning(warning)
+        # every rank computes the folds from the seed; they must agree (checked below)
+        sites = [inputs.sites[s] for s in inputs.subjects] if cfg.train.stratify_site else None
+        computed = assign_folds(inputs.subjects, [inputs.labels[s] for s in inputs.subjects],
+                                cfg.train.folds, cfg.train.seed, sites)
 
-    gdir = ensure_writable_dir(dv.group_dir(out_root), "OUTPUT_DIR/group")
     resume = bool(getattr(args, "resume", False))
-    if resume:
-        _remove_stale_temps(gdir)
     progress = not getattr(args, "quiet", False)
-    LOG.info("group level: %d subjects (%s), pipeline %s, %d folds, seed %d, device %s",
+    dist.check_same({"subjects": inputs.subjects, "labels": inputs.labels, "encoder": fingerprint,
+                     "folds": computed, "pipeline": cfg.to_dict()},
+                    "set of subjects, labels, pipeline, encoder weights or fold assignment")
+    if dist.enabled:
+        LOG.info("torchrun: subjects, labels, encoder and fold assignment identical on all %d ranks", dist.world)
+        if cfg.train.batch_size < dist.world * (2 if cfg.train.norm_mode == "train" else 1):
+            LOG.warning("torchrun: batch_size %d is too small for %d processes: some get padding only; raise "
+                        "batch_size (it is the global batch) or start fewer processes",
+                        cfg.train.batch_size, dist.world)
+    # --- group/ and the folds (rank 0 writes): saved first, reused on resume ------------
+    gdir, assignment = dist.on_main(_prepare_group_dir, out_root, cfg, inputs, computed, resume, column,
+                                    positive, device, dist.world)
+    LOG.info("group level: %d subjects (%s), pipeline %s, %d folds, seed %d, device %s%s",
              len(inputs.subjects), ", ".join(f"{n} {name}" for name, n in zip(
                  inputs.class_names, np.bincount([inputs.labels[s] for s in inputs.subjects], minlength=2))),
-             cfg.name, cfg.train.folds, cfg.train.seed, device)
-
-    # --- folds: saved first, reused on resume ------------------------------------
-    folds_path = gdir / "folds.tsv"
+             cfg.name, cfg.train.folds, cfg.train.seed, device,
+             f" x {dist.world} processes" if dist.enabled else "")
     ckpt_root = gdir / "checkpoints"
-    if resume and folds_path.is_file():
-        assignment, saved_labels = read_folds(folds_path, inputs.class_names)
-        check_resume_folds(assignment, saved_labels, inputs.labels, cfg.train.folds)
-        _check_resume_config(gdir, cfg)
-        LOG.info("--resume: reusing the fold assignment in %s", folds_path)
-    else:
-        if resume:
-            LOG.info("--resume: no interrupted run in %s; starting from the beginning", gdir)
-        else:
-            _clear_previous(gdir)
-        sites = [inputs.sites[s] for s in inputs.subjects] if cfg.train.stratify_site else None
-        assignment = assign_folds(inputs.subjects, [inputs.labels[s] for s in inputs.subjects],
-                                  cfg.train.folds, cfg.train.seed, sites)
-        dv.write_json(gdir / "config.json", {"pipeline": cfg.to_dict(), "versions": package_versions(),
-                                             "label_column": column, "positive": positive,
-                                             "class_names": list(inputs.class_names),
-                                             "subjects": inputs.subjects, "device": str(device),
-                                             "command": sys.argv})
-        write_folds(folds_path, assignment, inputs.labels, inputs.class_names)
 
-    # --- data, loaded once ---------------------------------------------------------
-    grid = template_grid(cfg.template)
-    images = _load_images(inputs, cfg, grid)
+    # --- data, loaded once (by every rank) ---------------------------------------------
+    with dist.phase():
+        grid = template_grid(cfg.template)
+        images = _load_images(inputs, cfg, grid)
 
     ctx = RunContext(cfg=cfg, device=device, model=model, init=init, info=info, fingerprint=fingerprint,
                      grid=grid, inputs=inputs, images=images, gdir=gdir, ckpt_root=ckpt_root,
@@ -265,14 +278,48 @@ def run_group(args) -> int:
         fold_results.append(run_fold(ctx, k, assignment))
     # --- final model ---------------------------------------------------------------
     final = run_final(ctx)
-    results = summarise_run(ctx, fold_results, final, warning, time.perf_counter() - t_run)
-    shutil.rmtree(ckpt_root, ignore_errors=True)
+    # rank 0 writes (the checkpoints' removal included); the others wait for it
+    results = dist.on_main(summarise_run, ctx, fold_results, final, warning, time.perf_counter() - t_run)
     LOG.info("pooled out-of-fold: %s", _fmt_pooled(results["pooled"]))
     if warning:
         LOG.warning(warning)
     LOG.info("group level finished in %.0f s; results in %s (report: %s)", time.perf_counter() - t_run, gdir,
              gdir / "report.html")
     return 0
+
+
+def _prepare_group_dir(out_root: Path, cfg, inputs: GroupInputs, computed: dict, resume: bool, column: str,
+                       positive: str, device, world: int) -> tuple[Path, dict]:
+    """OUTPUT_DIR/group and the fold assignment: the saved one on --resume, else ``computed`` (written)."""
+    from ..bids import ensure_writable_dir
+    from .crossval import check_resume_folds, read_folds, write_folds
+
+    gdir = ensure_writable_dir(dv.group_dir(out_root), "OUTPUT_DIR/group")
+    if resume:
+        _remove_stale_temps(gdir)
+    folds_path = gdir / "folds.tsv"
+    if resume and folds_path.is_file():
+        assignment, saved_labels = read_folds(folds_path, inputs.class_names)
+        check_resume_folds(assignment, saved_labels, inputs.labels, cfg.train.folds)
+        _check_resume_config(gdir, cfg)
+        LOG.info("--resume: reusing the fold assignment in %s", folds_path)
+        return gdir, assignment
+    if resume:
+        LOG.info("--resume: no interrupted run in %s; starting from the beginning", gdir)
+    else:
+        _clear_previous(gdir)
+    dv.write_json(gdir / "config.json", {"pipeline": cfg.to_dict(), "versions": package_versions(),
+                                         "label_column": column, "positive": positive,
+                                         "class_names": list(inputs.class_names),
+                                         "subjects": inputs.subjects, "device": str(device),
+                                         "processes": world, "command": sys.argv})
+    write_folds(folds_path, computed, inputs.labels, inputs.class_names)
+    return gdir, computed
+
+
+def _world() -> int:
+    from .distributed import current
+    return current().world
 
 
 def _fmt_pooled(m: dict) -> str:
@@ -407,15 +454,24 @@ def _save_adapter(ctx: RunContext, path: Path, subjects, fold: str) -> dict:
                         label_column=ctx.column, fold=fold, pretrained=bool(ctx.info.get("pretrained")))
 
 
+def _read_json_if(path: Path, *also: Path):
+    """The JSON at ``path`` if it and every path in ``also`` exist, else None (rank 0 reads, for all)."""
+    if path.is_file() and all(p.is_file() for p in also):
+        return json.loads(path.read_text())
+    return None
+
+
 def run_fold(ctx: RunContext, k: int, assignment: dict) -> dict:
+    from .distributed import current
     from .metrics import binary_metrics, format_metrics
     from .train import amp_dtype, predict_proba
 
     cfg = ctx.cfg
+    dist = current()
     fdir = ctx.gdir / f"fold-{k + 1}"
     done = fdir / "metrics.json"
-    if ctx.resume and done.is_file():
-        saved = json.loads(done.read_text())
+    saved = dist.on_main(_read_json_if, done) if ctx.resume else None
+    if saved is not None:
         LOG.info("fold %d/%d: finished in the interrupted run; skipped", k + 1, cfg.train.folds)
         return saved
     test = sorted(s for s, f in assignment.items() if f == k)
@@ -429,18 +485,23 @@ def run_fold(ctx: RunContext, k: int, assignment: dict) -> dict:
     y = [ctx.inputs.labels[s] for s in test]
     p = [probs[s] for s in test]
     metrics = binary_metrics(y, p)
-    meta = _save_adapter(ctx, fdir / "adapter.safetensors", train, str(k + 1))
-    dv.write_tsv(fdir / "predictions.tsv", {"participant_id": [f"sub-{s}" for s in test],
-                                           "fold": [k + 1] * len(test),
-                                           "label": [ctx.inputs.class_names[v] for v in y],
-                                           "probability": [float(v) for v in p]})
-    out = {"fold": k + 1, "metrics": metrics, "test": test, "inner_train": res["inner_train"],
-           "inner_val": res["inner_val"], "best_epoch": res["best_epoch"], "epochs_run": res["epochs_run"],
-           "stopped_early": res["stopped_early"], "seconds": res["seconds"],
-           "peak_memory_mb": res["peak_memory_mb"], "model_id": meta["model_id"],
-           "predictions": {s: float(probs[s]) for s in test}, "labels": {s: int(v) for s, v in zip(test, y)},
-           "history": res["history"]}
-    dv.write_json(done, out)                       # written last: the fold is finished
+
+    def write() -> dict:                           # rank 0 only; the others wait for its result
+        meta = _save_adapter(ctx, fdir / "adapter.safetensors", train, str(k + 1))
+        dv.write_tsv(fdir / "predictions.tsv", {"participant_id": [f"sub-{s}" for s in test],
+                                               "fold": [k + 1] * len(test),
+                                               "label": [ctx.inputs.class_names[v] for v in y],
+                                               "probability": [float(v) for v in p]})
+        out = {"fold": k + 1, "metrics": metrics, "test": test, "inner_train": res["inner_train"],
+               "inner_val": res["inner_val"], "best_epoch": res["best_epoch"], "epochs_run": res["epochs_run"],
+               "stopped_early": res["stopped_early"], "seconds": res["seconds"],
+               "peak_memory_mb": res["peak_memory_mb"], "model_id": meta["model_id"],
+               "predictions": {s: float(probs[s]) for s in test},
+               "labels": {s: int(v) for s, v in zip(test, y)}, "history": res["history"]}
+        dv.write_json(done, out)                   # written last: the fold is finished
+        return out
+
+    out = dist.on_main(write)
     LOG.info("fold %d/%d: %s (%.0f s)", k + 1, cfg.train.folds, format_metrics(metrics), res["seconds"])
     return out
 
@@ -453,20 +514,28 @@ def _subject_probs(items, p_run) -> dict:
 
 
 def run_final(ctx: RunContext) -> dict:
+    from .distributed import current
+
+    dist = current()
     fdir = ctx.gdir / "final"
     done = fdir / "final.json"
-    if ctx.resume and done.is_file() and (fdir / "adapter.safetensors").is_file():
+    saved = dist.on_main(_read_json_if, done, fdir / "adapter.safetensors") if ctx.resume else None
+    if saved is not None:
         LOG.info("final model: finished in the interrupted run; skipped")
-        return json.loads(done.read_text())
+        return saved
     subjects = ctx.inputs.subjects
     LOG.info("final model: training on all %d labelled subjects", len(subjects))
     res = _train(ctx, "final", subjects, ctx.cfg.train.seed * 100, fdir)
-    meta = _save_adapter(ctx, fdir / "adapter.safetensors", subjects, "final")
-    out = {"adapter": str(fdir / "adapter.safetensors"), "model_id": meta["model_id"],
-           "train_subjects": subjects, "inner_val": res["inner_val"], "best_epoch": res["best_epoch"],
-           "epochs_run": res["epochs_run"], "seconds": res["seconds"], "history": res["history"]}
-    dv.write_json(done, out)
-    return out
+
+    def write() -> dict:                           # rank 0 only
+        meta = _save_adapter(ctx, fdir / "adapter.safetensors", subjects, "final")
+        out = {"adapter": str(fdir / "adapter.safetensors"), "model_id": meta["model_id"],
+               "train_subjects": subjects, "inner_val": res["inner_val"], "best_epoch": res["best_epoch"],
+               "epochs_run": res["epochs_run"], "seconds": res["seconds"], "history": res["history"]}
+        dv.write_json(done, out)
+        return out
+
+    return dist.on_main(write)
 
 
 def summarise_run(ctx: RunContext, folds: list[dict], final: dict, warning: str | None, seconds: float) -> dict:
@@ -508,6 +577,7 @@ def summarise_run(ctx: RunContext, folds: list[dict], final: dict, warning: str 
         "final": {"adapter": "final/adapter.safetensors", "model_id": final["model_id"]},
         "timing": {"total_seconds": seconds, "fold_seconds": [f["seconds"] for f in folds],
                    "final_seconds": final["seconds"], "device": str(ctx.device),
+                   "processes": _world(),
                    "peak_memory_mb": max([f.get("peak_memory_mb") or 0 for f in folds]) or None},
         "roc": {"pooled": roc_points(y, p),
                 "folds": [roc_points([f["labels"][s] for s in f["test"]], [f["predictions"][s] for s in f["test"]])

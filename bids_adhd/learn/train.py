@@ -56,6 +56,7 @@ import torch.nn.functional as F
 
 from .. import derivatives as dv
 from ..errors import UsageError
+from .distributed import current as current_dist
 
 LOG = logging.getLogger("bids_adhd.group")
 NORM_MODES = ("train", "recalibrate", "frozen")
@@ -157,9 +158,20 @@ def lr_lambda(warmup_steps: int, total_steps: int):
 
 # --- inference --------------------------------------------------------------------
 
-@torch.no_grad()
 def predict_proba(model: nn.Module, images, device, batch_size: int = 4, amp=None) -> np.ndarray:
-    """P(positive) for a list/stack of (C, D, H, W) tensors, model in eval mode."""
+    """P(positive) for a list/stack of (C, D, H, W) tensors, model in eval mode.
+
+    Under torchrun every rank calls it: each predicts its share, all get every value.
+    """
+    dist = current_dist()
+    if dist.enabled:
+        rows = dist.map_sharded(lambda sub: _predict_proba(model, sub, device, batch_size, amp), list(images))
+        return np.asarray(rows, dtype=np.float32)
+    return _predict_proba(model, images, device, batch_size, amp)
+
+
+@torch.no_grad()
+def _predict_proba(model: nn.Module, images, device, batch_size: int = 4, amp=None) -> np.ndarray:
     model.eval()
     out = []
     for i in range(0, len(images), batch_size):
@@ -170,8 +182,17 @@ def predict_proba(model: nn.Module, images, device, batch_size: int = 4, amp=Non
     return torch.cat(out).numpy() if out else np.zeros(0)
 
 
-@torch.no_grad()
 def pooled_features(model: nn.Module, images, device, batch_size: int = 4, amp=None) -> torch.Tensor:
+    """Pooled encoder features (N, F); under torchrun split among the ranks like :func:`predict_proba`."""
+    dist = current_dist()
+    if dist.enabled:
+        rows = dist.map_sharded(lambda sub: _pooled_features(model, sub, device, batch_size, amp), list(images))
+        return torch.stack(rows) if rows else torch.zeros(0)
+    return _pooled_features(model, images, device, batch_size, amp)
+
+
+@torch.no_grad()
+def _pooled_features(model: nn.Module, images, device, batch_size: int = 4, amp=None) -> torch.Tensor:
     model.eval()
     out = []
     for i in range(0, len(images), batch_size):
@@ -225,9 +246,15 @@ def train_model(model: nn.Module, init: dict, train_set: list[dict], val_set: li
     last state is kept). ``augment``: a callable on ``{"image": tensor}`` dicts
     (MONAI random transforms) applied to training batches. Returns
     ``{"history", "best_epoch", "epochs_run", "stopped_early", "seconds", "peak_memory_mb"}``.
+
+    Under torchrun (see :mod:`bids_adhd.learn.distributed`) every rank calls it
+    with the same arguments: the batches are split among the ranks, the
+    fine-tuning runs in DistributedDataParallel, decisions come from rank 0 and
+    only rank 0 writes the checkpoint, the log and TensorBoard.
     """
     from tqdm import tqdm
 
+    dist = current_dist()
     t_cfg = cfg.train
     norm_mode = getattr(t_cfg, "norm_mode", "train")
     head_epochs = int(getattr(t_cfg, "head_epochs", 0))
@@ -246,7 +273,7 @@ def train_model(model: nn.Module, init: dict, train_set: list[dict], val_set: li
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    state = load_checkpoint(ckpt) if resume else None
+    state = dist.on_main(load_checkpoint, ckpt) if resume else None
     history: list[dict] = []
     best = {"loss": float("inf"), "epoch": 0, "state": None}
     start_epoch, bad = 0, 0
@@ -274,6 +301,7 @@ def train_model(model: nn.Module, init: dict, train_set: list[dict], val_set: li
         if norm_mode == "recalibrate":
             imgs = [it["image"] for it in train_set]
             recalibrate_norm(model, (torch.stack(imgs[i:i + bs]) for i in range(0, len(imgs), bs)), device)
+            dist.sync_buffers(model)          # every rank computed the same; take rank 0's bits
 
     def checkpoint(epoch: int, with_opt: bool):
         from .classifier import adapter_state_dict
@@ -292,6 +320,7 @@ def train_model(model: nn.Module, init: dict, train_set: list[dict], val_set: li
                          torch.tensor(y_val) if val_set else None, weights, head_epochs, head_lr,
                          t_cfg.weight_decay, seed, device)
         head_done = True
+        dist.sync_state(model)                # every rank trained the same head; take rank 0's bits
         history.append({"stage": "head", "epoch": 0, "train_loss": res["train_loss"], "lr": head_lr,
                         "seconds": time.perf_counter() - t0, **res["val"]})
         LOG.info("%s: head warm-up %d steps (best %d): train loss %.3f, val loss %s, val AUC %s", desc,
@@ -299,8 +328,10 @@ def train_model(model: nn.Module, init: dict, train_set: list[dict], val_set: li
                  _fmt(res["val"].get("val_auc")))
         best = {"loss": res["val"].get("val_loss", float("inf")) if val_set else float("inf"), "epoch": 0,
                 "state": _state(model)}
-        write_history(log_path, history)
-        checkpoint(0, with_opt=False)
+        with dist.phase():                    # rank 0 writes; the others wait (and stop if it fails)
+            if dist.is_main:
+                write_history(log_path, history)
+                checkpoint(0, with_opt=False)
 
     # --- stage 2: fine-tuning ----------------------------------------------------
     epochs = int(t_cfg.epochs)
@@ -310,10 +341,14 @@ def train_model(model: nn.Module, init: dict, train_set: list[dict], val_set: li
     if stopped_before:
         epochs = start_epoch
     bar = tqdm(total=(epochs - start_epoch) * steps_per_epoch, desc=desc, file=sys.stderr,
-               disable=not progress, leave=False, dynamic_ncols=True, unit="step")
-    writer = _tensorboard(tb_dir)
+               disable=not progress or not dist.is_main, leave=False, dynamic_ncols=True, unit="step")
+    writer = _tensorboard(tb_dir) if dist.is_main else None
     stopped = stopped_before
     epoch = start_epoch
+    # several processes: DDP for the fine-tuning (it starts from rank 0's state); the loss of
+    # each rank is its share of the global batch's weighted mean (see _shard_batch)
+    net = dist.wrap(model) if epochs > start_epoch else model
+    weights_dev = weights.to(device)
     for epoch in range(start_epoch + 1, epochs + 1):
         t0 = time.perf_counter()
         g = torch.Generator().manual_seed(int(seed) * 1000 + epoch)
@@ -329,11 +364,18 @@ def train_model(model: nn.Module, init: dict, train_set: list[dict], val_set: li
         else:
             order = torch.randperm(len(train_set), generator=g).tolist()
         set_mode(model, True, norm_mode)
+        if dist.enabled and dist.rank:
+            # dropout and augmentation: other random draws on each rank (rank 0 keeps a single process's)
+            torch.manual_seed(int(seed) * 1000 + epoch + 100_003 * dist.rank)
+            if augment is not None and hasattr(augment, "set_random_state"):
+                augment.set_random_state(seed=(int(seed) * 1000 + epoch + 100_003 * dist.rank) % 2 ** 32)
         losses = []
         for i in range(0, len(order), bs):
-            batch = [train_set[j] for j in order[i:i + bs]]
-            if len(batch) < 2 and norm_mode == "train" and len(order) > 1:
-                batch = batch + [train_set[order[0]]]       # BatchNorm needs > 1 sample in train mode
+            idx = order[i:i + bs]
+            if len(idx) < 2 and norm_mode == "train" and len(order) > 1:
+                idx = idx + [order[0]]                      # BatchNorm needs > 1 sample in train mode
+            idx, keep, denom = _shard_batch(dist, idx, y_train, weights, norm_mode)
+            batch = [train_set[j] for j in idx]
             # "is not None", never "if augment": bool(Compose) calls len() -> flatten(), which builds
             # a new Compose whose __init__ reseeds the SAME transforms from entropy (MONAI 1.x)
             imgs = [augment({"image": it["image"]})["image"] if augment is not None else it["image"]
@@ -341,8 +383,14 @@ def train_model(model: nn.Module, init: dict, train_set: list[dict], val_set: li
             x = to_input(torch.stack([torch.as_tensor(im) for im in imgs]).float(), device)
             y = torch.tensor([int(it["label"]) for it in batch], device=device)
             with autocast(device, amp):
-                logits = model(x)
-            loss = criterion(logits.float(), y)
+                logits = net(x)
+            if keep is None:
+                loss = criterion(logits.float(), y)
+                reported = loss
+            else:
+                w = weights_dev[y] * torch.tensor(keep, device=device)
+                reported = (F.cross_entropy(logits.float(), y, reduction="none") * w).sum() / denom
+                loss = reported * dist.world              # DDP averages the gradients over the ranks
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()
@@ -352,14 +400,18 @@ def train_model(model: nn.Module, init: dict, train_set: list[dict], val_set: li
                 loss.backward()
                 optimizer.step()
             scheduler.step()
-            losses.append(float(loss.detach()))
+            losses.append(float(reported.detach()))
             bar.update(1)
-            bar.set_postfix(loss=f"{np.mean(losses):.3f}")
+            bar.set_postfix(loss=f"{np.mean(losses) * dist.world:.3f}")   # with ranks: an estimate
+        losses = dist.all_sum(losses)                       # the global batches' losses
+        dist.sync_buffers(model)                            # BatchNorm statistics: rank 0's
         row = {"stage": "finetune", "epoch": epoch, "train_loss": float(np.mean(losses)),
                "lr": optimizer.param_groups[0]["lr"]}
         if val_set:
             p = predict_proba(model, [it["image"] for it in val_set], device, bs, amp)
             row.update(_val_metrics(y_val, p, weights))
+        row = dist.broadcast(row)                           # rank 0 decides early stopping for all
+        if val_set:
             if row["val_loss"] < best["loss"] - 1e-6:
                 best = {"loss": row["val_loss"], "epoch": epoch, "state": _state(model)}
                 bad = 0
@@ -373,13 +425,18 @@ def train_model(model: nn.Module, init: dict, train_set: list[dict], val_set: li
             for k in ("train_loss", "val_loss", "val_auc", "lr"):
                 if row.get(k) is not None:
                     writer.add_scalar(f"{desc}/{k}", row[k], epoch)
-        write_history(log_path, history)
-        checkpoint(epoch, with_opt=True)
+        with dist.phase():
+            if dist.is_main:
+                write_history(log_path, history)
+                checkpoint(epoch, with_opt=True)
         if val_set and bad >= int(t_cfg.patience):
             LOG.info("%s: early stop after epoch %d (best epoch %d)", desc, epoch, best["epoch"])
             stopped = True
             break
     bar.close()
+    if net is not model:
+        dist.release(net)
+        del net
     if writer is not None:
         writer.close()
     if val_set and best["state"] is not None:
@@ -387,6 +444,21 @@ def train_model(model: nn.Module, init: dict, train_set: list[dict], val_set: li
     peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None
     return {"history": history, "best_epoch": best["epoch"] if val_set else epoch, "epochs_run": epoch,
             "stopped_early": stopped, "seconds": time.perf_counter() - t_start, "peak_memory_mb": peak}
+
+
+def _shard_batch(dist, idx: list[int], y_train: list[int], weights: torch.Tensor, norm_mode: str):
+    """(this rank's indices, their loss weights or None, the global batch's weight sum).
+
+    One process: the batch as it is, ``None`` (the plain weighted-mean loss).
+    Several: the global batch's weighted count (every rank knows the whole batch)
+    and this rank's share, padded with zero-weight copies (at least 2 items per
+    rank when BatchNorm uses batch statistics).
+    """
+    if not dist.enabled:
+        return idx, None, None
+    denom = float(weights[torch.tensor([y_train[j] for j in idx])].sum())
+    mine, keep = dist.shard(idx, 2 if norm_mode == "train" else 1)
+    return mine, keep, max(denom, 1e-12)
 
 
 def _state(model: nn.Module) -> dict:
