@@ -235,8 +235,13 @@ def test_batch_split_is_distributed_samplers():
 
 
 def test_participant_level_refuses_torchrun(monkeypatch, capsys, tmp_path):
+    import logging
+
     from bids_adhd.cli import main
 
+    log = logging.getLogger("bids_adhd")         # main() points it at capsys's stream: restore it after
+    for attr in ("handlers", "level", "propagate"):
+        monkeypatch.setattr(log, attr, list(log.handlers) if attr == "handlers" else getattr(log, attr))
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "0")
     assert main([str(tmp_path), str(tmp_path / "out"), "participant"]) == 64
