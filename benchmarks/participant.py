@@ -99,6 +99,58 @@ class PeakRSS:
         self.peak = max(self.peak, self._rss())
 
 
+def _proc_stat():
+    """Machine-wide CPU jiffies from /proc/stat: (total, idle + iowait, steal), or None."""
+    try:
+        with open("/proc/stat") as fh:
+            v = [int(x) for x in fh.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    v += [0] * (8 - len(v))
+    return sum(v), v[3] + v[4], v[7]
+
+
+class MachineLoad:
+    """What the rest of the (shared) machine did during a step: the load average
+    (sampled every second: mean and max) and the machine-wide busy CPU time from
+    /proc/stat, minus this step's own CPU time = the other users' CPU time."""
+
+    def __init__(self):
+        self.samples = []
+        self._stop = threading.Event()
+
+    def __enter__(self):
+        self.s0 = _proc_stat()
+        self.t0 = time.perf_counter()
+        self.samples = [os.getloadavg()[0]]
+
+        def loop():
+            while not self._stop.wait(1.0):
+                self.samples.append(os.getloadavg()[0])
+
+        self._t = threading.Thread(target=loop, daemon=True)
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.s1 = _proc_stat()
+        self.wall = time.perf_counter() - self.t0
+
+    def summary(self, own_cpu_s):
+        out = {"load_mean": float(np.mean(self.samples)), "load_max": float(np.max(self.samples))}
+        if self.s0 and self.s1:
+            tck = os.sysconf("SC_CLK_TCK")
+            total, idle, steal = (b - a for a, b in zip(self.s0, self.s1))
+            busy = (total - idle) / tck
+            ncpu = os.cpu_count() or 1
+            out.update({"machine_busy_cpu_s": busy, "others_cpu_s": max(0.0, busy - own_cpu_s),
+                        "others_cpu_share": max(0.0, busy - own_cpu_s) / max(self.wall * ncpu, 1e-9),
+                        "steal_s": steal / tck})
+        return out
+
+
 def cpu_now():
     s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
@@ -106,14 +158,17 @@ def cpu_now():
 
 def timed(name, fn, steps):
     load0 = os.getloadavg()[0]
-    t0, c0 = time.perf_counter(), cpu_now()
-    with PeakRSS() as mem:
-        out = fn()
-    rec = {"wall_s": time.perf_counter() - t0, "cpu_s": cpu_now() - c0, "peak_rss_mb": mem.peak / 2**20,
-           "load_before": load0, "load_after": os.getloadavg()[0]}
+    with MachineLoad() as ml:
+        t0, c0 = time.perf_counter(), cpu_now()
+        with PeakRSS() as mem:
+            out = fn()
+        rec = {"wall_s": time.perf_counter() - t0, "cpu_s": cpu_now() - c0, "peak_rss_mb": mem.peak / 2**20,
+               "load_before": load0, "load_after": os.getloadavg()[0]}
+    rec.update(ml.summary(rec["cpu_s"]))
     steps[name] = rec
     print(f"[ours] {name:10s} wall {rec['wall_s']:8.1f} s  cpu {rec['cpu_s']:8.1f} s  "
-          f"peak {rec['peak_rss_mb']:7.0f} MB  load {load0:.1f}->{rec['load_after']:.1f}", flush=True)
+          f"peak {rec['peak_rss_mb']:7.0f} MB  load {load0:.1f}->{rec['load_after']:.1f} "
+          f"(mean {rec['load_mean']:.1f}, others {100 * rec.get('others_cpu_share', 0):.0f} % CPU)", flush=True)
     return out
 
 
@@ -124,6 +179,7 @@ def run_cmd(name, cmd, steps):
     import psutil
 
     load0 = os.getloadavg()[0]
+    ml = MachineLoad().__enter__()
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     peak = [0]
@@ -143,6 +199,7 @@ def run_cmd(name, cmd, steps):
     err = p.stderr.read().decode(errors="replace")       # until the child closes it (exits)
     _, status, ru = os.wait4(p.pid, 0)
     wall = time.perf_counter() - t0
+    ml.__exit__(None, None, None)
     done.set()
     th.join()
     p.stderr.close()
@@ -151,9 +208,11 @@ def run_cmd(name, cmd, steps):
         raise RuntimeError(f"{' '.join(cmd)} failed ({p.returncode}): {err[-2000:]}")
     rec = {"wall_s": wall, "cpu_s": ru.ru_utime + ru.ru_stime, "peak_rss_mb": peak[0] / 2**20,
            "load_before": load0, "load_after": os.getloadavg()[0], "command": " ".join(map(str, cmd))}
+    rec.update(ml.summary(rec["cpu_s"]))
     steps[name] = rec
     print(f"[mrtrix3] {name:14s} wall {wall:8.1f} s  cpu {rec['cpu_s']:8.1f} s  "
-          f"peak {rec['peak_rss_mb']:7.0f} MB  load {load0:.1f}->{rec['load_after']:.1f}", flush=True)
+          f"peak {rec['peak_rss_mb']:7.0f} MB  load {load0:.1f}->{rec['load_after']:.1f} "
+          f"(mean {rec['load_mean']:.1f}, others {100 * rec.get('others_cpu_share', 0):.0f} % CPU)", flush=True)
     return rec
 
 
@@ -183,7 +242,30 @@ def machine_info():
             "mrtrix3": mrver, "load_avg_at_start": os.getloadavg()}
 
 
+def code_info():
+    """The commit benchmarked and any uncommitted change to the numerics or this script."""
+    def git(*a):
+        try:
+            return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+    dirty = git("status", "--porcelain", "--", "bids_adhd/dmri", "benchmarks/participant.py")
+    return {"commit": git("rev-parse", "HEAD"), "uncommitted_changes": dirty.splitlines() if dirty else []}
+
+
 # --- comparisons ---------------------------------------------------------------------
+
+def load_summary(recs):
+    """Wall-weighted mean load average and the other users' share of the machine's CPUs over steps."""
+    wall = sum(r["wall_s"] for r in recs)
+    out = {"wall_s": wall, "load_mean": sum(r["load_mean"] * r["wall_s"] for r in recs) / max(wall, 1e-9),
+           "load_max": max(r["load_max"] for r in recs)}
+    if all("others_cpu_s" in r for r in recs):
+        ncpu = os.cpu_count() or 1
+        out["others_cpu_s"] = sum(r["others_cpu_s"] for r in recs)
+        out["others_cpu_share"] = out["others_cpu_s"] / max(wall * ncpu, 1e-9)
+    return out
+
 
 def fa_agreement(a, b, mask):
     a, b = np.asarray(a, float)[mask], np.asarray(b, float)[mask]
@@ -303,7 +385,7 @@ def main(argv=None):
                                                        "b0_threshold", "mask_median_radius", "mask_numpass",
                                                        "dti_fit", "dti_bmax")},
               "command": " ".join([".venv/bin/python", "benchmarks/participant.py"] + (argv or sys.argv[1:])),
-              "machine": machine_info()}
+              "machine": machine_info(), "code": code_info()}
     if not (args.reuse and bids.is_dir()):
         if work.exists():
             shutil.rmtree(work)
@@ -407,6 +489,8 @@ def main(argv=None):
             result["ratio_vs_masked"] = result["ours_s"] / ms
             result["ratio_cpu_vs_masked"] = result["ours_cpu_s"] / mc_cpu
         result["mrtrix3_peak_rss_mb"] = max(v["peak_rss_mb"] for v in mr.values())
+        result["machine_load"] = {"ours_matched_steps": load_summary([ours[k] for k in matched]),
+                                  "mrtrix3_chain": load_summary([mr[k] for k in chain])}
 
         # FA agreement on identical input (our unrung data, b <= bmax, same mask)
         agree = {}
@@ -497,6 +581,13 @@ def main(argv=None):
     return result
 
 
+def _ld(rec):
+    if "load_mean" not in rec:
+        return ""
+    oth = f" / {100 * rec['others_cpu_share']:.0f} %" if "others_cpu_share" in rec else ""
+    return f"{rec['load_mean']:.1f}{oth}"
+
+
 def markdown(r):
     o, m = r["ours_steps"], r.get("mrtrix3_steps", {})
     L = [f"# Participant-level benchmark ({r['size']}, {r['nprocs']} workers)", "",
@@ -505,8 +596,11 @@ def markdown(r):
          f"Machine: {r['machine']['cpu']}, {r['machine']['cpus_usable']} CPUs usable; load average "
          f"{r['machine']['load_avg_at_start'][0]:.1f} at start, {r['machine']['load_avg_at_end'][0]:.1f} at end "
          "(shared machine: compare CPU times too).", "",
-         "| step | ours wall s | ours CPU s | peak MB | | MRtrix3 step | wall s | CPU s | peak MB |",
-         "|---|---:|---:|---:|---|---|---:|---:|---:|"]
+         "Load = mean 1-min load average during the step; others = CPU time of the machine's other users "
+         "during the step, as a share of all its CPUs (from /proc/stat).", "",
+         "| step | ours wall s | ours CPU s | peak MB | load / others | | MRtrix3 step | wall s | CPU s | peak MB "
+         "| load / others |",
+         "|---|---:|---:|---:|---:|---|---|---:|---:|---:|---:|"]
     pairs = [("premask", None), ("denoise", "dwidenoise"), ("unring", "mrdegibbs"), (None, "dwiextract"),
              ("dti", "dwi2tensor"), (None, "tensor2metric"), ("motion", None), ("mask", None),
              (None, "dwidenoise_masked")]
@@ -515,8 +609,10 @@ def markdown(r):
         rb = m.get(b) if b else None
         if ra is None and rb is None:
             continue
-        fa = (f"{a} | {ra['wall_s']:.1f} | {ra['cpu_s']:.1f} | {ra['peak_rss_mb']:.0f}" if ra else " | | |")
-        fb = (f"{b} | {rb['wall_s']:.1f} | {rb['cpu_s']:.1f} | {rb['peak_rss_mb']:.0f}" if rb else " | | |")
+        fa = (f"{a} | {ra['wall_s']:.1f} | {ra['cpu_s']:.1f} | {ra['peak_rss_mb']:.0f} | {_ld(ra)}" if ra
+              else " | | | |")
+        fb = (f"{b} | {rb['wall_s']:.1f} | {rb['cpu_s']:.1f} | {rb['peak_rss_mb']:.0f} | {_ld(rb)}" if rb
+              else " | | | |")
         L.append(f"| {fa} | | {fb} |")
     L += ["", f"* **matched steps** (premask + denoise + unring + tensor fit): ours **{r['ours_s']:.1f} s** wall "
           f"({r['ours_cpu_s']:.1f} s CPU)"]
@@ -528,6 +624,11 @@ def markdown(r):
             L += [f"* MRtrix3 chain with dwidenoise -mask (our premask): {r['mrtrix3_masked_s']:.1f} s wall "
                   f"({r['mrtrix3_masked_cpu_s']:.1f} s CPU) -> ratio {r['ratio_vs_masked']:.2f} "
                   f"(CPU {r['ratio_cpu_vs_masked']:.2f})"]
+    if r.get("machine_load"):
+        lo, lm = r["machine_load"]["ours_matched_steps"], r["machine_load"]["mrtrix3_chain"]
+        L += [f"* machine load during our matched steps: mean {lo['load_mean']:.1f} (others "
+              f"{100 * lo.get('others_cpu_share', float('nan')):.0f} % of the CPUs); during the MRtrix3 chain: "
+              f"mean {lm['load_mean']:.1f} (others {100 * lm.get('others_cpu_share', float('nan')):.0f} %)"]
     L += [f"* ours total incl. motion correction and mask: {r['ours_total_s']:.1f} s wall "
           f"({r['ours_total_cpu_s']:.1f} s CPU); peak RSS {r['ours_peak_rss_mb']:.0f} MB"]
     if "fa_agreement" in r:

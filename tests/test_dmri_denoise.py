@@ -117,6 +117,24 @@ def test_float32_input_matches_dipy_float32_within_its_own_float_gap(small64d):
     assert rel(mppca(d32, dtype="float64"), ref64, small64d) < 1e-6
 
 
+def test_float32_gram_path_and_batches_match_dipy_float32():
+    # more volumes than patch voxels in float32 (the HBN case, 133 volumes vs
+    # 125 voxels): float32 centring, Gram matrix, eigh and projections
+    data = (lowrank(shape=(9, 8, 7), n=40, rank=4, sigma=0.3, seed=5) * 100).astype(np.float32)
+    ref32 = dipy_mppca(data, patch_radius=1)
+    ref64 = dipy_mppca(data.astype(np.float64), patch_radius=1)
+    with pytest.warns(UserWarning, match="Dimensionality"):
+        out = mppca(data, patch_radius=1)
+    assert mppca.last_stats["precision"] == "float32"
+    diff = np.abs(out - ref32) / np.ptp(data)
+    assert diff.max() < 2e-3 and np.quantile(diff, 0.999) < 1e-5
+    assert rel(out, ref64, data) < 2e-3 and np.quantile(np.abs(out - ref64) / np.ptp(data), 0.999) < 1e-5
+    # the batch size changes only rounding (a batch's projections are as wide as its largest
+    # retained rank; the extra columns are zeros): no decision flips
+    for b in (1, 7, 1000):
+        assert rel(mppca(data, patch_radius=1, batch=b, suppress_warning=True), out, data) < 1e-6
+
+
 def test_denoise_dispatch_and_errors(small64d):
     data = small64d[..., :20]
     assert np.array_equal(denoise(data, "none"), data.astype(np.float32))

@@ -26,10 +26,11 @@ per-patch work batched:
   clipped at 0; ``sigma`` (``return_sigma``) = ``sqrt(sum theta_p var_p /
   sum theta_p)``.
 
-Patches are processed in batches (a few hundred at a time: one batched
-``torch.linalg.bmm``/``eigh`` call each), z-slab work items are shared between
-``nprocs`` threads (the kernels release the GIL) with one BLAS/OpenMP thread
-each, and each slab accumulates into its own buffer (bounded memory).
+Patches are processed in batches (about 2^20 patch values, 32 to 256
+patches, at a time: one batched ``torch.bmm``/``eigh`` call each), z-slab
+work items are shared between ``nprocs`` threads (the kernels release the
+GIL) with one BLAS/OpenMP thread each, and each slab accumulates into its own
+buffer (bounded memory).
 
 Masks (``mask_mode``)
   ``"roi"`` (default): inside the mask the output equals DIPY's *unmasked*
@@ -43,8 +44,11 @@ Masks (``mask_mode``)
 
 Precision (``dtype``)
   DIPY's rule by default: the covariance eigen-decomposition runs in float64
-  for float64 input and in float32 otherwise (DIPY's ``calc_dtype``); the
-  means, projections and patch sums are float64 here in both cases. With
+  for float64 input and in float32 otherwise (DIPY's ``calc_dtype``). In
+  float32 the centred patch (patch minus its mean, the mean taken in float64
+  and rounded to float32, as DIPY's float32 mean), the covariance/Gram matrix,
+  its eigen-decomposition and the projection ``X_est`` are float32, as in
+  DIPY; the patch sums are float64 in both cases (DIPY sums in float32). With
   float64 input the result equals DIPY's to ~1e-7 of the data range (the
   float32 output). In float32 a patch's decision (MP stopping index, which
   eigenvalues fall below ``tau``) flips where an eigenvalue sits within
@@ -167,14 +171,25 @@ def _slab_work(index, arr, centres, k0, k1, pr, dim, m, tau_factor, is_svd, mode
     oi, oj, ok = np.meshgrid(np.arange(ps[0]), np.arange(ps[1]), np.arange(ps[2]), indexing="ij")
     offs = torch.from_numpy((oi * sy * sz + oj * sz + ok).reshape(-1)).to(device)
     tfac2 = float(tau_factor) ** 2
+    f32 = torch.float32
+    # float32 mode (DIPY's float32 rule): centring, covariance/Gram matrix,
+    # eigen-decomposition and projections in float32 with the mean taken in
+    # float64; the patch sums are float64. float64 mode and "svd": all float64.
+    low = mode == "float32" and not is_svd
+    ct = f32 if low else f64
     for b0 in range(0, ci.size, batch):
         bi, bj, bk = ci[b0:b0 + batch], cj[b0:b0 + batch], ck[b0:b0 + batch]
         nb = len(bi)
         gram = False
-        P = np.ascontiguousarray(win[bi, bj, bk]).reshape(nb, m, N)
-        Xp = torch.from_numpy(P).to(device=device, dtype=f64)      # exact for float32 input
-        Mn = Xp.mean(1, keepdim=True)
-        Xc = Xp - Mn
+        Pt = torch.from_numpy(np.ascontiguousarray(win[bi, bj, bk]).reshape(nb, m, N)).to(device)
+        if low:
+            Mn = Pt.mean(1, keepdim=True, dtype=f64)
+            Xc = Pt - Mn.to(f32) if Pt.dtype == f32 else (Pt - Mn).to(f32)
+            Mn = Mn.to(f32)
+        else:
+            Xp = Pt.to(f64)                            # exact for float32 input
+            Mn = Xp.mean(1, keepdim=True)
+            Xc = Xp - Mn
         if is_svd:
             _, S, Vh = torch.linalg.svd(Xc, full_matrices=False)
             k = S.shape[1]
@@ -182,45 +197,38 @@ def _slab_work(index, arr, centres, k0, k1, pr, dim, m, tau_factor, is_svd, mode
             d[:, N - k:] = S.flip(1) ** 2 / m
             W = torch.zeros((nb, N, N), dtype=f64, device=device)
             W[:, :, N - k:] = Vh.flip(1).transpose(1, 2)
-            var = _mp_classify(d, m)
         elif m < N:
             # more volumes than patch voxels: the non-zero spectrum of X^T X / m is
             # that of the smaller Gram matrix X X^T / m (m x m); the other N - m
             # eigenvalues are 0 (DIPY gets them as rounding-level values; they
             # are below tau either way and carry no signal).
-            Xe = Xc if mode == "float64" else Xc.to(torch.float32)
-            dG, W = torch.linalg.eigh(torch.bmm(Xe, Xe.transpose(1, 2)) / m)
+            dG, W = torch.linalg.eigh(torch.bmm(Xc, Xc.transpose(1, 2)) / m)
             d = torch.cat([torch.zeros((nb, N - m), dtype=f64, device=device), dG.to(f64)], 1)
-            var = _mp_classify(d, m)
             gram = True
-        elif mode == "float64":
-            d, W = torch.linalg.eigh(torch.bmm(Xc.transpose(1, 2), Xc) / m)
-            var = _mp_classify(d, m)
         else:
-            Xc32 = Xc.to(torch.float32)
-            d32, W = torch.linalg.eigh(torch.bmm(Xc32.transpose(1, 2), Xc32) / m)
-            d = d32.to(f64)
-            var = _mp_classify(d, m)
+            dc, W = torch.linalg.eigh(torch.bmm(Xc.transpose(1, 2), Xc) / m)
+            d = dc.to(f64)
+        var = _mp_classify(d, m)
         tau = tfac2 * var
         ncomps = (d < tau[:, None]).sum(1)
         theta = 1.0 / (1.0 + dim - ncomps.to(f64))
         rmax = int((N - ncomps).max())                 # retained components are the last ones
+        tc = theta.to(ct)[:, None, None]
+        # theta * (Xc W W^T + M) = theta M + (Xc W) (theta W)^T, in one baddbmm
         if gram and rmax > 0:
             r = min(rmax, m)                          # column j of d is Gram column j - (N - m)
-            Ur = W[:, :, m - r:].to(f64)
             col = torch.arange(N - r, N, device=device)
-            Ur = Ur * (col[None, :] >= ncomps[:, None]).to(f64)[:, None, :]
-            Xest = torch.bmm(Ur, torch.bmm(Ur.transpose(1, 2), Xc)) + Mn
+            Ur = W[:, :, m - r:] * (col[None, :] >= ncomps[:, None]).to(ct)[:, None, :]
+            Xw = torch.baddbmm(Mn * tc, Ur, torch.bmm(Ur.transpose(1, 2), Xc) * tc)
         elif rmax > 0:
-            Wr = W[:, :, N - rmax:].to(f64)
             col = torch.arange(N - rmax, N, device=device)
-            Wr = Wr * (col[None, :] >= ncomps[:, None]).to(f64)[:, None, :]
-            Xest = torch.bmm(torch.bmm(Xc, Wr), Wr.transpose(1, 2)) + Mn
+            Wr = W[:, :, N - rmax:] * (col[None, :] >= ncomps[:, None]).to(ct)[:, None, :]
+            Xw = torch.baddbmm(Mn * tc, torch.bmm(Xc, Wr), Wr.transpose(1, 2) * tc)
         else:
-            Xest = Mn.expand(-1, m, -1)
+            Xw = (Mn * tc).expand(-1, m, -1)
         corner = torch.from_numpy(bi * sy * sz + bj * sz + bk).to(device)
         lin = (corner[:, None] + offs[None, :]).reshape(-1)
-        tx.index_add_(0, lin, (Xest * theta[:, None, None]).reshape(-1, N))
+        tx.index_add_(0, lin, Xw.reshape(-1, N).to(f64))
         th.index_add_(0, lin, theta.repeat_interleave(m))
         if va is not None:
             va.index_add_(0, lin, (var * theta).repeat_interleave(m))
@@ -231,7 +239,7 @@ def _slab_work(index, arr, centres, k0, k1, pr, dim, m, tau_factor, is_svd, mode
 
 
 def mppca(data, mask=None, patch_radius=2, pca_method="eig", return_sigma=False, nprocs=1, *,
-          mask_mode="roi", dtype=None, device="cpu", batch=128, slab=None, suppress_warning=False):
+          mask_mode="roi", dtype=None, device="cpu", batch=None, slab=None, suppress_warning=False):
     """MP-PCA denoising; the same result as ``dipy.denoise.localpca.mppca``.
 
     Parameters
@@ -251,16 +259,18 @@ def mppca(data, mask=None, patch_radius=2, pca_method="eig", return_sigma=False,
         "dipy": equal to ``dipy.mppca(data, mask=mask)``.
     dtype : None | "float64" | "float32"
         Precision of the covariance eigen-decomposition. None (default):
-        DIPY's rule, float64 for float64 input, float32 otherwise. Means,
-        projections and the patch sums are float64 in every case. In float32
+        DIPY's rule, float64 for float64 input, float32 otherwise (then the
+        centring and projections are float32 too); the patch sums are
+        float64 in every case. In float32
         a patch's MP/threshold decision can differ from the float64 one when
         an eigenvalue sits within float32 rounding of the threshold (about
         0.15 % of patches on a DWI phantom): DIPY's own float32 and float64
         runs differ the same way (max ~7e-4 of the data range there).
     device : str
         torch device for the batched linear algebra ("cpu", "cuda", ...).
-    batch : int
-        Patches per batched eigen-decomposition.
+    batch : int, optional
+        Patches per batched eigen-decomposition (default: about 2^20 patch
+        values, clipped to 32..256: 254 for 5x5x5 x 33 volumes, 63 for 133).
     slab : int, optional
         Patch-centre planes (along z) per work item.
 
@@ -299,7 +309,9 @@ def mppca(data, mask=None, patch_radius=2, pca_method="eig", return_sigma=False,
                       "impact. Increase patch_radius to avoid this.", UserWarning, stacklevel=2)
     tau_factor = 1 + np.sqrt(dim / m)
     X, Y, Z, N = arr.shape
-    # float32/float64 input is used as is (batches are converted to float64 exactly)
+    if batch is None:
+        batch = int(np.clip((1 << 20) // (m * dim), 32, 256))
+    # float32/float64 input is used as is (float64 mode converts batches exactly)
     work = arr if arr.dtype in (np.float32, np.float64) else arr.astype(np.float32)
     work = np.ascontiguousarray(work)
 

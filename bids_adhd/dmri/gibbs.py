@@ -130,8 +130,12 @@ def _unring_1d(x, n_points):
     """DIPY ``_gibbs_removal_1d(x, axis=1)`` for a stack ``x`` (..., lines, N).
 
     DIPY's masked updates ``isp[tvp > tvs] = img[...]; sp[...] = s; tvp[...] =
-    tvs[...]`` are done as ``tvp = minimum(tvp, tvs)`` and bitwise selects
-    (identical results for finite data; non-finite input takes DIPY's path).
+    tvs[...]`` are done as ``tvp = minimum(tvp, tvs)``, a bitwise select for
+    ``isp`` and, for ``sp``, the 1-based index of the last improving shift
+    (``uint8``; the shifts are visited in increasing order, so that index is a
+    running maximum), turned into the shift value (bit for bit DIPY's ``s``)
+    at the end. Identical results for finite data; non-finite input takes
+    DIPY's path.
     """
     dtype_float = np.promote_types(x.real.dtype, np.float32)
     ssamp = np.linspace(0.02, 0.9, num=45, dtype=dtype_float)
@@ -141,8 +145,6 @@ def _unring_1d(x, n_points):
     tvn = tvp.copy()
     isp = xs.copy()
     isn = xs.copy()
-    sp = np.zeros(xs.shape, dtype=dtype_float)
-    sn = np.zeros(xs.shape, dtype=dtype_float)
     N = xs.shape[-1]
     c = _fft.fft(xs, axis=-1)
     k = _fft.fftfreq(N, 1 / (2.0j * np.pi))
@@ -155,25 +157,37 @@ def _unring_1d(x, n_points):
     if fast:
         uint = np.dtype(f"u{xs.dtype.itemsize}")
         mbits = np.empty(xs.shape, dtype=uint)
-        sfull = np.empty(xs.shape, dtype=dtype_float)
-    for s in ssamp:
+        jp = np.zeros(xs.shape, dtype=np.uint8)         # 0: no shift, j: ssamp[j - 1]
+        jn = np.zeros(xs.shape, dtype=np.uint8)
+        j8 = np.empty(xs.shape, dtype=np.uint8)
+        m8 = mask.view(np.uint8)
+        track = (jp, jn)
+    else:
+        sp = np.zeros(xs.shape, dtype=dtype_float)
+        sn = np.zeros(xs.shape, dtype=dtype_float)
+        track = (sp, sn)
+    for j, s in enumerate(ssamp, 1):
         ks = k * s
-        for e, iss, ss, tv in ((np.exp(ks), isp, sp, tvp), (np.exp(-ks), isn, sn, tvn)):
+        for e, iss, ss, tv in ((np.exp(ks), isp, track[0], tvp), (np.exp(-ks), isn, track[1], tvn)):
             np.multiply(c, e, out=prod)
             np.abs(_fft.ifft(prod, axis=-1, overwrite_x=True), out=img)
             tvf(img, out=tvs)
             np.greater(tv, tvs, out=mask)
             if fast:
+                np.multiply(m8, j, out=j8)
+                np.maximum(ss, j8, out=ss)
                 np.copyto(mbits, mask)
                 np.negative(mbits, out=mbits)            # 1 -> all ones
                 _select(iss, img, mbits)
-                sfull.fill(s)
-                _select(ss, sfull, mbits)
                 np.minimum(tv, tvs, out=tv)
             else:
                 np.copyto(iss, img, where=mask)
                 np.copyto(ss, s, where=mask)
                 np.copyto(tv, tvs, where=mask)
+    if fast:
+        table = np.concatenate((np.zeros(1, dtype=dtype_float), ssamp))
+        sp = table[jp]
+        sn = table[jn]
     tot = sp + sn
     with np.errstate(divide="ignore", invalid="ignore"):
         val = (isp - isn) / tot * sn + isn
