@@ -81,7 +81,8 @@ def encoder_keys_are_monai_layout(enc) -> bool:
 EXPECTED_PRESETS = {
     # name: (trainable, total)
     "paper": (LORA_FLAT + NORM + HEAD, ENCODER + LORA_FLAT + HEAD),
-    "fast": (LORA_FLAT + NORM + HEAD, ENCODER + LORA_FLAT + HEAD),
+    # fast: linear head over the 992 multiscale features (32+64+128+256+512) -> 2 classes
+    "fast": (LORA_FLAT + NORM + 992 * 2 + 2, ENCODER + LORA_FLAT + 992 * 2 + 2),
     "default": (LORA_FLAT + NORM + HEAD, ENCODER + LORA_FLAT + HEAD),
     "peft-lora": (LORA_FLAT + NORM + HEAD, ENCODER + LORA_FLAT + HEAD),
     "linear-probe": (HEAD, ENCODER + HEAD),
@@ -95,7 +96,9 @@ def test_every_preset_builds_with_its_counts(preset):
     _, info = build_model(load_pipeline(preset).model, architecture_only=True)
     rep = info["parameters"]
     assert (rep["trainable"], rep["total"]) == EXPECTED_PRESETS[preset]
-    assert info["full_finetune_trainable"] == ENCODER + HEAD
+    head = EXPECTED_PRESETS[preset][1] - ENCODER - (LORA_FLAT if preset in ("paper", "fast", "default", "peft-lora")
+                                                    else 0)
+    assert info["full_finetune_trainable"] == ENCODER + head
 
 
 def test_kernel2d_and_two_channel_variants_count():
