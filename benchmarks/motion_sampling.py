@@ -45,9 +45,9 @@ def main(argv=None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         bids = Path(tmp) / "bids"
-        subprocess.run([sys.executable, "-m", "bids_adhd", "simulate", str(bids), "--subjects", str(args.subjects),
+        subprocess.run([sys.executable, "-m", "bids_adhd", "simulate", str(bids), "--subjects", str(max(2, args.subjects)),
                         "--seed", str(args.seed)], check=True, capture_output=True)
-        for sub in sorted(p.name for p in bids.glob("sub-*")):
+        for sub in sorted(p.name for p in bids.glob("sub-*"))[:args.subjects]:
             stem = bids / sub / "dwi" / f"{sub}_dwi"
             img = nib.load(f"{stem}.nii.gz")
             data = img.get_fdata(dtype=np.float32)

