@@ -117,11 +117,11 @@ def main(argv=None) -> int:
                   f"(n={m['pooled']['n']}, pretrained={m['pretrained']})", flush=True)
         run["total_wall_s"] = round(sum(s.get("wall_s", 0) for s in steps), 1)
         results["runs"].append(run)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(args.out).with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    os.replace(tmp, args.out)
-    print(f"wrote {args.out}")
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)       # after every effect
+        tmp = Path(args.out).with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(results, indent=2) + "\n")
+        os.replace(tmp, args.out)
+        print(f"wrote {args.out}", flush=True)
     return 0 if all(r["steps"][-1].get("exit") == 0 for r in results["runs"]) else 1
 
 
