@@ -67,3 +67,20 @@ def files_under(root: Path) -> list[str]:
     if not root.exists():
         return []
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+def finish_process(proc, timeout=300, what="run"):
+    """Wait for a ``start_new_session`` subprocess; on timeout kill its whole group and fail.
+    Returns (exit code, stderr)."""
+    import signal
+    import subprocess
+
+    import pytest
+
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, err = proc.communicate()
+        pytest.fail(f"{what} did not finish in {timeout} s:\n{err[-3000:]}")
+    return proc.returncode, err

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import tree_hash
+from helpers import tree_hash, finish_process
 
 from test_group_common import tiny_build_model
 
@@ -261,13 +261,7 @@ def _start(runner, bids, out, pipeline, *extra, kill=None):
 
 
 def _finish(proc, timeout=300):
-    try:
-        _, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        _, err = proc.communicate()
-        pytest.fail(f"group run did not finish in {timeout} s:\n{err[-3000:]}")
-    return proc.returncode, err
+    return finish_process(proc, timeout, "group run")
 
 
 class _ForkServer:

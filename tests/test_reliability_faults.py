@@ -31,7 +31,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from helpers import tree_hash
+from helpers import tree_hash, finish_process
 
 LIGHT_PIPELINE = """\
 base: fast
@@ -152,13 +152,7 @@ def start(env, out, *extra, kill=None, enospc=None):
 
 
 def finish(proc, timeout=300):
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"run did not finish in {timeout} s:\n{err[-3000:]}")
-    return proc.returncode, err
+    return finish_process(proc, timeout, "run")
 
 
 def kill_when(proc, path: Path, timeout=300) -> bool:
