@@ -592,7 +592,9 @@ def markdown(r):
     o, m = r["ours_steps"], r.get("mrtrix3_steps", {})
     L = [f"# Participant-level benchmark ({r['size']}, {r['nprocs']} workers)", "",
          f"Command: `{r['command']}`  ", f"Data: {r['data']['shape']} ({r['data']['dtype_on_disk']}, "
-         f"{r['data']['voxel_mm']} mm, b = {r['data']['bvals']})  ",
+         f"{[round(v, 3) for v in r['data']['voxel_mm']]} mm, b = {r['data']['bvals']})  ",
+         f"Code: commit {(r.get('code') or {}).get('commit')}"
+         f"{' + uncommitted changes' if (r.get('code') or {}).get('uncommitted_changes') else ''}  ",
          f"Machine: {r['machine']['cpu']}, {r['machine']['cpus_usable']} CPUs usable; load average "
          f"{r['machine']['load_avg_at_start'][0]:.1f} at start, {r['machine']['load_avg_at_end'][0]:.1f} at end "
          "(shared machine: compare CPU times too).", "",
@@ -631,6 +633,13 @@ def markdown(r):
               f"mean {lm['load_mean']:.1f} (others {100 * lm.get('others_cpu_share', float('nan')):.0f} %)"]
     L += [f"* ours total incl. motion correction and mask: {r['ours_total_s']:.1f} s wall "
           f"({r['ours_total_cpu_s']:.1f} s CPU); peak RSS {r['ours_peak_rss_mb']:.0f} MB"]
+    if r.get("mrtrix3_peak_rss_mb"):
+        L += [f"* peak memory: ours {r['ours_peak_rss_mb']:.0f} MB (this process, which also holds the earlier "
+              f"steps' arrays), MRtrix3 {r['mrtrix3_peak_rss_mb']:.0f} MB (largest single command)"]
+    if "fa_corr" in r:
+        L += [f"* FA, `dwi2tensor -ols -iter 0` vs DIPY OLS on identical input (positive-definite voxels): corr "
+              f"{r['fa_corr']:.9f}, median |dFA| {r['fa_median_abs_diff']:.2e}, max |dFA| "
+              f"{r['fa_max_abs_diff']:.2e}"]
     if "fa_agreement" in r:
         L += ["", "| FA agreement (in mask) | corr | median abs diff | p99 | max abs diff | voxels > 1e-3 / all |",
               "|---|---:|---:|---:|---:|---:|"]
