@@ -216,38 +216,10 @@ def template_mask(shape, affine) -> np.ndarray:
 # --- registration ------------------------------------------------------------
 
 def _seeded_mi_metric(seed: int):
-    """DIPY's MI metric with its sparse sampling points drawn from ``seed``.
+    """DIPY's MI metric (``MI_NBINS`` bins, ``MI_SAMPLING_PROPORTION`` of the voxels) sampled from ``seed``."""
+    from ._mi import seeded_mi_metric
 
-    DIPY draws the jittered regular sample points with a fixed internal seed;
-    this subclass redraws them from ``numpy.random.default_rng(seed)`` so the
-    caller's seed is the one that counts (same seed, same result).
-    """
-    from dipy.align.imaffine import MutualInformationMetric
-    from dipy.align.parzenhist import sample_domain_regular
-
-    class _SeededMI(MutualInformationMetric):
-        def setup(self, transform, static, moving, static_grid2world=None, moving_grid2world=None,
-                  starting_affine=None, static_mask=None, moving_mask=None):
-            super().setup(transform, static, moving, static_grid2world=static_grid2world,
-                          moving_grid2world=moving_grid2world, starting_affine=starting_affine,
-                          static_mask=static_mask, moving_mask=moving_mask)
-            if self.sampling_proportion is None:
-                return
-            k = int(np.ceil(1.0 / self.sampling_proportion))
-            shape = np.array(self.static.shape, dtype=np.int32)
-            rng = np.random.default_rng(seed)
-            samples = np.asarray(sample_domain_regular(k, shape, self.static_grid2world, rng=rng))
-            self.ns = samples.shape[0]
-            self.samples = np.hstack((samples, np.ones((self.ns, 1))))
-            if self.starting_affine is None:
-                self.samples_prealigned = self.samples
-            else:
-                self.samples_prealigned = self.starting_affine.dot(self.samples.T).T
-            static_p = self.static_world2grid.dot(self.samples.T).T[..., :self.dim]
-            vals, _ = self.interp_method(self.static, static_p)
-            self.static_vals = np.array(vals, dtype=np.float64)
-
-    return _SeededMI(nbins=MI_NBINS, sampling_proportion=MI_SAMPLING_PROPORTION)
+    return seeded_mi_metric(seed, MI_NBINS, MI_SAMPLING_PROPORTION)
 
 
 def _check_input(fa, fa_affine, mask):
