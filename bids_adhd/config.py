@@ -58,7 +58,7 @@ class TemplateConfig:
     resolution_mm: float = 2.0
     shape: tuple = (96, 96, 96)       # voxels; each divisible by 16 (4 stride-2 stages); 192 mm cube
     syn: bool = False                 # follow the affine with DIPY SyN
-    registration_mm: float = 0.0      # resolution of the FA-like target the affine fits (0: 2 mm)
+    registration_mm: float = 2.0      # resolution of the FA-like target the affine fits
     affine_level_iters: tuple = (1000, 200, 50)
     affine_factors: tuple = (4, 2, 1)
     affine_sigmas: tuple = (3.0, 1.0, 0.0)
@@ -68,6 +68,8 @@ class TemplateConfig:
             raise UsageError(f"template shape must be 3 sizes divisible by 16 (got {self.shape})")
         if self.resolution_mm <= 0:
             raise UsageError("template resolution_mm must be positive")
+        if self.registration_mm <= 0:
+            raise UsageError(f"template registration_mm must be positive (got {self.registration_mm!r})")
 
 
 @dataclass(frozen=True)

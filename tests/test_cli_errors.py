@@ -219,6 +219,10 @@ def test_impossible_options(tiny, tmp_path, capsys):
     assert_clean_failure(code, err, 64, "--nprocs", tmp_path / "out")
     code, err = run_cli(_participant(tiny, tmp_path / "out", "--pipeline", "nonexistent"), capsys)
     assert_clean_failure(code, err, 64, "unknown pipeline", tmp_path / "out")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("base: fast\ntemplate:\n  registration_mm: 0\n")
+    code, err = run_cli(_participant(tiny, tmp_path / "out", "--pipeline", bad), capsys)
+    assert_clean_failure(code, err, 64, "registration_mm must be positive", tmp_path / "out")
 
 
 def test_console_script_exit_code_and_stderr(tmp_path):

@@ -142,9 +142,8 @@ def test_masks_resample_as_masks(registered):
     assert near.dtype == np.uint8
 
 
-def test_same_seed_same_result(monkeypatch):
-    monkeypatch.setattr(T, "REG_RESOLUTION_MM", 4.0)         # cheap: fit against the 4 mm target
-    cfg = TemplateConfig(affine_level_iters=(30, 10), affine_factors=(2, 1), affine_sigmas=(1.0, 0.0))
+def test_same_seed_same_result():
+    cfg = TemplateConfig(registration_mm=4.0, affine_level_iters=(30, 10), affine_factors=(2, 1), affine_sigmas=(1.0, 0.0))
     fa, aff, mask = _subject(POSES["a"], seed=5)
     r1 = T.register_to_template(fa, aff, mask, cfg=cfg, seed=7)
     r2 = T.register_to_template(fa, aff, mask, cfg=cfg, seed=7)
@@ -153,9 +152,8 @@ def test_same_seed_same_result(monkeypatch):
 
 def test_syn_smoke(monkeypatch):
     monkeypatch.setattr(T, "SYN_LEVEL_ITERS", (10, 5))
-    monkeypatch.setattr(T, "REG_RESOLUTION_MM", 4.0)         # cheap: fit against the 4 mm target
-    cfg = TemplateConfig(syn=True, affine_level_iters=(100, 20), affine_factors=(2, 1), affine_sigmas=(1.0, 0.0),
-                         resolution_mm=4.0, shape=(48, 48, 48))
+    cfg = TemplateConfig(syn=True, registration_mm=4.0, affine_level_iters=(100, 20), affine_factors=(2, 1),
+                         affine_sigmas=(1.0, 0.0), resolution_mm=4.0, shape=(48, 48, 48))
     fa, aff, mask = _subject(POSES["b"], seed=3)
     reg = T.register_to_template(fa, aff, mask, cfg=cfg)
     assert reg["syn_mapping"] is not None
