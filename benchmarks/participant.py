@@ -57,37 +57,28 @@ sys.path.insert(0, str(ROOT))
 
 # --- measurement helpers ---------------------------------------------------------
 
-class PeakRSS:
-    """Peak memory of this process (RSS) + its children (USS: their own pages, so
-    the pages a forked worker shares with this process are not counted twice),
-    sampled every 0.1 s."""
+class _Sampler:
+    """Context manager that calls ``sample()`` on entry, every ``period`` seconds in a
+    background thread (a failed sample is skipped), and on exit."""
 
-    def __init__(self):
-        import psutil
+    period = 1.0
 
-        self.proc = psutil.Process()
-        self.peak = 0
-        self._stop = threading.Event()
-        self._t = None
+    def sample(self):
+        raise NotImplementedError
 
-    def _rss(self):
-        total = self.proc.memory_info().rss
-        for ch in self.proc.children(recursive=True):
-            try:
-                total += ch.memory_full_info().uss
-            except Exception:
-                pass
-        return total
+    def _safe_sample(self):
+        try:
+            self.sample()
+        except Exception:
+            pass
 
     def __enter__(self):
-        self.peak = self._rss()
+        self._stop = threading.Event()
+        self._safe_sample()
 
         def loop():
-            while not self._stop.wait(0.1):
-                try:
-                    self.peak = max(self.peak, self._rss())
-                except Exception:
-                    pass
+            while not self._stop.wait(self.period):
+                self._safe_sample()
 
         self._t = threading.Thread(target=loop, daemon=True)
         self._t.start()
@@ -96,7 +87,32 @@ class PeakRSS:
     def __exit__(self, *exc):
         self._stop.set()
         self._t.join()
-        self.peak = max(self.peak, self._rss())
+        self._safe_sample()
+
+
+class PeakRSS(_Sampler):
+    """Peak memory, sampled every 0.1 s: of this process (RSS) + its children (USS:
+    their own pages, so the pages a forked worker shares with this process are not
+    counted twice), or, with ``pid``, of that one process (RSS)."""
+
+    period = 0.1
+
+    def __init__(self, pid=None):
+        import psutil
+
+        self.proc = psutil.Process(pid)
+        self.own = pid is None
+        self.peak = 0
+
+    def sample(self):
+        total = self.proc.memory_info().rss
+        if self.own:
+            for ch in self.proc.children(recursive=True):
+                try:
+                    total += ch.memory_full_info().uss
+                except Exception:
+                    pass
+        self.peak = max(self.peak, total)
 
 
 def _proc_stat():
@@ -110,31 +126,22 @@ def _proc_stat():
     return sum(v), v[3] + v[4], v[7]
 
 
-class MachineLoad:
+class MachineLoad(_Sampler):
     """What the rest of the (shared) machine did during a step: the load average
     (sampled every second: mean and max) and the machine-wide busy CPU time from
     /proc/stat, minus this step's own CPU time = the other users' CPU time."""
 
-    def __init__(self):
-        self.samples = []
-        self._stop = threading.Event()
+    def sample(self):
+        self.samples.append(os.getloadavg()[0])
 
     def __enter__(self):
+        self.samples = []
         self.s0 = _proc_stat()
         self.t0 = time.perf_counter()
-        self.samples = [os.getloadavg()[0]]
-
-        def loop():
-            while not self._stop.wait(1.0):
-                self.samples.append(os.getloadavg()[0])
-
-        self._t = threading.Thread(target=loop, daemon=True)
-        self._t.start()
-        return self
+        return super().__enter__()
 
     def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
+        super().__exit__(*exc)
         self.s1 = _proc_stat()
         self.wall = time.perf_counter() - self.t0
 
@@ -176,37 +183,19 @@ def run_cmd(name, cmd, steps):
     """Run a command: wall time; CPU time of that child alone (os.wait4); peak RSS
     of the child sampled every 0.1 s (ru_maxrss of a child forked from this big
     process would count the parent's pages)."""
-    import psutil
-
     load0 = os.getloadavg()[0]
-    ml = MachineLoad().__enter__()
-    t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    peak = [0]
-    done = threading.Event()
-
-    def sample():
-        try:
-            proc = psutil.Process(p.pid)
-            while not done.is_set():
-                peak[0] = max(peak[0], proc.memory_info().rss)
-                done.wait(0.1)
-        except Exception:
-            pass
-
-    th = threading.Thread(target=sample, daemon=True)
-    th.start()
-    err = p.stderr.read().decode(errors="replace")       # until the child closes it (exits)
-    _, status, ru = os.wait4(p.pid, 0)
-    wall = time.perf_counter() - t0
-    ml.__exit__(None, None, None)
-    done.set()
-    th.join()
+    with MachineLoad() as ml:
+        t0 = time.perf_counter()
+        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        with PeakRSS(p.pid) as mem:
+            err = p.stderr.read().decode(errors="replace")       # until the child closes it (exits)
+            _, status, ru = os.wait4(p.pid, 0)
+        wall = time.perf_counter() - t0
     p.stderr.close()
     p.returncode = os.waitstatus_to_exitcode(status)
     if p.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed ({p.returncode}): {err[-2000:]}")
-    rec = {"wall_s": wall, "cpu_s": ru.ru_utime + ru.ru_stime, "peak_rss_mb": peak[0] / 2**20,
+    rec = {"wall_s": wall, "cpu_s": ru.ru_utime + ru.ru_stime, "peak_rss_mb": mem.peak / 2**20,
            "load_before": load0, "load_after": os.getloadavg()[0], "command": " ".join(map(str, cmd))}
     rec.update(ml.summary(rec["cpu_s"]))
     steps[name] = rec
