@@ -240,6 +240,17 @@ def remove_stale_temps(root: os.PathLike, sources, min_age_s: float = 60.0) -> l
     return removed
 
 
+def remove_temps_under(folder: os.PathLike) -> list[Path]:
+    """Delete every temporary of this module's writes (``.<final name>.<random>.tmp*``) below
+    ``folder``: for a folder that one job owns alone (the group level's ``group/``)."""
+    removed = []
+    for tmp in sorted(Path(folder).rglob(".*.tmp*")):
+        if _TEMP.match(tmp.name) and tmp.is_file():
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

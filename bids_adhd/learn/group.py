@@ -343,10 +343,8 @@ def _remove_stale_temps(gdir: Path) -> None:
     """--resume: delete the hidden temporary files (``.<name>.<random>.tmp*``, see
     ``derivatives.atomic_path``) a killed run left under group/ (a half-written adapter, a
     report not yet renamed). The group level owns group/: no other job writes there."""
-    for tmp in sorted(gdir.rglob(".*.tmp*")):
-        if dv._TEMP.match(tmp.name) and tmp.is_file():
-            tmp.unlink(missing_ok=True)
-            LOG.info("--resume: removed %s, left by the interrupted run", tmp.relative_to(gdir))
+    for tmp in dv.remove_temps_under(gdir):
+        LOG.info("--resume: removed %s, left by the interrupted run", tmp.relative_to(gdir))
 
 
 def _check_resume_config(gdir: Path, cfg) -> None:
