@@ -366,9 +366,10 @@ def train_model(model: nn.Module, init: dict, train_set: list[dict], val_set: li
         set_mode(model, True, norm_mode)
         if dist.enabled and dist.rank:
             # dropout and augmentation: other random draws on each rank (rank 0 keeps a single process's)
-            torch.manual_seed(int(seed) * 1000 + epoch + 100_003 * dist.rank)
+            rank_seed = int(seed) * 1000 + epoch + 100_003 * dist.rank
+            torch.manual_seed(rank_seed)
             if augment is not None and hasattr(augment, "set_random_state"):
-                augment.set_random_state(seed=(int(seed) * 1000 + epoch + 100_003 * dist.rank) % 2 ** 32)
+                augment.set_random_state(seed=rank_seed % 2 ** 32)
         losses = []
         for i in range(0, len(order), bs):
             idx = order[i:i + bs]
