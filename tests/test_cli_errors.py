@@ -223,6 +223,13 @@ def test_impossible_options(tiny, tmp_path, capsys):
     bad.write_text("base: fast\ntemplate:\n  registration_mm: 0\n")
     code, err = run_cli(_participant(tiny, tmp_path / "out", "--pipeline", bad), capsys)
     assert_clean_failure(code, err, 64, "registration_mm must be positive", tmp_path / "out")
+    for body, msg in (("preproc:\n  denoise_stride: 6\n", "denoise_stride must be between 1 and"),
+                      ("preproc:\n  denoise_stride: two\n", "invalid literal"),
+                      ("preproc:\n  motion_min_samples: 10\n", "motion_min_samples must be at least"),
+                      ("model:\n  feature_levels: [3, 3]\n", "feature_levels must be distinct")):
+        bad.write_text("base: fast\n" + body)
+        code, err = run_cli(_participant(tiny, tmp_path / "out", "--pipeline", bad), capsys)
+        assert_clean_failure(code, err, 64, msg, tmp_path / "out")
 
 
 def test_console_script_exit_code_and_stderr(tmp_path):

@@ -212,3 +212,11 @@ def test_sparse_sampling_is_reproducible_across_processes():
     dense = correct_motion(data, AFFINE, bvals[:3], bvecs[:3], nprocs=2, sampling=None, box_margin=None,
                            level_iters=(20, 5))
     assert not np.array_equal(dense["affines"], runs[0]["affines"])     # the option took effect
+    # min_samples raises the share: a floor above the grid's size makes the metric dense again,
+    # a low floor leaves 0.3 in force (an explicit 40,000 is the default)
+    floored = correct_motion(data, AFFINE, bvals[:3], bvecs[:3], nprocs=2, sampling=0.3, box_margin=None,
+                             level_iters=(20, 5), min_samples=10 ** 9)
+    assert np.array_equal(floored["affines"], dense["affines"])
+    low = correct_motion(data, AFFINE, bvals[:3], bvecs[:3], nprocs=2, sampling=0.3, box_margin=None,
+                         level_iters=(20, 5), min_samples=1000)
+    assert not np.array_equal(low["affines"], runs[0]["affines"])       # 0.3 instead of 40k/77k

@@ -58,7 +58,7 @@ class RunDerivatives(SimpleInterface):
         tpl = i.config["template"]
         soft = {"Name": "bids_adhd", "Version": __version__}
 
-        dv.copy_file(i.dwi, dv.preproc_dwi(root, src))
+        dv.copy_nifti(i.dwi, dv.preproc_dwi(root, src))
         dv.copy_file(i.bval, dv.preproc_dwi(root, src, ".bval"))
         dv.copy_file(i.bvec, dv.preproc_dwi(root, src, ".bvec"))
         raw_meta = {}
@@ -70,12 +70,13 @@ class RunDerivatives(SimpleInterface):
                 raw_meta = {}
         dv.write_json(dv.preproc_dwi(root, src, ".json"), {
             **raw_meta, "Sources": [raw_uri], "SkullStripped": False,
-            "Denoising": {"Method": pre["denoise"], "PatchRadius": pre["denoise_patch_radius"]},
+            "Denoising": {"Method": pre["denoise"], "PatchRadius": pre["denoise_patch_radius"],
+                          "PatchStride": pre["denoise_stride"]},
             "GibbsCorrection": bool(pre["gibbs"]),
             "MotionCorrection": ("volume-to-mean-b0 affine (DIPY MI), b-vectors rotated" if pre["motion"]
                                  else "none"),
             "GeneratedBy": soft})
-        dv.copy_file(i.mask, dv.brain_mask(root, src))
+        dv.copy_nifti(i.mask, dv.brain_mask(root, src))
 
         table = np.loadtxt(i.motion, skiprows=1, delimiter="\t", ndmin=2)
         cols = ["trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z", "framewise_displacement"]
@@ -91,20 +92,20 @@ class RunDerivatives(SimpleInterface):
                 "rd": "radial diffusivity",
                 "tensor": "diffusion tensor, 6 volumes in DIPY lower-triangular order Dxx, Dxy, Dyy, Dxz, Dyz, Dzz"}
         for p in ("fa", "md", "ad", "rd", "tensor"):
-            dv.copy_file(getattr(i, p), dv.dwimap(root, src, p))
+            dv.copy_nifti(getattr(i, p), dv.dwimap(root, src, p))
             dv.write_json(dv.dwimap(root, src, p, ext=".json"), {
                 "Description": desc[p], "Units": units[p], "Model": "tensor", "FitMethod": pre["dti_fit"],
                 "MaxBValue": pre["dti_bmax"], "Sources": [raw_uri], "GeneratedBy": soft})
         space = dv.TEMPLATE_SPACE
         for p, f in (("fa", i.std_fa), ("md", i.std_md)):
-            dv.copy_file(f, dv.dwimap(root, src, p, space=space))
+            dv.copy_nifti(f, dv.dwimap(root, src, p, space=space))
             dv.write_json(dv.dwimap(root, src, p, space=space, ext=".json"), {
                 "Description": f"{desc[p]} resampled to {space}", "Units": units[p], "Model": "tensor",
                 "SpatialReference": {"Space": space, "ResolutionMM": tpl["resolution_mm"],
                                      "Shape": list(tpl["shape"])},
                 "Registration": "DIPY mutual-information affine" + (" + SyN" if tpl["syn"] else ""),
                 "Sources": [raw_uri], "GeneratedBy": soft})
-        dv.copy_file(i.std_mask, dv.brain_mask(root, src, space=space))
+        dv.copy_nifti(i.std_mask, dv.brain_mask(root, src, space=space))
         dv.copy_file(i.xfm, dv.xfm(root, src))
 
         import nibabel as nib

@@ -26,6 +26,8 @@ def _load(path, dtype=np.float32):
 
 
 def _save(data, like, name, dtype=np.float32):
+    """Write a work-dir image; uncompressed ``.nii`` (gzip level 6 costs 3.6 s per demo DWI write, and
+    the work dir is scratch: the sink compresses what it publishes)."""
     import nibabel as nib
 
     img = nib.Nifti1Image(np.asarray(data, dtype=dtype), like.affine)
@@ -103,7 +105,7 @@ class CheckDWI(_Timed):
         bvals, bvecs = read_btable(Path(self.inputs.in_bval), Path(self.inputs.in_bvec), img.shape[3],
                                    self.inputs.b0_threshold)
         data = load_dwi_data(Path(self.inputs.in_file), img)
-        self._results["out_file"] = _save(data, img, "dwi.nii.gz")
+        self._results["out_file"] = _save(data, img, "dwi.nii")
         self._results["out_bval"], self._results["out_bvec"] = _write_fsl(bvals, bvecs, "dwi")
 
 
@@ -139,8 +141,8 @@ class BrainMask(_Timed):
                               self.inputs.numpass)
         if self.inputs.dilate > 0:
             mask = binary_dilation(mask, iterations=self.inputs.dilate)
-        self._results["out_mask"] = _save(mask, img, "mask.nii.gz", np.uint8)
-        self._results["out_b0"] = _save(b0, img, "b0.nii.gz")
+        self._results["out_mask"] = _save(mask, img, "mask.nii", np.uint8)
+        self._results["out_b0"] = _save(b0, img, "b0.nii")
 
 
 # --- denoising & unringing -------------------------------------------------------
@@ -151,6 +153,7 @@ class _DenoiseInput(_Common):
     in_mask = File(exists=True, desc="restrict the work to this mask (voxels outside keep their value)")
     method = traits.Enum("mppca", "patch2self", "none", usedefault=True)
     patch_radius = traits.Int(2, usedefault=True)
+    stride = traits.Int(1, usedefault=True, desc="MP-PCA patch-centre step (1: every voxel, DIPY's result)")
 
 
 class _DenoiseOutput(_TimedOut):
@@ -172,14 +175,14 @@ class Denoise(_Timed):
         sigma = float("nan")
         if self.inputs.method == "mppca":
             out, sig = dn.mppca(data, mask=mask, patch_radius=self.inputs.patch_radius, return_sigma=True,
-                                nprocs=self.inputs.nthreads)
+                                nprocs=self.inputs.nthreads, stride=self.inputs.stride)
             sel = sig[mask] if mask is not None else sig[sig > 0]
             sigma = float(np.median(sel)) if sel.size else float("nan")
         else:
             out = dn.denoise(data, self.inputs.method, bvals=bvals, mask=mask,
                              patch_radius=self.inputs.patch_radius, nprocs=self.inputs.nthreads)
         self._results["noise_sigma"] = sigma
-        self._results["out_file"] = _save(out, img, "denoised.nii.gz")
+        self._results["out_file"] = _save(out, img, "denoised.nii")
 
 
 class _UnringInput(_Common):
@@ -203,7 +206,7 @@ class Unring(_Timed):
         data, img = _load(self.inputs.in_file)
         out = unring(data, slice_axis=self.inputs.slice_axis, n_points=self.inputs.n_points,
                      nprocs=self.inputs.nthreads)
-        self._results["out_file"] = _save(out, img, "unrung.nii.gz")
+        self._results["out_file"] = _save(out, img, "unrung.nii")
 
 
 # --- motion ----------------------------------------------------------------------
@@ -218,6 +221,7 @@ class _MotionInput(_Common):
     sigmas = traits.List(traits.Float, [1.0, 0.0], usedefault=True)
     sampling = traits.Range(low=0.0, high=1.0, value=0.25, exclude_low=True, usedefault=True,
                             desc="share of voxels sampled by the MI metric (1: dense)")
+    min_samples = traits.Int(40000, usedefault=True, desc="fewest MI sample points (full resolution)")
     enabled = traits.Bool(True, usedefault=True, desc="False: pass the data through unchanged")
 
 
@@ -243,13 +247,14 @@ class MotionCorrect(_Timed):
             res = correct_motion(data, img.affine, bvals, bvecs, b0_threshold=self.inputs.b0_threshold,
                                  level_iters=tuple(self.inputs.level_iters), factors=tuple(self.inputs.factors),
                                  sigmas=tuple(self.inputs.sigmas), sampling=self.inputs.sampling,
+                                 min_samples=self.inputs.min_samples,
                                  nprocs=self.inputs.nthreads)
         else:
             n = data.shape[3]
             params = np.zeros((n, 6))
             res = dict(data=data, bvecs=bvecs, affines=np.repeat(np.eye(4)[None], n, 0), params=params,
                        fd=framewise_displacement(params))
-        self._results["out_file"] = _save(res["data"], img, "dwi_mc.nii.gz")
+        self._results["out_file"] = _save(res["data"], img, "dwi_mc.nii")
         self._results["out_bval"], self._results["out_bvec"] = _write_fsl(bvals, res["bvecs"], "dwi_mc")
         path = os.path.abspath("motion.tsv")
         cols = ["trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z", "framewise_displacement"]
@@ -295,9 +300,9 @@ class FitDTI(_Timed):
         res = fit_dti(data, bvals, bvecs, mask=mask, method=self.inputs.method, bmax=self.inputs.bmax,
                       b0_threshold=self.inputs.b0_threshold)
         for key in ("fa", "md", "ad", "rd", "tensor"):
-            self._results[f"out_{key}"] = _save(res[key], img, f"{key}.nii.gz")
+            self._results[f"out_{key}"] = _save(res[key], img, f"{key}.nii")
         v1 = res["evecs"][..., :, 0] if "evecs" in res else res["v1"]
-        self._results["out_v1"] = _save(v1, img, "v1.nii.gz")
+        self._results["out_v1"] = _save(v1, img, "v1.nii")
 
 
 # --- template space --------------------------------------------------------------
@@ -339,7 +344,7 @@ class RegisterTemplate(_Timed):
             data, grid_affine = tpl.to_template(arr, img.affine, reg, cfg, order=order)
             dtype = np.uint8 if key == "mask" else np.float32
             ref = nib.Nifti1Image(np.zeros((1, 1, 1)), grid_affine)
-            out[key] = _save(data > 0.5 if key == "mask" else data, ref, f"std_{key}.nii.gz", dtype)
+            out[key] = _save(data > 0.5 if key == "mask" else data, ref, f"std_{key}.nii", dtype)
         self._results.update(out_fa=out["fa"], out_md=out["md"], out_mask=out["mask"],
                              similarity=float(reg["similarity"]))
         xfm = os.path.abspath("xfm.txt")

@@ -33,11 +33,13 @@ def init_dwi_preproc_wf(cfg: PreprocConfig, nthreads: int = 1, name: str = "dwi_
     check = pe.Node(CheckDWI(b0_threshold=cfg.b0_threshold), name="check")
     premask = pe.Node(BrainMask(b0_threshold=cfg.b0_threshold, median_radius=cfg.mask_median_radius,
                                 numpass=cfg.mask_numpass, dilate=cfg.denoise_patch_radius + 2), name="premask")
-    denoise = pe.Node(Denoise(method=cfg.denoise, patch_radius=cfg.denoise_patch_radius, nthreads=nthreads),
+    denoise = pe.Node(Denoise(method=cfg.denoise, patch_radius=cfg.denoise_patch_radius,
+                              stride=cfg.denoise_stride, nthreads=nthreads),
                       name="denoise", n_procs=nthreads)
     motion = pe.Node(MotionCorrect(b0_threshold=cfg.b0_threshold, enabled=cfg.motion,
                                    level_iters=list(cfg.motion_level_iters), factors=list(cfg.motion_factors),
                                    sigmas=list(cfg.motion_sigmas), sampling=float(cfg.motion_sampling),
+                                   min_samples=int(cfg.motion_min_samples),
                                    nthreads=nthreads),
                      name="motion", n_procs=nthreads)
     mask = pe.Node(BrainMask(b0_threshold=cfg.b0_threshold, median_radius=cfg.mask_median_radius,
