@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from bids_adhd import cli
 from bids_adhd.config import ModelConfig, load_pipeline
+from bids_adhd.errors import UsageError
 from bids_adhd.learn import foundation as fd
 from bids_adhd.learn.classifier import ADHDClassifier, adapt_stem, adapter_state_dict, build_model
 from bids_adhd.learn.lora import LoRAConv3d, lora_parameter_count
@@ -81,8 +82,9 @@ def encoder_keys_are_monai_layout(enc) -> bool:
 EXPECTED_PRESETS = {
     # name: (trainable, total)
     "paper": (LORA_FLAT + NORM + HEAD, ENCODER + LORA_FLAT + HEAD),
-    # fast: linear head over the 992 multiscale features (32+64+128+256+512) -> 2 classes
-    "fast": (LORA_FLAT + NORM + 992 * 2 + 2, ENCODER + LORA_FLAT + 992 * 2 + 2),
+    # fast: linear head over level 3's 256 averaged features; levels 0-3 trained (LoRA 645,120 +
+    # norm 5,760), level 4 never run, its (injected) LoRA frozen
+    "fast": (645_120 + 5_760 + 256 * 2 + 2, ENCODER + LORA_FLAT + 256 * 2 + 2),
     "default": (LORA_FLAT + NORM + HEAD, ENCODER + LORA_FLAT + HEAD),
     "peft-lora": (LORA_FLAT + NORM + HEAD, ENCODER + LORA_FLAT + HEAD),
     "linear-probe": (HEAD, ENCODER + HEAD),
@@ -152,6 +154,32 @@ def test_pooling_widths(tiny_manifest):
     with torch.no_grad():
         assert avg(x).shape == (2, 2) and multi(x).shape == (2, 2)
         assert torch.allclose(avg.features(x), enc(x)[-1].mean(dim=(2, 3, 4)))
+
+
+def test_feature_levels_read_out_and_stop_early(tiny_manifest, no_weights):
+    enc = fd.build_encoder(tiny_manifest)
+    x = torch.randn(2, 1, 16, 16, 16)
+    lv = ADHDClassifier(enc, "avg", head_hidden=0, levels=[1, 2]).eval()
+    assert lv.num_features == 8 + 16 and lv.depth == 3
+    ran = []
+    hooks = [layer["blocks"].register_forward_hook(lambda *a, i=i: ran.append(i)) for i, layer in enumerate(enc.layers)]
+    with torch.no_grad():
+        full = enc(x)
+        ran.clear()
+        f = lv.features(x)
+    for h in hooks:
+        h.remove()
+    assert ran == [0, 1, 2]                                   # levels 3 and 4 never run
+    assert torch.allclose(f, torch.cat([full[1].mean(dim=(2, 3, 4)), full[2].mean(dim=(2, 3, 4))], 1))
+    with pytest.raises(UsageError, match="levels 0 to 4"):
+        ADHDClassifier(enc, "avg", levels=[5])
+    cfg = ModelConfig(lora_rank=2, head_hidden=0, feature_levels=(2,), pretrained=False)
+    model, info = build_model(cfg, manifest=tiny_manifest)
+    assert not any(n.startswith(("encoder.layers.3.", "encoder.layers.4.")) for n in _trainable(model))
+    assert any(n.startswith("encoder.layers.2.") for n in _trainable(model))
+    assert info["lora_layers"] and all(not n.startswith(("layers.3.", "layers.4.")) for n in info["lora_layers"])
+    with pytest.raises(UsageError, match="feature_levels"):
+        ModelConfig(feature_levels=(1, 1))
 
 
 def _trainable(model):

@@ -111,18 +111,33 @@ class ADHDClassifier(nn.Module):
         data; as in MAE's linear probing). Adds no parameters.
     feature_channels : list of int, optional
         Channels per level; read from the encoder when not given.
+    levels : list of int, optional
+        The encoder levels the pooling reads (default: the last for ``avg``,
+        all for the others). A SegResEncoder stops after the deepest one read
+        (:meth:`unused_levels` are never run; ``build_model`` freezes them).
     """
 
     def __init__(self, encoder: nn.Module, pooling: str = "avg", head_hidden: int = 128, num_classes: int = 2,
-                 dropout: float = 0.0, feature_channels: Sequence[int] | None = None, head_norm: bool = False):
+                 dropout: float = 0.0, feature_channels: Sequence[int] | None = None, head_norm: bool = False,
+                 levels: Sequence[int] | None = None):
         super().__init__()
         if pooling not in POOLINGS:
             raise UsageError(f"pooling must be one of {', '.join(POOLINGS)} (got {pooling!r})")
         self.encoder = encoder
         self.pooling = pooling
         channels = list(feature_channels or encoder_feature_channels(encoder))
-        self.num_features = {"avg": channels[-1], "multiscale": sum(channels), "avgmax": 2 * sum(channels),
-                             "spatial": SPATIAL_GRID ** 3 * sum(channels)}[pooling]
+        if levels:
+            bad = [v for v in levels if not 0 <= int(v) < len(channels)]
+            if bad:
+                raise UsageError(f"feature_levels {list(levels)}: the encoder has levels 0 to {len(channels) - 1}")
+            self.levels = tuple(sorted(int(v) for v in levels))
+        else:
+            self.levels = (len(channels) - 1,) if pooling == "avg" else tuple(range(len(channels)))
+        #: levels past this one are neither computed nor trained
+        self.depth = max(self.levels) + 1
+        chosen = [channels[i] for i in self.levels]
+        self.num_features = {"avg": sum(chosen), "multiscale": sum(chosen), "avgmax": 2 * sum(chosen),
+                             "spatial": SPATIAL_GRID ** 3 * sum(chosen)}[pooling]
         norm = [nn.BatchNorm1d(self.num_features, affine=False)] if head_norm else []
         if head_hidden:
             self.head = nn.Sequential(*norm, nn.Linear(self.num_features, head_hidden), nn.ReLU(inplace=True),
@@ -134,11 +149,10 @@ class ADHDClassifier(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The pooled feature vector, shape ``(N, num_features)``."""
-        maps = self.encoder(x)
-        if isinstance(maps, torch.Tensor):
-            maps = [maps]
+        maps = self._encode(x)
+        maps = [maps[i] for i in self.levels]
         if self.pooling == "avg":
-            return maps[-1].float().mean(dim=(2, 3, 4))
+            return torch.cat([m.float().mean(dim=(2, 3, 4)) for m in maps], dim=1)
         if self.pooling == "avgmax":
             return torch.cat([torch.cat([m.float().mean(dim=(2, 3, 4)), m.float().amax(dim=(2, 3, 4))], dim=1)
                               for m in maps], dim=1)
@@ -146,6 +160,26 @@ class ADHDClassifier(nn.Module):
             return torch.cat([nn.functional.adaptive_avg_pool3d(m.float(), SPATIAL_GRID).flatten(1) for m in maps],
                              dim=1)
         return torch.cat([m.float().mean(dim=(2, 3, 4)) for m in maps], dim=1)
+
+    def _encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The encoder's feature maps; a SegResEncoder stops after level ``depth - 1``."""
+        layers = getattr(self.encoder, "layers", None)
+        if layers is not None and hasattr(self.encoder, "conv_init") and self.depth < len(layers) \
+                and getattr(self.encoder, "head_module", None) is None:
+            outputs = []
+            x = self.encoder.conv_init(x)
+            for level in layers[:self.depth]:
+                x = level["blocks"](x)
+                outputs.append(x)
+                x = level["downsample"](x)
+            return outputs
+        maps = self.encoder(x)
+        return [maps] if isinstance(maps, torch.Tensor) else list(maps)
+
+    def unused_levels(self) -> list[nn.Module]:
+        """The encoder levels past ``depth`` (a SegResEncoder's ``layers[depth:]``): never run."""
+        layers = getattr(self.encoder, "layers", None)
+        return list(layers[self.depth:]) if layers is not None else []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
@@ -230,7 +264,12 @@ def build_model(cfg: ModelConfig, weights=None, *, architecture_only: bool = Fal
 
         model = ADHDClassifier(encoder, pooling=cfg.pooling, head_hidden=cfg.head_hidden,
                                num_classes=cfg.num_classes, dropout=cfg.head_dropout,
-                               head_norm=getattr(cfg, "head_norm", False))
+                               head_norm=getattr(cfg, "head_norm", False), levels=cfg.feature_levels)
+        # levels the read-out does not use are never run: nothing in them is trained or counted trainable
+        for level in model.unused_levels():
+            level.requires_grad_(False)
+        depth = model.depth
+        names = [n for n in names if not (m := re.search(r"layers\.(\d+)\.", n)) or int(m.group(1)) < depth]
     model.freeze_norm_stats = cfg.adaptation == "linear-probe"
     head_parameters = count_parameters(model.head)
     info.update(adaptation=cfg.adaptation, in_channels=in_channels, lora_layers=names,

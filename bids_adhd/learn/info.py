@@ -39,6 +39,7 @@ def model_report(pipeline: str = "paper") -> dict:
         "lora_rank": m.lora_rank if m.adaptation in ("lora", "peft-lora") else None,
         "in_channels": info["in_channels"],
         "pooling": m.pooling,
+        "feature_levels": list(m.feature_levels),
         "trainable": rep["trainable"],
         "frozen": rep["frozen"],
         "total": rep["total"],
@@ -57,7 +58,9 @@ def format_report(r: dict) -> str:
     lines = [
         f"pipeline {r['pipeline']}: {r['foundation']} encoder, adaptation {r['adaptation']}"
         + (f" ({r['lora_factorisation']}, rank {r['lora_rank']})" if r["lora_rank"] else "")
-        + f", {r['in_channels']} input channel(s), {r['pooling']} pooling",
+        + f", {r['in_channels']} input channel(s), {r['pooling']} pooling"
+        + (f" of encoder level(s) {', '.join(map(str, r['feature_levels']))} (deeper levels unused)"
+           if r.get("feature_levels") else ""),
         f"  trainable      {r['trainable']:>12,}",
         f"    LoRA         {r['lora']:>12,}",
         f"    norm affine  {r['norm']:>12,}",
