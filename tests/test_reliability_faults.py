@@ -10,8 +10,8 @@ run is uninterrupted; every other run must end byte-identical to it (the report'
 "generated" time stamp aside).
 
 Deterministic kill points (a mid-write kill cannot be timed from outside) are injected
-with a ``sitecustomize`` placed on PYTHONPATH (``_HOOK``): it wraps ``shutil.copyfile``
-and ``os.replace`` to SIGKILL the whole process group, or to fail with ENOSPC, when a
+with a ``sitecustomize`` placed on PYTHONPATH (``_HOOK``): it wraps ``shutil.copyfile``,
+``gzip.GzipFile.write`` (the sink compresses work-dir images) and ``os.replace`` to SIGKILL the whole process group, or to fail with ENOSPC, when a
 given derivative is written; it also installs an audit hook that logs (and blocks) every
 name lookup or internet connection, for the no-network check.
 """
@@ -96,6 +96,26 @@ if _kill or _enospc:
         return _replace(src, dst, *args, **kwargs)
 
     shutil.copyfile, os.replace = copyfile, replace
+
+    import gzip
+
+    _gzwrite = gzip.GzipFile.write
+
+    def gzwrite(self, data):
+        # the sink publishes work-dir .nii files as .nii.gz through gzip (derivatives.write_nifti)
+        name = os.path.basename(str(getattr(self.fileobj, "name", "") or ""))
+        kill = _kill.startswith("copy:") and _kill[5:] in name
+        if kill or (_enospc and _enospc in name):
+            part = memoryview(data).cast("B")
+            _gzwrite(self, part[: len(part) // 2])
+            self.fileobj.flush()
+            os.fsync(self.fileobj.fileno())
+            if kill:
+                _die()
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return _gzwrite(self, data)
+
+    gzip.GzipFile.write = gzwrite
 '''
 
 _STAMP = re.compile(rb"generated \d{4}-\d\d-\d\d \d\d:\d\d UTC")
