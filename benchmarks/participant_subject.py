@@ -15,13 +15,13 @@ import argparse
 import json
 import os
 import re
-import resource
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from group_demo import step      # wall/CPU time and load average of one CLI subprocess
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULT = ROOT / "benchmarks" / "results" / "participant_subject.json"
@@ -43,22 +43,14 @@ def main(argv=None) -> int:
                         str(args.seed), "--size", "demo"], check=True, capture_output=True, cwd=ROOT)
         for name in args.pipeline:
             out, work = tmp / f"out-{name}", tmp / f"work-{name}"
-            r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-            load0, t0 = os.getloadavg(), time.perf_counter()
-            proc = subprocess.run([py, "-m", "bids_adhd", str(tmp / "bids"), str(out), "participant",
-                                   "--participant-label", "01", "--pipeline", name, "--nprocs", str(args.nprocs),
-                                   "--work-dir", str(work)], capture_output=True, text=True, cwd=ROOT)
-            wall = time.perf_counter() - t0
-            r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-            if proc.returncode:
-                print(proc.stderr[-3000:], file=sys.stderr)
-                return proc.returncode
-            steps = {m.group(1): float(m.group(2)) for m in STEP.finditer(proc.stderr + proc.stdout)}
-            runs.append({"pipeline": name, "wall_s": round(wall, 1),
-                         "cpu_s": round((r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime), 1),
-                         "loadavg_before": [round(x, 2) for x in load0],
-                         "loadavg_after": [round(x, 2) for x in os.getloadavg()], "steps_s": steps})
-            print(json.dumps(runs[-1]), flush=True)
+            log = tmp / f"participant-{name}.log"
+            run = step(f"participant --pipeline {name}",
+                       [py, "-m", "bids_adhd", str(tmp / "bids"), str(out), "participant", "--participant-label",
+                        "01", "--pipeline", name, "--nprocs", str(args.nprocs), "--work-dir", str(work)], log)
+            if run["exit"]:
+                return run["exit"]
+            run["steps_s"] = {m.group(1): float(m.group(2)) for m in STEP.finditer(log.read_text())}
+            runs.append({"pipeline": name, **run})
             shutil.rmtree(work, ignore_errors=True)
     res = {"command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), "subject": "sub-01 of a 2-subject "
            f"--size demo dataset, seed {args.seed} (64x76x64 voxels, 33 volumes, 2.5 mm)", "nprocs": args.nprocs,

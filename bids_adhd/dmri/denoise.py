@@ -326,6 +326,9 @@ def mppca(data, mask=None, patch_radius=2, pca_method="eig", return_sigma=False,
     m = int(np.prod(ps))
     if m == 1:
         raise ValueError("Cannot have only 1 sample, please increase patch_radius.")
+    if stride > 2 * int(pr[pr > 0].min()) + 1:
+        raise ValueError(f"stride {stride} would leave voxels in no patch: use at most the patch width "
+                         "(2 x radius + 1)")
     dim = arr.shape[-1]
     if (m - 1) < dim and not suppress_warning:
         warnings.warn(f"Number of samples {dim} - 1 < Dimensionality {m}. This might have a performance "
@@ -355,9 +358,6 @@ def mppca(data, mask=None, patch_radius=2, pca_method="eig", return_sigma=False,
 
             centres = inner & maximum_filter(mask, size=tuple(ps), mode="constant", cval=False)
     if stride > 1:
-        if stride > 2 * int(pr[pr > 0].min()) + 1:
-            raise ValueError(f"stride {stride} would leave voxels in no patch: use at most the patch width "
-                             "(2 x radius + 1)")
         centres = centres & _lattice((X, Y, Z), pr, stride)
 
     acc = _Accumulator(arr.shape, return_sigma)

@@ -151,14 +151,13 @@ class ADHDClassifier(nn.Module):
         """The pooled feature vector, shape ``(N, num_features)``."""
         maps = self._encode(x)
         maps = [maps[i] for i in self.levels]
-        if self.pooling == "avg":
-            return torch.cat([m.float().mean(dim=(2, 3, 4)) for m in maps], dim=1)
         if self.pooling == "avgmax":
             return torch.cat([torch.cat([m.float().mean(dim=(2, 3, 4)), m.float().amax(dim=(2, 3, 4))], dim=1)
                               for m in maps], dim=1)
         if self.pooling == "spatial":
             return torch.cat([nn.functional.adaptive_avg_pool3d(m.float(), SPATIAL_GRID).flatten(1) for m in maps],
                              dim=1)
+        # avg and multiscale: the global averages of the levels read (avg's default: the last one)
         return torch.cat([m.float().mean(dim=(2, 3, 4)) for m in maps], dim=1)
 
     def _encode(self, x: torch.Tensor) -> list[torch.Tensor]:
