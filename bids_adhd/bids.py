@@ -437,10 +437,19 @@ def read_participants(bids_dir: Path) -> list[dict]:
     path = Path(bids_dir) / "participants.tsv"
     if not path.is_file():
         raise MissingInputError(f"{path} is missing; the group level needs it for the labels")
+    return read_table(path)
+
+
+def read_table(path: Path) -> list[dict]:
+    """A BIDS TSV with a ``participant_id`` column (participants.tsv, phenotype/*.tsv) as row dicts;
+    'n/a' and empty cells → None; a ragged row or a participant listed twice is a ``DataError``."""
+    path = Path(path)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError:
         raise DataError(f"{path} is not UTF-8 text") from None
+    except OSError as exc:
+        raise MissingInputError(f"{path} cannot be read ({exc.__class__.__name__})") from None
     lines = [ln for ln in lines if ln.strip()]
     if not lines:
         raise DataError(f"{path} is empty")
@@ -452,7 +461,7 @@ def read_participants(bids_dir: Path) -> list[dict]:
         cells = ln.split("\t")
         if len(cells) != len(header):
             raise DataError(f"{path} line {i} has {len(cells)} cells, the header has {len(header)}")
-        row = {k: (None if v in ("n/a", "") else v) for k, v in zip(header, cells)}
+        row = {k: (None if v.strip() in ("n/a", "") else v) for k, v in zip(header, cells)}
         pid = row["participant_id"]
         if pid in seen:
             raise DataError(f"{path} lists {pid} twice (line {i})")

@@ -82,8 +82,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="foundation-model weights (safetensors); default: the cache / image location")
     gr = p.add_argument_group("group level")
     gr.add_argument(*_alias("--label-column"), dest="label_column", default="diagnosis",
-                    help="participants.tsv column with the diagnosis (default: diagnosis)")
-    gr.add_argument("--positive", default="ADHD", help="value of the positive class (default: ADHD)")
+                    help="participants.tsv (or --label-file) column with the diagnosis (default: diagnosis)")
+    gr.add_argument("--positive", nargs="+", default=["ADHD"], metavar="VALUE",
+                    help="values or shell-style patterns of the positive class, e.g. 'ADHD*' (default: ADHD)")
+    gr.add_argument("--negative", nargs="+", default=None, metavar="VALUE",
+                    help="values or patterns of the negative class, e.g. TD; subjects matching neither class "
+                         "are excluded (default: every value not matching --positive)")
+    gr.add_argument(*_alias("--label-file"), dest="label_file", default=None, metavar="TSV",
+                    help="TSV with participant_id and the label column (e.g. phenotype/diagnosis.tsv), used "
+                         "instead of participants.tsv for the labels; its covariates override participants.tsv's")
+    gr.add_argument(*_alias("--qc-exclude"), dest="qc_exclude", nargs="+", default=None, metavar="EXPR",
+                    help="exclude runs whose participant-level QC matches any rule, e.g. 'max_fd > 3' "
+                         "'snr < 10' (metric names: docs/qc.md)")
     gr.add_argument("--folds", type=int, default=None, help="cross-validation folds (default: the preset's)")
     gr.add_argument("--seed", type=int, default=None, help="random seed (default: the preset's)")
     gr.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

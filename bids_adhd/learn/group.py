@@ -3,9 +3,12 @@
 Steps (each is a function below; see ``docs/group.md`` for the design):
 
 1. inputs: the preset (``--pipeline``, default ``paper``), labels from
-   ``participants.tsv`` (``--label-column``, ``--positive``), the template-space
-   maps of every subject in OUTPUT_DIR (subjects without maps or without a
-   label are listed and left out);
+   ``participants.tsv`` or ``--label-file`` (``--label-column``, ``--positive``,
+   ``--negative``: values or patterns, see :mod:`.labels`), the template-space
+   maps of every subject in OUTPUT_DIR, ``--qc-exclude`` rules over the
+   participant level's QC JSON (subjects without maps, without a label, with a
+   value in neither class, or runs a rule excludes are listed in
+   ``group/excluded.tsv`` and left out);
 2. subject-level stratified k-fold (``crossval``), written to
    ``group/folds.tsv`` before any training;
 3. one model per fold (``train``), its adapter, predictions and metrics under
@@ -30,6 +33,7 @@ import platform
 import shutil
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,53 +58,39 @@ class GroupInputs:
     class_names: tuple[str, str]          # (negative, positive)
     missing_maps: list[str] = field(default_factory=list)
     unlabelled: list[str] = field(default_factory=list)
+    excluded: list[dict] = field(default_factory=list)    # rows of group/excluded.tsv
+    selection: dict = field(default_factory=dict)         # the label/QC selection and its counts
+    covariates: dict = field(default_factory=dict)        # subject → merged participants/label-file row
 
 
 # --- inputs ------------------------------------------------------------------------
-
-def read_labels(bids_dir: Path, column: str, positive: str) -> tuple[dict[str, int | None], dict, tuple]:
-    """subject → 1 (positive) / 0 / None (no label); subject → site; (negative name, positive name)."""
-    from ..bids import read_participants
-
-    rows = read_participants(bids_dir)
-    header = list(rows[0]) if rows else []
-    if column not in header:
-        cols = [c for c in header if c != "participant_id"]
-        raise DataError(f"participants.tsv has no column {column!r} (columns: {', '.join(cols) or 'none'}); "
-                        "pass the diagnosis column with --label-column")
-    labels, sites, values = {}, {}, set()
-    for r in rows:
-        sub = r["participant_id"][4:] if r["participant_id"].startswith("sub-") else r["participant_id"]
-        v = r.get(column)
-        labels[sub] = None if v is None else int(v == positive)
-        sites[sub] = r.get("site")
-        if v is not None:
-            values.add(v)
-    negatives = sorted(values - {positive})
-    if positive not in values:
-        raise DataError(f"no subject has {column} = {positive!r} in participants.tsv (values: "
-                        f"{', '.join(sorted(values)) or 'none'}); one class only: pass the positive class "
-                        "with --positive")
-    if not negatives:
-        raise DataError(f"every labelled subject has {column} = {positive!r}: one class only, nothing to "
-                        "classify against")
-    negative = negatives[0] if len(negatives) == 1 else f"non-{positive}"
-    return labels, sites, (negative, positive)
-
 
 def bids_subjects(bids_dir: Path) -> list[str]:
     return sorted(p.name[4:] for p in Path(bids_dir).glob("sub-*") if p.is_dir())
 
 
-def collect_inputs(bids_dir: Path, out_root: Path, column: str, positive: str, folds: int,
-                   participant_label=None, pipeline_name: str = "fast") -> GroupInputs:
+def collect_inputs(bids_dir: Path, out_root: Path, column: str, positive, folds: int,
+                   participant_label=None, pipeline_name: str = "fast", *, negative=None, label_file=None,
+                   qc_exclude=()) -> GroupInputs:
+    """Labels, maps and exclusions → the subjects and runs to analyse (see :mod:`.labels`).
+
+    ``positive``/``negative``: a value or a list of values/patterns (``negative``
+    None: every other value is negative); ``label_file``: a TSV used instead of
+    participants.tsv for the labels; ``qc_exclude``: rules over the QC JSON.
+    """
     from ..bids import clean_labels
     from .crossval import check_class_counts
     from .data import find_template_maps
+    from .labels import LabelSpec, map_labels, parse_rule, read_label_values
 
-    labels, sites, class_names = read_labels(bids_dir, column, positive)
+    spec = LabelSpec(column, _as_tuple(positive), None if negative is None else _as_tuple(negative),
+                     None if label_file is None else str(label_file), _as_tuple(qc_exclude or ()))
+    for text in spec.qc_exclude:                  # a bad rule stops before anything is read
+        parse_rule(text)
+    values, covariates, source = read_label_values(bids_dir, spec)
+    mapping = map_labels(values, spec)
     complete, incomplete = find_template_maps(out_root)
-    wanted = set(bids_subjects(bids_dir)) | set(labels)
+    wanted = set(bids_subjects(bids_dir)) | set(mapping.values)
     selected = clean_labels(participant_label, "sub")
     if selected:
         unknown = sorted(set(selected) - wanted - set(complete))
@@ -116,24 +106,85 @@ def collect_inputs(bids_dir: Path, out_root: Path, column: str, positive: str, f
                                 f"{_few(['sub-' + s for s in missing]) or 'any subject'}; {hint}")
     for s, names in sorted(incomplete.items()):
         LOG.warning("sub-%s: incomplete template-space outputs (missing %s); left out", s, ", ".join(names[:3]))
-    unlabelled = sorted(s for s in with_maps if labels.get(s) is None)
-    subjects = [s for s in with_maps if labels.get(s) is not None]
+    unlabelled = sorted(s for s in with_maps if s not in mapping.values)
     if missing:
         LOG.warning("%d subject(s) have no template-space maps in %s and are left out: %s (%s)",
                     len(missing), out_root, _few(["sub-" + s for s in missing], 10), hint)
     if unlabelled:
-        LOG.warning("%d subject(s) with maps have no %s in participants.tsv and are left out: %s",
-                    len(unlabelled), column, _few(["sub-" + s for s in unlabelled], 10))
+        LOG.warning("%d subject(s) with maps have no %s in %s and are left out: %s", len(unlabelled), column,
+                    Path(source).name, _few(["sub-" + s for s in unlabelled], 10))
+    runs, excluded = _apply_exclusions(spec, mapping, with_maps, complete, out_root)
+    subjects = sorted(runs)
     if len(subjects) < MIN_SUBJECTS:
         raise MissingInputError(f"only {len(subjects)} labelled subject(s) have template-space maps "
-                                f"(missing maps: {_few(['sub-' + s for s in missing]) or 'none'}); "
-                                f"the group level needs at least {MIN_SUBJECTS}; {hint}")
+                                f"(missing maps: {_few(['sub-' + s for s in missing]) or 'none'}; excluded: "
+                                f"{len(excluded)} run(s), see the log); the group level needs at least "
+                                f"{MIN_SUBJECTS}; {hint}")
     if missing:
         LOG.warning("proceeding with the %d labelled subjects that have maps", len(subjects))
-    y = {s: int(labels[s]) for s in subjects}
-    check_class_counts([y[s] for s in subjects], folds, class_names, column)
-    return GroupInputs(subjects, y, {s: sites.get(s) for s in subjects}, {s: complete[s] for s in subjects},
-                       class_names, missing, unlabelled)
+    y = {s: int(mapping.labels[s]) for s in subjects}
+    check_class_counts([y[s] for s in subjects], folds, mapping.class_names, column)
+    excluded = _left_out_rows(missing, unlabelled, mapping, with_maps) + excluded
+    selection = _selection(spec, source, mapping, with_maps, subjects, excluded, incomplete)
+    return GroupInputs(subjects, y, {s: covariates.get(s, {}).get("site") for s in subjects}, runs,
+                       mapping.class_names, missing, unlabelled, excluded=excluded, selection=selection,
+                       covariates={s: covariates.get(s, {}) for s in subjects})
+
+
+def _as_tuple(v) -> tuple:
+    return (v,) if isinstance(v, str) else tuple(v)
+
+
+def _apply_exclusions(spec, mapping, with_maps: list, complete: dict, out_root: Path) -> tuple[dict, list]:
+    """Label-value exclusion is logged here; QC rules drop runs (a subject with none left is out)."""
+    from .labels import class_values, qc_exclusions
+
+    runs = {s: complete[s] for s in with_maps if s in mapping.labels}
+    counts = class_values(mapping, with_maps)
+    for value, n in counts["excluded"].items():
+        LOG.info("%d subject(s) with %s = %r match neither --positive nor --negative: excluded", n, spec.column,
+                 value)
+    if spec.negative is None:
+        LOG.info("no --negative: every %s value not matching %s is the negative class (%s)", spec.column,
+                 " ".join(spec.positive), ", ".join(f"{v}: {n}" for v, n in counts["negative"].items()))
+    kept, rows, undecided = qc_exclusions(spec.qc_exclude, runs, out_root)
+    for r in rows:
+        LOG.warning("sub-%s %s excluded by --qc-exclude: %s", r["subject"], r["run"], r["detail"])
+    for r in undecided:
+        LOG.warning("sub-%s %s: --qc-exclude %r cannot be decided (a metric is null: %s); the run is kept",
+                    r["subject"], r["run"], r["rule"], r["detail"])
+    gone = sorted(set(runs) - set(kept))
+    if gone:
+        LOG.warning("%d subject(s) have no run left after --qc-exclude and are left out: %s", len(gone),
+                    _few(["sub-" + s for s in gone], 10))
+    return kept, [{"participant_id": "sub-" + r["subject"], "run": r["run"], "reason": "qc",
+                   "detail": r["detail"]} for r in rows] + [
+        {"participant_id": "sub-" + r["subject"], "run": r["run"], "reason": "qc-undecided (kept)",
+         "detail": r["detail"]} for r in undecided]
+
+
+def _left_out_rows(missing, unlabelled, mapping, with_maps) -> list[dict]:
+    rows = [{"participant_id": "sub-" + s, "run": "n/a", "reason": "no_maps",
+             "detail": "no template-space maps in OUTPUT_DIR"} for s in missing]
+    rows += [{"participant_id": "sub-" + s, "run": "n/a", "reason": "no_label", "detail": "label is n/a or empty"}
+             for s in unlabelled]
+    rows += [{"participant_id": "sub-" + s, "run": "n/a", "reason": "label_value",
+              "detail": f"{mapping.excluded[s]!r} matches neither --positive nor --negative"}
+             for s in with_maps if s in mapping.excluded]
+    return rows
+
+
+def _selection(spec, source, mapping, with_maps, subjects, excluded, incomplete) -> dict:
+    """Who was analysed and why the others were not: recorded in config.json, metrics.json, the report."""
+    from .labels import class_values
+
+    return {**spec.to_dict(), "label_source": source, "class_names": list(mapping.class_names),
+            "negative_rule": mapping.negative_rule, "unmatched_patterns": mapping.unmatched_patterns,
+            "values_analysed": class_values(mapping, subjects),
+            "values_with_maps": class_values(mapping, with_maps),
+            "n_with_maps": len(with_maps), "n_analysed": len(subjects),
+            "n_excluded": dict(Counter(r["reason"] for r in excluded)),
+            "incomplete_maps": sorted(incomplete)}
 
 
 def _few(items, n: int = 5) -> str:
@@ -212,9 +263,11 @@ def _run_group(args, dist, device) -> int:
         if getattr(args, "nprocs", None):
             torch.set_num_threads(int(args.nprocs))
         column = getattr(args, "label_column", "diagnosis") or "diagnosis"
-        positive = getattr(args, "positive", "ADHD") or "ADHD"
+        positive = getattr(args, "positive", None) or ["ADHD"]
         inputs = collect_inputs(bids_dir, out_root, column, positive, cfg.train.folds,
-                                getattr(args, "participant_label", None), cfg.name)
+                                getattr(args, "participant_label", None), cfg.name,
+                                negative=getattr(args, "negative", None), label_file=getattr(args, "label_file", None),
+                                qc_exclude=getattr(args, "qc_exclude", None) or ())
         # --- the model, built once --------------------------------------------------
         t0 = time.perf_counter()
         torch.manual_seed(cfg.train.seed)
@@ -299,9 +352,9 @@ def _prepare_group_dir(out_root: Path, cfg, inputs: GroupInputs, computed: dict,
         _remove_stale_temps(gdir)
     folds_path = gdir / "folds.tsv"
     if resume and folds_path.is_file():
+        _check_resume_config(gdir, cfg, inputs.selection)
         assignment, saved_labels = read_folds(folds_path, inputs.class_names)
         check_resume_folds(assignment, saved_labels, inputs.labels, cfg.train.folds)
-        _check_resume_config(gdir, cfg)
         LOG.info("--resume: reusing the fold assignment in %s", folds_path)
         return gdir, assignment
     if resume:
@@ -309,12 +362,19 @@ def _prepare_group_dir(out_root: Path, cfg, inputs: GroupInputs, computed: dict,
     else:
         _clear_previous(gdir)
     dv.write_json(gdir / "config.json", {"pipeline": cfg.to_dict(), "versions": package_versions(),
-                                         "label_column": column, "positive": positive,
-                                         "class_names": list(inputs.class_names),
+                                         "label_column": column, "positive": inputs.selection.get("positive"),
+                                         "class_names": list(inputs.class_names), "inputs": inputs.selection,
                                          "subjects": inputs.subjects, "device": str(device),
                                          "processes": world, "command": sys.argv})
+    write_excluded(gdir / "excluded.tsv", inputs.excluded)
     write_folds(folds_path, computed, inputs.labels, inputs.class_names)
     return gdir, computed
+
+
+def write_excluded(path: Path, rows: list[dict]) -> Path:
+    """group/excluded.tsv: one row per subject (run "n/a") or run left out, with the reason and its detail."""
+    cols = ("participant_id", "run", "reason", "detail")
+    return dv.write_tsv(path, {c: [r[c] for r in rows] for c in cols})
 
 
 def _world() -> int:
@@ -347,14 +407,22 @@ def _remove_stale_temps(gdir: Path) -> None:
         LOG.info("--resume: removed %s, left by the interrupted run", tmp.relative_to(gdir))
 
 
-def _check_resume_config(gdir: Path, cfg) -> None:
+def _check_resume_config(gdir: Path, cfg, selection: dict | None = None) -> None:
     path = gdir / "config.json"
     if not path.is_file():
         return
     try:
-        saved = json.loads(path.read_text())["pipeline"]
+        whole = json.loads(path.read_text())
+        saved = whole["pipeline"]
     except (ValueError, KeyError):
         return
+    from .labels import LabelSpec
+
+    keys = [k for k in LabelSpec().to_dict() if selection and k in whole.get("inputs", {})]
+    changed = [k for k in keys if whole["inputs"][k] != selection.get(k)]
+    if changed:
+        raise UsageError(f"--resume: {', '.join(changed)} differ(s) from the interrupted run's; use the same "
+                         "--label-column/--positive/--negative/--label-file/--qc-exclude or run without --resume")
     now = json.loads(json.dumps(cfg.to_dict(), default=list))
     if saved != now:
         diff = sorted(f"{sec}.{k}" for sec in now if isinstance(now[sec], dict)
@@ -568,6 +636,8 @@ def summarise_run(ctx: RunContext, folds: list[dict], final: dict, warning: str 
         "n_subjects": len(ctx.inputs.subjects),
         "left_out": {"no_maps": ["sub-" + s for s in ctx.inputs.missing_maps],
                      "no_label": ["sub-" + s for s in ctx.inputs.unlabelled]},
+        "inputs": ctx.inputs.selection,
+        "excluded": ctx.inputs.excluded,
         "model": {"foundation": cfg.model.foundation, "adaptation": cfg.model.adaptation,
                   "trainable": rep["trainable"], "total": rep["total"],
                   "base_weights": ctx.info.get("sha256") if ctx.info.get("pretrained") else "random-init",

@@ -100,6 +100,44 @@ def _img(png: bytes, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
 
 
+def _counts(d: dict) -> str:
+    return ", ".join(f"{html.escape(str(v))}: {n}" for v, n in d.items()) or "none"
+
+
+def who_html(results: dict) -> str:
+    """The report's first section: who was analysed, and who was left out and why."""
+    esc = html.escape
+    sel = results.get("inputs") or {}
+    if not sel:
+        return ""
+    neg_name, pos_name = sel["class_names"]
+    an, wm = sel["values_analysed"], sel["values_with_maps"]
+    neg_rule = (f"<code>--negative {esc(' '.join(sel['negative']))}</code>" if sel.get("negative") is not None
+                else "<b>no <code>--negative</code> given: every value not matching <code>--positive</code> is "
+                     "negative</b>")
+    items = [f"<li>Labels: column <code>{esc(sel['label_column'])}</code> of <code>{esc(sel['label_source'])}"
+             "</code>.</li>",
+             f"<li>Positive class <b>{esc(pos_name)}</b> (<code>--positive {esc(' '.join(sel['positive']))}</code>):"
+             f" {_counts(an['positive'])}.</li>",
+             f"<li>Negative class <b>{esc(neg_name)}</b> ({neg_rule}): {_counts(an['negative'])}.</li>",
+             f"<li>Excluded, value in neither class: {_counts(wm['excluded'])}.</li>"]
+    if sel.get("unmatched_patterns"):
+        items.append(f"<li>Patterns matching no value: {esc(', '.join(sel['unmatched_patterns']))}.</li>")
+    rules = sel.get("qc_exclude") or []
+    items.append("<li>QC exclusion rules: " + (", ".join(f"<code>{esc(r)}</code>" for r in rules) or "none")
+                 + ".</li>")
+    n_ex = sel.get("n_excluded", {})
+    head = (f"<p>{sel['n_analysed']} subjects analysed of {sel['n_with_maps']} with template-space maps "
+            f"(left out: {n_ex.get('no_maps', 0)} without maps, {n_ex.get('no_label', 0)} without a label, "
+            f"{n_ex.get('label_value', 0)} with a value in neither class, {n_ex.get('qc', 0)} run(s) by QC rules;"
+            " every one is listed in <code>excluded.tsv</code>).</p>")
+    rows = "".join(f"<tr><td>{esc(r['participant_id'])}</td><td>{esc(r['run'])}</td><td>{esc(r['reason'])}</td>"
+                   f"<td>{esc(r['detail'])}</td></tr>" for r in results.get("excluded", []))
+    table = (f"<table><tr><th>participant</th><th>run</th><th>reason</th><th>detail</th></tr>{rows}</table>"
+             if rows else "")
+    return f"<h2>Who was analysed</h2>\n{head}\n<ul>{''.join(items)}</ul>\n{table}"
+
+
 def render_html(results: dict, folds: list[dict], final: dict | None, roc_png: bytes, train_png: bytes) -> str:
     from ..learn.metrics import METRIC_KEYS
 
@@ -155,7 +193,7 @@ cross-validation, seed {cfg['train']['seed']}. Foundation <b>{esc(model['foundat
 ({'pre-trained, sha256 ' + esc(str(model['base_weights'])[:16]) + '…' if results.get('pretrained') else 'randomly initialised'}),
 adaptation <b>{esc(model['adaptation'])}</b>: {model['trainable']:,} trainable of {model['total']:,} parameters.
 Device {esc(t['device'])}; total {t['total_seconds']:.0f} s.</p>
-{left_txt}
+{who_html(results) or left_txt}
 <h2>Metrics (threshold 0.5; positive class {esc(results['class_names'][1])})</h2>
 <table><tr><th></th>{head}</tr>{''.join(rows)}</table>
 <h2>ROC curves</h2>
