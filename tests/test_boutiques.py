@@ -137,7 +137,8 @@ SIMULATED = {
         "nipype_plugin": "Linear", "pipeline": "fast", "model": "adapter.safetensors",
         "allow_training_subjects": True, "weights": "w.safetensors", "verbose": True},
     "group": {"bids_dir": "data/bids", "output_dir_name": "out", "analysis_level": "group",
-              "label_column": "dx", "positive": "yes", "folds": 3, "seed": 7, "device": "cpu",
+              "label_column": "dx", "positive": ["ADHD*", "ADD"], "negative": ["TD"],
+              "label_file": "phenotype/dx.tsv", "qc_exclude": ["max_fd > 3", "snr < 10"], "folds": 3, "seed": 7, "device": "cpu",
               "resume": True, "quiet": True},
 }
 
