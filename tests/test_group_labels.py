@@ -27,6 +27,7 @@ DX = ["ADHD-Combined Type", "ADHD-Inattentive Type", "ADHD-Hyperactive/Impulsive
 ADHD = ["01", "02", "03", "04"]
 TD = ["05", "06", "07", "08"]
 HIGH_MOTION = "06"
+NO_SNR = "07"            # its QC file has snr: null (no MP-PCA σ, too little background)
 
 
 def _write_participants(bids: Path, rows, dx) -> None:
@@ -49,7 +50,7 @@ def _write_qc(out: Path, subject: str, high_motion: bool) -> Path:
     mask[3:9, 3:9, 3:9] = True
     b0 = np.where(mask, 1000.0, 0.0) + rng.rayleigh(20, shape)
     m = qc_metrics(b0, mask, np.full(shape, 0.4), np.full(shape, 0.8e-3), params, voxel_size=(2.0, 2.0, 2.0),
-                   reg_similarity=0.97)
+                   reg_similarity=0.97, noise_sigma=None if subject == NO_SNR else 25.0)
     return write_qc_json(out, dv.Source(subject=subject), m)
 
 
@@ -103,6 +104,12 @@ def test_without_negative_everything_else_is_negative_but_na_is_not(relabelled):
     assert sel["values_analysed"]["negative"] == {"ADHD-Hyperactive/Impulsive Type": 1, "ADHD-Inattentive Type": 1,
                                                   "Anxiety": 2, "Autism": 1, "TD": 4}
     assert inputs.class_names == ("non-ADHD-Combined Type", "ADHD-Combined Type")
+    from bids_adhd.reports.group import who_html
+    who = who_html({"inputs": sel, "excluded": inputs.excluded})
+    assert "no <code>--negative</code> given: every value not matching <code>--positive</code> is negative" in who
+    neg = who[who.index("Negative class"):who.index("Excluded, value in neither class")]
+    assert all(f"{v}: {n}" in neg for v, n in (("TD", 4), ("Anxiety", 2), ("Autism", 1),
+                                               ("ADHD-Inattentive Type", 1)))
 
 
 def test_cli_positive_takes_several_values_and_keeps_the_old_form():
@@ -171,6 +178,9 @@ def test_phenotype_file_errors(tmp_path, capsys, monkeypatch):
     pheno.write_text(good + "NDARXX001\tTD\t9\n")
     code, err = _run(capsys, bids, out, "--label-column", "dx", "--label-file", str(pheno))
     assert code == 65 and len(err) == 1 and "match no subject" in err[0] and "NDARXX001" in err[0]
+    pheno.write_text(good.splitlines()[0] + "\n")
+    code, err = _run(capsys, bids, out, "--label-column", "dx", "--label-file", str(pheno))
+    assert code == 65 and len(err) == 1 and "no participant rows" in err[0]
     pheno.write_text(good)
     code, err = _run(capsys, bids, out, "--label-column", "diagnosis", "--label-file", str(pheno))
     assert code == 65 and len(err) == 1 and "dx.tsv has no column 'diagnosis'" in err[0]
@@ -184,13 +194,21 @@ def test_injected_high_motion_subject_is_excluded_with_its_rule(relabelled):
     qc = json.loads(dv.qc_json(out, dv.Source(subject=HIGH_MOTION)).read_text())
     calm = json.loads(dv.qc_json(out, dv.Source(subject="05")).read_text())
     assert qc["max_fd"] > 3 and calm["max_fd"] < 1                  # the injected jump, as qc_metrics sees it
+    assert calm["snr"] > 10 and json.loads(dv.qc_json(out, dv.Source(subject=NO_SNR)).read_text())["snr"] is None
     inputs = collect_inputs(bids, out, "diagnosis", ["ADHD*"], 2, negative=["TD"],
-                            qc_exclude=["max_fd > 3", "snr < 2"])
+                            qc_exclude=["max_fd > 3", "snr < 10"])
     assert inputs.subjects == sorted(ADHD + TD[:1] + TD[2:])
     qc_rows = [r for r in inputs.excluded if r["reason"] == "qc"]
     assert [(r["participant_id"], r["run"]) for r in qc_rows] == [(f"sub-{HIGH_MOTION}", f"sub-{HIGH_MOTION}")]
     assert qc_rows[0]["detail"].startswith("max_fd > 3 (max_fd = ")
-    assert inputs.selection["qc_exclude"] == ["max_fd > 3", "snr < 2"]
+    assert inputs.selection["qc_exclude"] == ["max_fd > 3", "snr < 10"]
+    # a rule that needs a null metric cannot decide: the run stays, listed
+    assert [(r["participant_id"], r["rule"]) for r in inputs.selection["qc_undecided"]] == [(f"sub-{NO_SNR}",
+                                                                                              "snr < 10")]
+    assert NO_SNR in inputs.subjects
+    # a rule excluding nothing leaves every labelled subject in
+    assert collect_inputs(bids, out, "diagnosis", ["ADHD*"], 2, negative=["TD"],
+                          qc_exclude=["max_fd > 10"]).subjects == sorted(ADHD + TD)
 
 
 def test_qc_rule_errors_are_64_and_missing_qc_is_66(relabelled, tmp_path, capsys, monkeypatch):
@@ -261,6 +279,7 @@ def test_group_run_records_the_selection(relabelled, tmp_path, capsys, monkeypat
     who = html[html.index("<h2>Who was analysed</h2>"):]
     assert html.index("<h2>Who was analysed</h2>") < html.index("<h2>Metrics")
     assert "Anxiety: 2" in who and "Autism: 1" in who and "max_fd &gt; 3" in who and "sub-06" in who
+    assert "TD: 3" in who and "ADHD-Combined Type: 2" in who and "7 subjects analysed of 13" in who
     # a resume with another selection is refused
     code, err = _run(capsys, bids, out, "--pipeline", str(tiny_pipeline(tmp_path)), "--resume",
                      "--positive", "ADHD*", "--negative", "TD")

@@ -113,12 +113,12 @@ def collect_inputs(bids_dir: Path, out_root: Path, column: str, positive, folds:
     if unlabelled:
         LOG.warning("%d subject(s) with maps have no %s in %s and are left out: %s", len(unlabelled), column,
                     Path(source).name, _few(["sub-" + s for s in unlabelled], 10))
-    runs, excluded = _apply_exclusions(spec, mapping, with_maps, complete, out_root)
+    runs, excluded, undecided = _apply_exclusions(spec, mapping, with_maps, complete, out_root)
     subjects = sorted(runs)
     if len(subjects) < MIN_SUBJECTS:
         raise MissingInputError(f"only {len(subjects)} labelled subject(s) have template-space maps "
-                                f"(missing maps: {_few(['sub-' + s for s in missing]) or 'none'}; excluded: "
-                                f"{len(excluded)} run(s), see the log); the group level needs at least "
+                                f"(missing maps: {_few(['sub-' + s for s in missing]) or 'none'}; runs excluded "
+                                f"by --qc-exclude: {len(excluded)}); the group level needs at least "
                                 f"{MIN_SUBJECTS}; {hint}")
     if missing:
         LOG.warning("proceeding with the %d labelled subjects that have maps", len(subjects))
@@ -126,6 +126,7 @@ def collect_inputs(bids_dir: Path, out_root: Path, column: str, positive, folds:
     check_class_counts([y[s] for s in subjects], folds, mapping.class_names, column)
     excluded = _left_out_rows(missing, unlabelled, mapping, with_maps) + excluded
     selection = _selection(spec, source, mapping, with_maps, subjects, excluded, incomplete)
+    selection["qc_undecided"] = undecided
     return GroupInputs(subjects, y, {s: covariates.get(s, {}).get("site") for s in subjects}, runs,
                        mapping.class_names, missing, unlabelled, excluded=excluded, selection=selection,
                        covariates={s: covariates.get(s, {}) for s in subjects})
@@ -135,7 +136,7 @@ def _as_tuple(v) -> tuple:
     return (v,) if isinstance(v, str) else tuple(v)
 
 
-def _apply_exclusions(spec, mapping, with_maps: list, complete: dict, out_root: Path) -> tuple[dict, list]:
+def _apply_exclusions(spec, mapping, with_maps: list, complete: dict, out_root: Path) -> tuple[dict, list, list]:
     """Label-value exclusion is logged here; QC rules drop runs (a subject with none left is out)."""
     from .labels import class_values, qc_exclusions
 
@@ -158,9 +159,9 @@ def _apply_exclusions(spec, mapping, with_maps: list, complete: dict, out_root: 
         LOG.warning("%d subject(s) have no run left after --qc-exclude and are left out: %s", len(gone),
                     _few(["sub-" + s for s in gone], 10))
     return kept, [{"participant_id": "sub-" + r["subject"], "run": r["run"], "reason": "qc",
-                   "detail": r["detail"]} for r in rows] + [
-        {"participant_id": "sub-" + r["subject"], "run": r["run"], "reason": "qc-undecided (kept)",
-         "detail": r["detail"]} for r in undecided]
+                   "detail": r["detail"]} for r in rows], [
+        {"participant_id": "sub-" + r["subject"], "run": r["run"], "rule": r["rule"], "detail": r["detail"]}
+        for r in undecided]
 
 
 def _left_out_rows(missing, unlabelled, mapping, with_maps) -> list[dict]:
@@ -178,7 +179,11 @@ def _selection(spec, source, mapping, with_maps, subjects, excluded, incomplete)
     """Who was analysed and why the others were not: recorded in config.json, metrics.json, the report."""
     from .labels import class_values
 
-    return {**spec.to_dict(), "label_source": source, "class_names": list(mapping.class_names),
+    import hashlib
+
+    digest = hashlib.sha256(Path(source).read_bytes()).hexdigest() if spec.label_file else None
+    return {**spec.to_dict(), "label_source": source, "label_file_sha256": digest,
+            "class_names": list(mapping.class_names),
             "negative_rule": mapping.negative_rule, "unmatched_patterns": mapping.unmatched_patterns,
             "values_analysed": class_values(mapping, subjects),
             "values_with_maps": class_values(mapping, with_maps),

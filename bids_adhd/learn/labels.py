@@ -103,7 +103,9 @@ def read_label_values(bids_dir: Path, spec: LabelSpec) -> tuple[dict, dict, str]
         if unknown:
             raise DataError(f"{path} has {len(unknown)} participant_id(s) that match no subject of {bids_dir} "
                             f"(neither in participants.tsv nor a sub-* folder): {_few(unknown)}")
-    header = set().union(*(r.keys() for r in rows.values())) if rows else set()
+    if not rows:
+        raise DataError(f"{source} has a header but no participant rows")
+    header = set().union(*(r.keys() for r in rows.values()))
     if spec.column not in header:
         cols = sorted(header - {"participant_id"})
         raise DataError(f"{Path(source).name} has no column {spec.column!r} (columns: {', '.join(cols) or 'none'});"

@@ -131,6 +131,10 @@ def who_html(results: dict) -> str:
             f"(left out: {n_ex.get('no_maps', 0)} without maps, {n_ex.get('no_label', 0)} without a label, "
             f"{n_ex.get('label_value', 0)} with a value in neither class, {n_ex.get('qc', 0)} run(s) by QC rules;"
             " every one is listed in <code>excluded.tsv</code>).</p>")
+    und = sel.get("qc_undecided") or []
+    if und:
+        items.append(f"<li>Kept, a QC rule could not decide (a metric is null) for {len(und)} run(s): "
+                     + esc("; ".join(f"{r['run']}: {r['detail']}" for r in und[:20])) + ".</li>")
     rows = "".join(f"<tr><td>{esc(r['participant_id'])}</td><td>{esc(r['run'])}</td><td>{esc(r['reason'])}</td>"
                    f"<td>{esc(r['detail'])}</td></tr>" for r in results.get("excluded", []))
     table = (f"<table><tr><th>participant</th><th>run</th><th>reason</th><th>detail</th></tr>{rows}</table>"
