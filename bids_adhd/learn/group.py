@@ -26,6 +26,7 @@ only rank 0 writing; see :mod:`bids_adhd.learn.distributed` and ``docs/deploy.md
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -41,7 +42,7 @@ import numpy as np
 
 from .. import __version__
 from .. import derivatives as dv
-from ..errors import DataError, MissingInputError, UsageError
+from ..errors import MissingInputError, UsageError
 
 LOG = logging.getLogger("bids_adhd.group")
 
@@ -178,8 +179,6 @@ def _left_out_rows(missing, unlabelled, mapping, with_maps) -> list[dict]:
 def _selection(spec, source, mapping, with_maps, subjects, excluded, incomplete) -> dict:
     """Who was analysed and why the others were not: recorded in config.json, metrics.json, the report."""
     from .labels import class_values
-
-    import hashlib
 
     digest = hashlib.sha256(Path(source).read_bytes()).hexdigest() if spec.label_file else None
     return {**spec.to_dict(), "label_source": source, "label_file_sha256": digest,
