@@ -82,12 +82,9 @@ def collect_inputs(bids_dir: Path, out_root: Path, column: str, positive, folds:
     from ..bids import clean_labels
     from .crossval import check_class_counts
     from .data import find_template_maps
-    from .labels import LabelSpec, map_labels, parse_rule, read_label_values
+    from .labels import map_labels, read_label_values
 
-    spec = LabelSpec(column, _as_tuple(positive), None if negative is None else _as_tuple(negative),
-                     None if label_file is None else str(label_file), _as_tuple(qc_exclude or ()))
-    for text in spec.qc_exclude:                  # a bad rule stops before anything is read
-        parse_rule(text)
+    spec = _label_spec(column, positive, negative, label_file, qc_exclude)
     values, covariates, source = read_label_values(bids_dir, spec)
     mapping = map_labels(values, spec)
     complete, incomplete = find_template_maps(out_root)
@@ -133,8 +130,18 @@ def collect_inputs(bids_dir: Path, out_root: Path, column: str, positive, folds:
                        covariates={s: covariates.get(s, {}) for s in subjects})
 
 
-def _as_tuple(v) -> tuple:
-    return (v,) if isinstance(v, str) else tuple(v)
+def _label_spec(column, positive, negative, label_file, qc_exclude):
+    """The selection options as a frozen ``LabelSpec``; a malformed QC rule stops here, before anything is read."""
+    from .labels import LabelSpec, parse_rule
+
+    def as_tuple(v) -> tuple:
+        return (v,) if isinstance(v, str) else tuple(v)
+
+    spec = LabelSpec(column, as_tuple(positive), None if negative is None else as_tuple(negative),
+                     None if label_file is None else str(label_file), as_tuple(qc_exclude or ()))
+    for text in spec.qc_exclude:
+        parse_rule(text)
+    return spec
 
 
 def _apply_exclusions(spec, mapping, with_maps: list, complete: dict, out_root: Path) -> tuple[dict, list, list]:
@@ -151,10 +158,9 @@ def _apply_exclusions(spec, mapping, with_maps: list, complete: dict, out_root: 
                  " ".join(spec.positive), ", ".join(f"{v}: {n}" for v, n in counts["negative"].items()))
     kept, rows, undecided = qc_exclusions(spec.qc_exclude, runs, out_root)
     for r in rows:
-        LOG.warning("sub-%s %s excluded by --qc-exclude: %s", r["subject"], r["run"], r["detail"])
+        LOG.warning("%s excluded by --qc-exclude: %s", r["run"], r["detail"])
     for r in undecided:
-        LOG.warning("sub-%s %s: --qc-exclude %r cannot be decided (a metric is null: %s); the run is kept",
-                    r["subject"], r["run"], r["rule"], r["detail"])
+        LOG.warning("%s: --qc-exclude cannot decide %s (a metric is null); the run is kept", r["run"], r["detail"])
     gone = sorted(set(runs) - set(kept))
     if gone:
         LOG.warning("%d subject(s) have no run left after --qc-exclude and are left out: %s", len(gone),

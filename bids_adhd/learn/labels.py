@@ -301,8 +301,10 @@ def _eval(node, m: dict, text: str):
 
 
 def _shown(rule: QcRule, metrics: dict) -> str:
-    vals = ", ".join(f"{n} = {metrics.get(n)!r}" if not isinstance(metrics.get(n), float)
-                     else f"{n} = {metrics[n]:.4g}" for n in rule.names)
+    def fmt(v):
+        return "null" if v is None else (f"{v:.4g}" if isinstance(v, float) else repr(v))
+
+    vals = ", ".join(f"{n} = {fmt(metrics.get(n))}" for n in rule.names)
     return f"{rule.text} ({vals})"
 
 

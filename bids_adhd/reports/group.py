@@ -135,9 +135,11 @@ def who_html(results: dict) -> str:
     if und:
         items.append(f"<li>Kept, a QC rule could not decide (a metric is null) for {len(und)} run(s): "
                      + esc("; ".join(f"{r['run']}: {r['detail']}" for r in und[:20])) + ".</li>")
+    shown, cap = results.get("excluded", []), 200
     rows = "".join(f"<tr><td>{esc(r['participant_id'])}</td><td>{esc(r['run'])}</td><td>{esc(r['reason'])}</td>"
-                   f"<td>{esc(r['detail'])}</td></tr>" for r in results.get("excluded", []))
-    table = (f"<table><tr><th>participant</th><th>run</th><th>reason</th><th>detail</th></tr>{rows}</table>"
+                   f"<td>{esc(r['detail'])}</td></tr>" for r in shown[:cap])
+    more = f"<p>… and {len(shown) - cap} more rows in <code>excluded.tsv</code>.</p>" if len(shown) > cap else ""
+    table = (f"<table><tr><th>participant</th><th>run</th><th>reason</th><th>detail</th></tr>{rows}</table>{more}"
              if rows else "")
     return f"<h2>Who was analysed</h2>\n{head}\n<ul>{''.join(items)}</ul>\n{table}"
 
