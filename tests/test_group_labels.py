@@ -284,3 +284,29 @@ def test_group_run_records_the_selection(relabelled, tmp_path, capsys, monkeypat
     code, err = _run(capsys, bids, out, "--pipeline", str(tiny_pipeline(tmp_path)), "--resume",
                      "--positive", "ADHD*", "--negative", "TD")
     assert code == 64 and len(err) == 1 and "qc_exclude" in err[0]
+
+
+def test_bad_qc_files_and_values_are_65(tmp_path):
+    from bids_adhd.errors import DataError
+    from bids_adhd.learn.labels import read_qc
+
+    src = dv.Source(subject="01")
+    path = dv.qc_json(tmp_path, src)
+    path.parent.mkdir(parents=True)
+    for text, msg in (("{not json", "not valid JSON"), ("[1, 2]", "not a JSON object")):
+        path.write_text(text)
+        with pytest.raises(DataError, match=msg) as exc:
+            read_qc(tmp_path, src)
+        assert exc.value.exit_code == 65 and "\n" not in exc.value.message
+    with pytest.raises(DataError, match="'snr' is not a number"):
+        evaluate(parse_rule("snr < 10"), {"snr": "high"})
+
+
+def test_label_file_not_utf8_is_65(tmp_path):
+    from bids_adhd.errors import DataError
+    from bids_adhd.learn.labels import LabelSpec, read_label_values
+
+    (tmp_path / "participants.tsv").write_text("participant_id\tdiagnosis\nsub-01\tTD\n")
+    (tmp_path / "dx.tsv").write_bytes(b"participant_id\tdx\nsub-01\t\xff\xfe\n")
+    with pytest.raises(DataError, match="not UTF-8"):
+        read_label_values(tmp_path, LabelSpec(column="dx", label_file="dx.tsv"))
