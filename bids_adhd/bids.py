@@ -463,6 +463,8 @@ def read_table(path: Path) -> list[dict]:
             raise DataError(f"{path} line {i} has {len(cells)} cells, the header has {len(header)}")
         row = {k: (None if v.strip() in ("n/a", "") else v) for k, v in zip(header, cells)}
         pid = row["participant_id"]
+        if pid is None:
+            raise DataError(f"{path} line {i} has no participant_id")
         if pid in seen:
             raise DataError(f"{path} lists {pid} twice (line {i})")
         seen.add(pid)

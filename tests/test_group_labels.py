@@ -310,3 +310,6 @@ def test_label_file_not_utf8_is_65(tmp_path):
     (tmp_path / "dx.tsv").write_bytes(b"participant_id\tdx\nsub-01\t\xff\xfe\n")
     with pytest.raises(DataError, match="not UTF-8"):
         read_label_values(tmp_path, LabelSpec(column="dx", label_file="dx.tsv"))
+    (tmp_path / "dx.tsv").write_text("participant_id\tdx\nsub-01\tTD\nn/a\tADHD\n")
+    with pytest.raises(DataError, match="line 3 has no participant_id"):
+        read_label_values(tmp_path, LabelSpec(column="dx", label_file="dx.tsv"))
