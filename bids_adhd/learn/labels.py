@@ -86,8 +86,8 @@ def read_label_values(bids_dir: Path, spec: LabelSpec) -> tuple[dict, dict, str]
     """
     from ..bids import read_participants, read_table
 
-    has_tsv = (Path(bids_dir) / "participants.tsv").is_file()
-    base = {_sub(r["participant_id"]): r for r in read_participants(bids_dir)} if has_tsv or not spec.label_file else {}
+    need_tsv = (Path(bids_dir) / "participants.tsv").is_file() or not spec.label_file
+    base = {_sub(r["participant_id"]): r for r in read_participants(bids_dir)} if need_tsv else {}
     source, rows = "participants.tsv", base
     if spec.label_file:
         path = resolve_label_file(spec.label_file, bids_dir)
