@@ -313,3 +313,14 @@ def test_label_file_not_utf8_is_65(tmp_path):
     (tmp_path / "dx.tsv").write_text("participant_id\tdx\nsub-01\tTD\nn/a\tADHD\n")
     with pytest.raises(DataError, match="line 3 has no participant_id"):
         read_label_values(tmp_path, LabelSpec(column="dx", label_file="dx.tsv"))
+
+
+def test_label_file_without_participants_tsv(tmp_path):
+    """A dataset without participants.tsv: the label file alone names the subjects (sub-* folders)."""
+    from bids_adhd.learn.labels import LabelSpec, read_label_values
+
+    for s in ("01", "02"):
+        (tmp_path / f"sub-{s}").mkdir()
+    (tmp_path / "dx.tsv").write_text("participant_id\tdx\tsite\n01\tADHD\tA\nsub-02\tn/a\tB\n")
+    values, merged, source = read_label_values(tmp_path, LabelSpec(column="dx", label_file=str(tmp_path / "dx.tsv")))
+    assert values == {"01": "ADHD", "02": None} and merged["02"]["site"] == "B"
