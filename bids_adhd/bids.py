@@ -442,10 +442,11 @@ def read_participants(bids_dir: Path) -> list[dict]:
 
 def read_table(path: Path) -> list[dict]:
     """A BIDS TSV with a ``participant_id`` column (participants.tsv, phenotype/*.tsv) as row dicts;
-    'n/a' and empty cells → None; a ragged row or a participant listed twice is a ``DataError``."""
+    cells are stripped of surrounding blanks, 'n/a' and empty cells → None; a ragged row, a row
+    without participant_id or a participant listed twice is a ``DataError``."""
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()      # -sig: a spreadsheet's BOM is dropped
     except UnicodeDecodeError:
         raise DataError(f"{path} is not UTF-8 text") from None
     except OSError as exc:
@@ -453,7 +454,7 @@ def read_table(path: Path) -> list[dict]:
     lines = [ln for ln in lines if ln.strip()]
     if not lines:
         raise DataError(f"{path} is empty")
-    header = lines[0].split("\t")
+    header = [h.strip() for h in lines[0].split("\t")]
     if "participant_id" not in header:
         raise DataError(f"{path} has no participant_id column")
     rows, seen = [], set()
@@ -461,7 +462,7 @@ def read_table(path: Path) -> list[dict]:
         cells = ln.split("\t")
         if len(cells) != len(header):
             raise DataError(f"{path} line {i} has {len(cells)} cells, the header has {len(header)}")
-        row = {k: (None if v.strip() in ("n/a", "") else v) for k, v in zip(header, cells)}
+        row = {k: (None if v.strip() in ("n/a", "") else v.strip()) for k, v in zip(header, cells)}
         pid = row["participant_id"]
         if pid is None:
             raise DataError(f"{path} line {i} has no participant_id")

@@ -324,3 +324,17 @@ def test_label_file_without_participants_tsv(tmp_path):
     (tmp_path / "dx.tsv").write_text("participant_id\tdx\tsite\n01\tADHD\tA\nsub-02\tn/a\tB\n")
     values, merged, source = read_label_values(tmp_path, LabelSpec(column="dx", label_file=str(tmp_path / "dx.tsv")))
     assert values == {"01": "ADHD", "02": None} and merged["02"]["site"] == "B"
+
+
+def test_spreadsheet_export_bom_and_blanks(tmp_path):
+    """A TSV saved by a spreadsheet: a UTF-8 BOM, blanks around cells; a blank-only cell is n/a."""
+    from bids_adhd.learn.labels import LabelSpec, map_labels, read_label_values
+
+    for s in ("01", "02", "03"):
+        (tmp_path / f"sub-{s}").mkdir()
+    (tmp_path / "dx.tsv").write_bytes("\ufeffparticipant_id\tdx \nsub-01\tTD \nsub-02\t ADHD\nsub-03\t  \n"
+                                      .encode("utf-8"))
+    spec = LabelSpec(column="dx", label_file=str(tmp_path / "dx.tsv"), negative=("TD",))
+    values, _, _ = read_label_values(tmp_path, spec)
+    assert values == {"01": "TD", "02": "ADHD", "03": None}
+    assert map_labels(values, spec).labels == {"01": 0, "02": 1}
