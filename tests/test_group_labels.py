@@ -36,7 +36,7 @@ def _write_participants(bids: Path, rows, dx) -> None:
     (bids / "participants.tsv").write_text("\n".join(lines) + "\n")
 
 
-def _write_qc(out: Path, subject: str, high_motion: bool) -> Path:
+def _write_qc(out: Path, subject: str, high_motion: bool, session: str | None = None) -> Path:
     """The QC JSON the participant level writes, from 20 volumes of motion parameters (mm, rad)."""
     from bids_adhd.reports.participant import qc_metrics, write_qc_json
 
@@ -51,7 +51,7 @@ def _write_qc(out: Path, subject: str, high_motion: bool) -> Path:
     b0 = np.where(mask, 1000.0, 0.0) + rng.rayleigh(20, shape)
     m = qc_metrics(b0, mask, np.full(shape, 0.4), np.full(shape, 0.8e-3), params, voxel_size=(2.0, 2.0, 2.0),
                    reg_similarity=0.97, noise_sigma=None if subject == NO_SNR else 25.0)
-    return write_qc_json(out, dv.Source(subject=subject), m)
+    return write_qc_json(out, dv.Source(subject=subject, session=session), m)
 
 
 @pytest.fixture(scope="module")
@@ -338,3 +338,17 @@ def test_spreadsheet_export_bom_and_blanks(tmp_path):
     values, _, _ = read_label_values(tmp_path, spec)
     assert values == {"01": "TD", "02": "ADHD", "03": None}
     assert map_labels(values, spec).labels == {"01": 0, "02": 1}
+
+
+def test_qc_rules_are_per_run(tmp_path):
+    """Two sessions: the subject with one high-motion session keeps the other one."""
+    bids, out, rows = synthetic(tmp_path, n=4, sessions=2)
+    for r in rows:
+        for ses in ("01", "02"):
+            _write_qc(out, r["participant_id"][4:], (r["participant_id"], ses) == ("sub-02", "02"), ses)
+    inputs = collect_inputs(bids, out, "diagnosis", "ADHD", 2, qc_exclude=["max_fd > 3"])
+    assert inputs.subjects == ["01", "02", "03", "04"]
+    assert [rm.source.session for rm in inputs.runs["02"]] == ["01"]
+    assert [rm.source.session for rm in inputs.runs["01"]] == ["01", "02"]
+    assert [(r["participant_id"], r["run"], r["reason"]) for r in inputs.excluded] == [("sub-02", "sub-02_ses-02",
+                                                                                         "qc")]
