@@ -31,58 +31,16 @@ import json
 import os
 import re
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Mapping
 
 from . import __version__
+# Entity knowledge lives in ``entities``; re-exported here for the readers of output names.
+from .entities import SOURCE_ENTITIES, TEMPLATE_SPACE, Source  # noqa: F401
 from .errors import OutputError
 
-TEMPLATE_SPACE = "MNI152NLin2009aSym"
-SOURCE_ENTITIES = ("subject", "session", "acquisition", "direction", "run")
-_KEYS = {"subject": "sub", "session": "ses", "acquisition": "acq",
-         "direction": "dir", "run": "run"}
 # BIDS entity order for the derivative entities we add.
 _DERIV_ORDER = ("from", "to", "mode", "space", "model", "param", "desc")
-_LABEL = re.compile(r"^[A-Za-z0-9]+$")
-
-
-@dataclass(frozen=True)
-class Source:
-    """The entities of one raw DWI run that every derivative name starts with."""
-
-    subject: str
-    session: str | None = None
-    acquisition: str | None = None
-    direction: str | None = None
-    run: str | None = None
-
-    def __post_init__(self):
-        for key in SOURCE_ENTITIES:
-            value = getattr(self, key)
-            if value is not None and not _LABEL.match(str(value)):
-                raise OutputError(f"entity {key}={value!r} is not a BIDS label (letters and digits only)")
-
-    @classmethod
-    def from_entities(cls, entities: Mapping) -> "Source":
-        return cls(**{k: (str(entities[k]) if entities.get(k) is not None else None)
-                      for k in SOURCE_ENTITIES})
-
-    @property
-    def prefix(self) -> str:
-        return "_".join(f"{_KEYS[k]}-{getattr(self, k)}" for k in SOURCE_ENTITIES
-                        if getattr(self, k) is not None)
-
-    @property
-    def key(self) -> str:
-        """A short unique id for this run (node names, logs)."""
-        return self.prefix.replace("-", "").replace("_", "-")
-
-    def folder(self, root: os.PathLike) -> Path:
-        path = Path(root) / f"sub-{self.subject}"
-        if self.session:
-            path = path / f"ses-{self.session}"
-        return path / "dwi"
 
 
 def name(src: Source, suffix: str, ext: str, **entities) -> str:

@@ -46,11 +46,10 @@ import numpy as np
 
 from . import __version__
 from . import derivatives as _d
+from .entities import TEMPLATE_SPACE
 from .errors import OutputError, UsageError
 
 LOG = logging.getLogger("bids_adhd.simulate")
-
-TEMPLATE_SPACE = "MNI152NLin2009aSym"
 
 # --- fixed physical / anatomical parameters ----------------------------------
 

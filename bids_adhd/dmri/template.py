@@ -428,8 +428,9 @@ def ras_to_lps(matrix) -> np.ndarray:
 lps_to_ras = ras_to_lps
 
 
-def write_itk_affine(path: os.PathLike, matrix) -> os.PathLike:
-    """Write a RAS world-to-world 4×4 as an ITK ``AffineTransform_double_3_3`` text file.
+def itk_affine_text(matrix) -> str:
+    """A RAS world-to-world 4×4 as the text of an ITK ``AffineTransform_double_3_3`` file
+    (``derivatives.write_text`` writes it; this module names and writes no files).
 
     ITK works in LPS physical space, so ``M_lps = F · M_ras · F`` with
     ``F = diag(-1, -1, 1, 1)`` (element (i, j) of the 3×3 part changes sign when
@@ -440,19 +441,16 @@ def write_itk_affine(path: os.PathLike, matrix) -> os.PathLike:
     becomes the ITK transform mapping template LPS points to DWI LPS points,
     the one ITK/ANTs resample with when moving the DWI image into the template.
     """
-    from ..derivatives import write_text
-
     m = np.asarray(matrix, float)
     if m.shape != (4, 4) or not np.allclose(m[3], [0, 0, 0, 1]):
         raise ValueError("expected a 4×4 affine with last row 0 0 0 1")
     lps = ras_to_lps(m)
     params = list(lps[:3, :3].ravel()) + list(lps[:3, 3])
-    text = ("#Insight Transform File V1.0\n"
+    return ("#Insight Transform File V1.0\n"
             "#Transform 0\n"
             "Transform: AffineTransform_double_3_3\n"
             f"Parameters: {' '.join(repr(float(v)) for v in params)}\n"
             "FixedParameters: 0 0 0\n")
-    return write_text(path, text)
 
 
 def read_itk_affine(path: os.PathLike) -> np.ndarray:

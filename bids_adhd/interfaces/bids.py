@@ -47,7 +47,7 @@ class RunDerivatives(SimpleInterface):
     def _run_interface(self, runtime):
         from .. import derivatives as dv
         from .. import __version__
-        from ..reports.participant import qc_metrics
+        from ..qc import qc_metrics
 
         i = self.inputs
         root = Path(i.out_root)

@@ -101,14 +101,13 @@ def _img(png: bytes, alt: str) -> str:
 
 
 def render_html(results: dict, folds: list[dict], final: dict | None, roc_png: bytes, train_png: bytes) -> str:
-    from ..learn.metrics import METRIC_KEYS
-
     esc = html.escape
     cfg = results["config"]
     banner = ""
     if not results.get("pretrained"):
         banner = (f'<div class="banner"><b>NOT PRE-TRAINED.</b> {esc(results.get("warning", ""))}</div>')
     pooled = results["pooled"]
+    METRIC_KEYS = list(results["summary"])  # the metrics in the order the group level summarised them
     head = "".join(f"<th>{k.replace('_', ' ')}</th>" for k in METRIC_KEYS) + "<th>n</th>"
     rows = [f"<tr><td><b>pooled out-of-fold</b></td>{''.join(f'<td><b>{_f(pooled[k])}</b></td>' for k in METRIC_KEYS)}"
             f"<td>{pooled['n']}</td></tr>"]
