@@ -94,11 +94,6 @@ def report_html(root, subject: str) -> Path:
     return Path(root) / f"sub-{subject}.html"
 
 
-def report_figures_dir(root, subject: str) -> Path:
-    """Figures are embedded in the HTML; this folder is only for debugging copies."""
-    return Path(root) / f"sub-{subject}" / "figures"
-
-
 def done_stamp(root, src) -> Path:
     """Written last: its presence means every output of this run is in place."""
     return src.folder(root) / f".{src.prefix}_bids_adhd.done"
