@@ -99,6 +99,36 @@ def done_stamp(root, src) -> Path:
     return src.folder(root) / f".{src.prefix}_bids_adhd.done"
 
 
+def log_dir(root, subject: str, run_id: str) -> Path:
+    """``sub-<label>/log/<run-id>/``: one participant run's crash files and resolved pipeline (fMRIPrep's layout)."""
+    return Path(root) / f"sub-{subject}" / "log" / run_id
+
+
+def pipeline_yaml(root, subject: str, run_id: str) -> Path:
+    """The resolved pipeline configuration a participant run used, next to its crash files."""
+    return log_dir(root, subject, run_id) / "pipeline.yaml"
+
+
+def crash_files(folder: os.PathLike) -> list[Path]:
+    """Nipype's text crash files in ``folder`` (a log dir, or the work dir's ``crash/``), oldest first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.glob("crash-*.txt") if p.is_file()]
+    return sorted(found, key=lambda p: (p.stat().st_mtime, p.name))
+
+
+def read_crash(crash_file: os.PathLike) -> dict:
+    """``{"node", "error", "file"}`` of a Nipype text crash file: the failed node's name and its last
+    error line (``bids_adhd.errors.DataError: ...`` for a user error raised inside a node)."""
+    crash_file = Path(crash_file)
+    lines = [ln.strip() for ln in crash_file.read_text(errors="replace").splitlines() if ln.strip()]
+    node = lines[0].split(":", 1)[1].strip().split(".", 1)[-1] if lines and lines[0].startswith("Node:") else "?"
+    error = next((ln for ln in reversed(lines) if "Error:" in ln or "Exception:" in ln),
+                 lines[-1] if lines else "unknown error")
+    return {"node": node, "error": error, "file": str(crash_file)}
+
+
 def group_dir(root) -> Path:
     return Path(root) / "group"
 
@@ -231,12 +261,29 @@ def write_json(final: os.PathLike, obj) -> Path:
 NIFTI_GZIP_LEVEL = 1
 
 
+#: NIfTI xform code of an image in a standard template space (fMRIPrep/niworkflows: 4, "mni"),
+#: instead of 1 ("scanner") for images in the space of the raw data
+STANDARD_XFORM_CODE = 4
+
+
+def xform_code(final: os.PathLike) -> int | None:
+    """The sform/qform code an output must carry by its name: 4 in a standard space, else None (kept)."""
+    return STANDARD_XFORM_CODE if f"_space-{TEMPLATE_SPACE}_" in Path(final).name else None
+
+
 def write_nifti(final: os.PathLike, img) -> Path:
-    """Write ``img`` atomically; ``.nii.gz`` gets a fast gzip level and no timestamp (reproducible bytes)."""
+    """Write ``img`` atomically; ``.nii.gz`` gets a fast gzip level and no timestamp (reproducible bytes).
+
+    An output in ``TEMPLATE_SPACE`` (by its name) gets sform and qform code 4 (standard space).
+    """
     import gzip
 
     import nibabel as nib
 
+    code = xform_code(final)
+    if code is not None:
+        img.set_sform(img.affine, code=code)
+        img.set_qform(img.affine, code=code)
     with atomic_path(final) as tmp:
         if Path(final).name.endswith(".gz"):
             with open(tmp, "wb") as fh, gzip.GzipFile(filename="", mode="wb", fileobj=fh,
@@ -251,7 +298,7 @@ def copy_nifti(src_file: os.PathLike, final: os.PathLike) -> Path:
     """Copy a NIfTI file under its final name, (de)compressing when the two names differ in ``.gz``."""
     import nibabel as nib
 
-    if str(src_file).endswith(".gz") == str(final).endswith(".gz"):
+    if str(src_file).endswith(".gz") == str(final).endswith(".gz") and xform_code(final) is None:
         return copy_file(src_file, final)
     return write_nifti(final, nib.load(str(src_file)))
 
@@ -316,6 +363,31 @@ def container_info() -> dict | None:
         return {"Type": "apptainer",
                 "Tag": os.environ.get("APPTAINER_CONTAINER") or os.environ.get("SINGULARITY_CONTAINER")}
     return None
+
+
+#: what BIDS-Derivatives has no name for, kept out of validation by OUTPUT_DIR/.bidsignore (as fMRIPrep
+#: does); everything else validates with ``bids-validator-deno`` (docs/outputs.md).
+BIDSIGNORE = (
+    "sub-*.html",                   # per-subject HTML reports (the BIDS-Apps place for them)
+    "sub-*/log/",                   # per-subject logs: crash files and the resolved pipeline YAML
+    "group/",                       # the group level's results (no BIDS name for a classifier's outputs)
+    "*_desc-qc_dwi.json",           # the QC numbers of a run: a report in JSON, not a sidecar of an image
+    "*_desc-preproc_dwi.bval",      # the b-table of the preprocessed DWI: BIDS names .bval/.bvec only for raw
+    "*_desc-preproc_dwi.bvec",      # DWI (no desc/space entity), so no derivative name exists for them
+)
+
+
+def ensure_bidsignore(root: os.PathLike) -> Path:
+    """Write ``OUTPUT_DIR/.bidsignore`` with ``BIDSIGNORE``, keeping any lines a user added."""
+    final = Path(root) / ".bidsignore"
+    try:
+        lines = final.read_text(encoding="utf-8").splitlines() if final.is_file() else []
+    except (OSError, UnicodeDecodeError):
+        lines = []
+    missing = [p for p in BIDSIGNORE if p not in lines]
+    if not missing:
+        return final
+    return write_text(final, "\n".join(lines + missing) + "\n")
 
 
 def ensure_dataset_description(root: os.PathLike, source_dataset: os.PathLike | None = None) -> Path:

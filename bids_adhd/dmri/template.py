@@ -60,6 +60,7 @@ import nibabel as nib
 
 from ..config import TemplateConfig
 from ..errors import DataError
+from .geometry import matrix_to_euler, polar_rotation, rotation_angle_deg  # noqa: F401 (T.rotation_angle_deg)
 
 TEMPLATE_CENTRE_MM = (0.0, -17.0, 5.0)
 """Centre of the bounding box of nilearn's MNI152 2009 brain mask (1 mm), RAS mm."""
@@ -243,30 +244,13 @@ def decompose_affine(matrix) -> dict:
     """Translation (mm), rotation (deg, x-y-z Euler of the polar factor), scales of a 4×4."""
     m = np.asarray(matrix, float)
     lin = m[:3, :3]
-    u, s, vt = np.linalg.svd(lin)
-    rot = u @ vt
-    if np.linalg.det(rot) < 0:           # reflection: keep it out of the rotation
-        u[:, -1] *= -1
-        rot = u @ vt
+    rot = polar_rotation(lin)
     stretch = rot.T @ lin                # lin = rot @ stretch (polar decomposition)
-    # R = Rz @ Ry @ Rx  →  angles about x, y, z
-    ry = np.arcsin(-np.clip(rot[2, 0], -1, 1))
-    rx = np.arctan2(rot[2, 1], rot[2, 2])
-    rz = np.arctan2(rot[1, 0], rot[0, 0])
     return {"translation_mm": m[:3, 3].tolist(),
-            "rotation_deg": np.degrees([rx, ry, rz]).tolist(),
+            "rotation_deg": np.degrees(matrix_to_euler(rot)).tolist(),
             "rotation_angle_deg": float(rotation_angle_deg(rot)),
             "scales": np.linalg.eigvalsh((stretch + stretch.T) / 2).tolist(),
             "determinant": float(np.linalg.det(lin))}
-
-
-def rotation_angle_deg(rot) -> float:
-    """Angle (deg) of a 3×3 rotation (of the polar factor if it is not exactly orthogonal)."""
-    r = np.asarray(rot, float)[:3, :3]
-    u, _, vt = np.linalg.svd(r)
-    r = u @ vt
-    c = (np.trace(r) - 1.0) / 2.0
-    return float(np.degrees(np.arccos(np.clip(c, -1.0, 1.0))))
 
 
 def similarity(a, b, mask) -> float:

@@ -242,13 +242,25 @@ def _anchor(run: Mapping, i: int) -> str:
     return "run-" + "".join(c if c.isalnum() or c in "-_" else "-" for c in label)
 
 
-def report_html(subject: str, runs: Sequence[Mapping]) -> str:
-    """The report as one HTML string (no external resources: figures are data: URIs)."""
+def errors_html(crashes: Sequence[Mapping]) -> str:
+    """The "Errors" section: one row per crash file (``derivatives.read_crash``'s dicts) of this run."""
+    rows = "".join(f"<tr><td>{html.escape(str(c.get('node', '?')))}</td><td>{html.escape(str(c.get('error', '')))}"
+                   f"</td><td><code>{html.escape(str(c.get('file', '')))}</code></td></tr>" for c in crashes)
+    return ('<section id="errors"><h2>Errors</h2><p class="note">Processing failed; the crash files (with the '
+            "full traceback) are in this subject's <code>log/&lt;run-id&gt;/</code> folder.</p>"
+            f"<table><tr><th>Node</th><th>Error</th><th>Crash file</th></tr>{rows}</table></section>")
+
+
+def report_html(subject: str, runs: Sequence[Mapping], crashes: Sequence[Mapping] = ()) -> str:
+    """The report as one HTML string (no external resources: figures are data: URIs); ``crashes``
+    (``derivatives.read_crash``'s dicts) adds an "Errors" section first."""
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
            f"<title>bids_adhd QC: sub-{html.escape(subject)}</title>", f"<style>{_CSS}</style></head><body>",
            f"<header><h1>sub-{html.escape(subject)} — diffusion MRI quality control</h1>"
            f"<p>bids_adhd {html.escape(__version__)} · {len(runs)} run(s) · generated {now}</p></header><main>"]
+    if crashes:
+        out.append(errors_html(crashes))
     # summary across runs
     out.append("<section><h2>Summary</h2><table><tr><th>Run</th><th>Volumes</th><th>Mean FD (mm)</th>"
                "<th>Max FD (mm)</th><th>Outliers</th><th>SNR</th><th>Mask (ml)</th><th>FA WM-like</th>"
@@ -284,7 +296,7 @@ def report_html(subject: str, runs: Sequence[Mapping]) -> str:
     return "\n".join(out) + "\n"
 
 
-def write_report(out_root, subject: str, runs: Sequence[Mapping]) -> Path:
+def write_report(out_root, subject: str, runs: Sequence[Mapping], crashes: Sequence[Mapping] = ()) -> Path:
     """Write ``sub-<subject>.html`` (``derivatives.report_html``) atomically; return its path.
 
     ``runs``: one mapping per DWI run with ``label`` (e.g. the BIDS prefix),
@@ -298,4 +310,4 @@ def write_report(out_root, subject: str, runs: Sequence[Mapping]) -> Path:
         subject = subject[4:]
     runs = [dict(r, source=(vars(r["source"]) if isinstance(r.get("source"), dv.Source) else r.get("source")))
             for r in runs]
-    return dv.write_text(dv.report_html(out_root, subject), report_html(subject, runs))
+    return dv.write_text(dv.report_html(out_root, subject), report_html(subject, runs, crashes))
