@@ -365,15 +365,20 @@ def container_info() -> dict | None:
     return None
 
 
-#: what BIDS-Derivatives has no name for, kept out of validation by OUTPUT_DIR/.bidsignore (as fMRIPrep
-#: does); everything else validates with ``bids-validator-deno`` (docs/outputs.md).
+#: what the BIDS schema has no name for, kept out of validation by OUTPUT_DIR/.bidsignore (fMRIPrep and
+#: QSIRecon ignore their ``*_xfm.*`` and ``*_timeseries.tsv`` the same way); the rest (preprocessed DWI
+#: and its sidecar, brain masks, dataset_description.json) validates with ``bids-validator-deno``
+#: (docs/outputs.md says which is which).
 BIDSIGNORE = (
     "sub-*.html",                   # per-subject HTML reports (the BIDS-Apps place for them)
-    "sub-*/log/",                   # per-subject logs: crash files and the resolved pipeline YAML
-    "group/",                       # the group level's results (no BIDS name for a classifier's outputs)
+    "sub-*/log",                    # per-subject logs: crash files and the resolved pipeline YAML
+    "/group",                       # the group level's results (no BIDS name for a classifier's outputs)
     "*_desc-qc_dwi.json",           # the QC numbers of a run: a report in JSON, not a sidecar of an image
     "*_desc-preproc_dwi.bval",      # the b-table of the preprocessed DWI: BIDS names .bval/.bvec only for raw
-    "*_desc-preproc_dwi.bvec",      # DWI (no desc/space entity), so no derivative name exists for them
+    "*_desc-preproc_dwi.bvec",      # DWI (no desc/space entity allowed), with or without a space- entity
+    "*_dwimap.*",                   # DTI maps: BEP016 names (model-/param- entities), not yet in the schema
+    "*_timeseries.*",               # motion confounds of a DWI run: the schema has no dwi timeseries
+    "*_xfm.*",                      # transforms: not in the schema (fMRIPrep ignores them too)
 )
 
 
