@@ -17,7 +17,6 @@ The numbers are defined in ``docs/qc.md``; in short:
 """
 from __future__ import annotations
 
-import base64
 import datetime as _dt
 import html
 import os
@@ -28,6 +27,7 @@ import numpy as np
 
 from .. import __version__
 from .. import derivatives as dv
+from .common import img_tag
 # The numbers live in ``bids_adhd.qc`` (computed in the sink's QC step); re-exported for readers.
 from ..qc import WM_FA_THRESHOLD, background_sigma, framewise_displacement, qc_metrics  # noqa: F401
 
@@ -222,9 +222,7 @@ def qc_table_html(m: Mapping) -> str:
     return "\n".join(rows)
 
 
-def _img(png: bytes, alt: str) -> str:
-    data = base64.b64encode(png).decode("ascii")
-    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
+_img = img_tag
 
 
 def _run_title(run: Mapping) -> str:
