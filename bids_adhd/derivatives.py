@@ -192,7 +192,7 @@ def remove_stale_temps(root: os.PathLike, sources, min_age_s: float = 60.0) -> l
     Only temporaries of this module's writes (``.<final name>.<random>.tmp*``) whose final name
     belongs to one of ``sources`` (or to its subject's report) are touched: another job may be
     writing other subjects into the same OUTPUT_DIR. ``dataset_description.json``, which every
-    job writes, loses only temporaries older than ``min_age_s``.
+    job writes, and ``.bidsignore`` lose only temporaries older than ``min_age_s``.
     """
     import time
 
@@ -213,7 +213,8 @@ def remove_stale_temps(root: os.PathLike, sources, min_age_s: float = 60.0) -> l
                 tmp.unlink(missing_ok=True)
                 removed.append(tmp)
     now = time.time()
-    for tmp in root.glob(".dataset_description.json.*.tmp*"):
+    shared = [*root.glob(".dataset_description.json.*.tmp*"), *root.glob("..bidsignore.*.tmp*")]
+    for tmp in shared:
         try:
             if _TEMP.match(tmp.name) and now - tmp.stat().st_mtime > min_age_s:
                 tmp.unlink(missing_ok=True)

@@ -65,3 +65,15 @@ def test_bidsignore_written_once_and_keeps_user_lines(tmp_path):
     path.write_text("extra/\n" + path.read_text())
     dv.ensure_bidsignore(tmp_path)
     assert path.read_text().splitlines() == ["extra/", *dv.BIDSIGNORE]
+
+
+def test_stale_bidsignore_temporary_is_removed(tmp_path):
+    import os
+    import time
+
+    stale, fresh = tmp_path / "..bidsignore.abcd1234.tmp", tmp_path / "..bidsignore.efgh5678.tmp"
+    for p in (stale, fresh):
+        p.write_text("x")
+    os.utime(stale, (time.time() - 120, time.time() - 120))
+    assert dv.remove_stale_temps(tmp_path, []) == [stale]          # another job may be writing the fresh one
+    assert not stale.exists() and fresh.exists()
