@@ -34,6 +34,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml requirements/constraints-cpu.txt
 venv: $(VENV)/.installed
 
 test: sysdeps venv
+	$(VENV)/bin/lint-imports --config .importlinter
 	$(VENV)/bin/pytest -q -p no:cacheprovider tests
 
 demo: venv

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -17,12 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .derivatives import Source
+from .entities import KEY_ENTITIES, LABEL as _LABEL, Source
 from .errors import (DataError, MissingInputError, NothingSelectedError, OutputError,
                      UsageError, ValidationError)
 
 LOG = logging.getLogger("bids_adhd.bids")
-_LABEL = re.compile(r"^[A-Za-z0-9]+$")
 # A header that asks for more than this many voxels×volumes is refused before
 # anything is allocated (a 256³ × 300-volume float32 series is ~20 GB).
 MAX_ELEMENTS = 2 ** 32
@@ -213,9 +211,6 @@ def collect_runs(bids_dir: Path, participant_label=None, session_label=None, fil
     return runs
 
 
-_NAME_KEYS = {"sub": "subject", "ses": "session", "acq": "acquisition", "dir": "direction", "run": "run"}
-
-
 def _check_name_entities(dwi: Path, bids_dir: Path, entities) -> None:
     """The entities pybids parsed must be exactly the ones in the file name.
 
@@ -233,7 +228,7 @@ def _check_name_entities(dwi: Path, bids_dir: Path, entities) -> None:
                         "and digits only); rename the file")
     for token in dwi.name.split(".")[0].split("_")[:-1] + folders:
         key, _, value = token.partition("-")
-        entity = _NAME_KEYS.get(key)
+        entity = KEY_ENTITIES.get(key)
         if entity is None:
             continue
         parsed = entities.get(entity)

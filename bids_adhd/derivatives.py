@@ -31,58 +31,16 @@ import json
 import os
 import re
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Mapping
 
 from . import __version__
+# Entity knowledge lives in ``entities``; re-exported here for the readers of output names.
+from .entities import SOURCE_ENTITIES, TEMPLATE_SPACE, Source  # noqa: F401
 from .errors import OutputError
 
-TEMPLATE_SPACE = "MNI152NLin2009aSym"
-SOURCE_ENTITIES = ("subject", "session", "acquisition", "direction", "run")
-_KEYS = {"subject": "sub", "session": "ses", "acquisition": "acq",
-         "direction": "dir", "run": "run"}
 # BIDS entity order for the derivative entities we add.
 _DERIV_ORDER = ("from", "to", "mode", "space", "model", "param", "desc")
-_LABEL = re.compile(r"^[A-Za-z0-9]+$")
-
-
-@dataclass(frozen=True)
-class Source:
-    """The entities of one raw DWI run that every derivative name starts with."""
-
-    subject: str
-    session: str | None = None
-    acquisition: str | None = None
-    direction: str | None = None
-    run: str | None = None
-
-    def __post_init__(self):
-        for key in SOURCE_ENTITIES:
-            value = getattr(self, key)
-            if value is not None and not _LABEL.match(str(value)):
-                raise OutputError(f"entity {key}={value!r} is not a BIDS label (letters and digits only)")
-
-    @classmethod
-    def from_entities(cls, entities: Mapping) -> "Source":
-        return cls(**{k: (str(entities[k]) if entities.get(k) is not None else None)
-                      for k in SOURCE_ENTITIES})
-
-    @property
-    def prefix(self) -> str:
-        return "_".join(f"{_KEYS[k]}-{getattr(self, k)}" for k in SOURCE_ENTITIES
-                        if getattr(self, k) is not None)
-
-    @property
-    def key(self) -> str:
-        """A short unique id for this run (node names, logs)."""
-        return self.prefix.replace("-", "").replace("_", "-")
-
-    def folder(self, root: os.PathLike) -> Path:
-        path = Path(root) / f"sub-{self.subject}"
-        if self.session:
-            path = path / f"ses-{self.session}"
-        return path / "dwi"
 
 
 def name(src: Source, suffix: str, ext: str, **entities) -> str:
@@ -136,14 +94,39 @@ def report_html(root, subject: str) -> Path:
     return Path(root) / f"sub-{subject}.html"
 
 
-def report_figures_dir(root, subject: str) -> Path:
-    """Figures are embedded in the HTML; this folder is only for debugging copies."""
-    return Path(root) / f"sub-{subject}" / "figures"
-
-
 def done_stamp(root, src) -> Path:
     """Written last: its presence means every output of this run is in place."""
     return src.folder(root) / f".{src.prefix}_bids_adhd.done"
+
+
+def log_dir(root, subject: str, run_id: str) -> Path:
+    """``sub-<label>/log/<run-id>/``: one participant run's crash files and resolved pipeline (fMRIPrep's layout)."""
+    return Path(root) / f"sub-{subject}" / "log" / run_id
+
+
+def pipeline_yaml(root, subject: str, run_id: str) -> Path:
+    """The resolved pipeline configuration a participant run used, next to its crash files."""
+    return log_dir(root, subject, run_id) / "pipeline.yaml"
+
+
+def crash_files(folder: os.PathLike) -> list[Path]:
+    """Nipype's text crash files in ``folder`` (a log dir, or the work dir's ``crash/``), oldest first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.glob("crash-*.txt") if p.is_file()]
+    return sorted(found, key=lambda p: (p.stat().st_mtime, p.name))
+
+
+def read_crash(crash_file: os.PathLike) -> dict:
+    """``{"node", "error", "file"}`` of a Nipype text crash file: the failed node's name and its last
+    error line (``bids_adhd.errors.DataError: ...`` for a user error raised inside a node)."""
+    crash_file = Path(crash_file)
+    lines = [ln.strip() for ln in crash_file.read_text(errors="replace").splitlines() if ln.strip()]
+    node = lines[0].split(":", 1)[1].strip().split(".", 1)[-1] if lines and lines[0].startswith("Node:") else "?"
+    error = next((ln for ln in reversed(lines) if "Error:" in ln or "Exception:" in ln),
+                 lines[-1] if lines else "unknown error")
+    return {"node": node, "error": error, "file": str(crash_file)}
 
 
 def group_dir(root) -> Path:
@@ -209,7 +192,7 @@ def remove_stale_temps(root: os.PathLike, sources, min_age_s: float = 60.0) -> l
     Only temporaries of this module's writes (``.<final name>.<random>.tmp*``) whose final name
     belongs to one of ``sources`` (or to its subject's report) are touched: another job may be
     writing other subjects into the same OUTPUT_DIR. ``dataset_description.json``, which every
-    job writes, loses only temporaries older than ``min_age_s``.
+    job writes, and ``.bidsignore`` lose only temporaries older than ``min_age_s``.
     """
     import time
 
@@ -230,7 +213,8 @@ def remove_stale_temps(root: os.PathLike, sources, min_age_s: float = 60.0) -> l
                 tmp.unlink(missing_ok=True)
                 removed.append(tmp)
     now = time.time()
-    for tmp in root.glob(".dataset_description.json.*.tmp*"):
+    shared = [*root.glob(".dataset_description.json.*.tmp*"), *root.glob("..bidsignore.*.tmp*")]
+    for tmp in shared:
         try:
             if _TEMP.match(tmp.name) and now - tmp.stat().st_mtime > min_age_s:
                 tmp.unlink(missing_ok=True)
@@ -278,12 +262,29 @@ def write_json(final: os.PathLike, obj) -> Path:
 NIFTI_GZIP_LEVEL = 1
 
 
+#: NIfTI xform code of an image in a standard template space (fMRIPrep/niworkflows: 4, "mni"),
+#: instead of 1 ("scanner") for images in the space of the raw data
+STANDARD_XFORM_CODE = 4
+
+
+def xform_code(final: os.PathLike) -> int | None:
+    """The sform/qform code an output must carry by its name: 4 in a standard space, else None (kept)."""
+    return STANDARD_XFORM_CODE if f"_space-{TEMPLATE_SPACE}_" in Path(final).name else None
+
+
 def write_nifti(final: os.PathLike, img) -> Path:
-    """Write ``img`` atomically; ``.nii.gz`` gets a fast gzip level and no timestamp (reproducible bytes)."""
+    """Write ``img`` atomically; ``.nii.gz`` gets a fast gzip level and no timestamp (reproducible bytes).
+
+    An output in ``TEMPLATE_SPACE`` (by its name) gets sform and qform code 4 (standard space).
+    """
     import gzip
 
     import nibabel as nib
 
+    code = xform_code(final)
+    if code is not None:
+        img.set_sform(img.affine, code=code)
+        img.set_qform(img.affine, code=code)
     with atomic_path(final) as tmp:
         if Path(final).name.endswith(".gz"):
             with open(tmp, "wb") as fh, gzip.GzipFile(filename="", mode="wb", fileobj=fh,
@@ -298,7 +299,7 @@ def copy_nifti(src_file: os.PathLike, final: os.PathLike) -> Path:
     """Copy a NIfTI file under its final name, (de)compressing when the two names differ in ``.gz``."""
     import nibabel as nib
 
-    if str(src_file).endswith(".gz") == str(final).endswith(".gz"):
+    if str(src_file).endswith(".gz") == str(final).endswith(".gz") and xform_code(final) is None:
         return copy_file(src_file, final)
     return write_nifti(final, nib.load(str(src_file)))
 
@@ -363,6 +364,36 @@ def container_info() -> dict | None:
         return {"Type": "apptainer",
                 "Tag": os.environ.get("APPTAINER_CONTAINER") or os.environ.get("SINGULARITY_CONTAINER")}
     return None
+
+
+#: what the BIDS schema has no name for, kept out of validation by OUTPUT_DIR/.bidsignore (fMRIPrep and
+#: QSIRecon ignore their ``*_xfm.*`` and ``*_timeseries.tsv`` the same way); the rest (preprocessed DWI
+#: and its sidecar, brain masks, dataset_description.json) validates with ``bids-validator-deno``
+#: (docs/outputs.md says which is which).
+BIDSIGNORE = (
+    "sub-*.html",                   # per-subject HTML reports (the BIDS-Apps place for them)
+    "sub-*/log",                    # per-subject logs: crash files and the resolved pipeline YAML
+    "/group",                       # the group level's results (no BIDS name for a classifier's outputs)
+    "*_desc-qc_dwi.json",           # the QC numbers of a run: a report in JSON, not a sidecar of an image
+    "*_desc-preproc_dwi.bval",      # the b-table of the preprocessed DWI: BIDS names .bval/.bvec only for raw
+    "*_desc-preproc_dwi.bvec",      # DWI (no desc/space entity allowed), with or without a space- entity
+    "*_dwimap.*",                   # DTI maps: BEP016 names (model-/param- entities), not yet in the schema
+    "*_timeseries.*",               # motion confounds of a DWI run: the schema has no dwi timeseries
+    "*_xfm.*",                      # transforms: not in the schema (fMRIPrep ignores them too)
+)
+
+
+def ensure_bidsignore(root: os.PathLike) -> Path:
+    """Write ``OUTPUT_DIR/.bidsignore`` with ``BIDSIGNORE``, keeping any lines a user added."""
+    final = Path(root) / ".bidsignore"
+    try:
+        lines = final.read_text(encoding="utf-8").splitlines() if final.is_file() else []
+    except (OSError, UnicodeDecodeError):
+        lines = []
+    missing = [p for p in BIDSIGNORE if p not in lines]
+    if not missing:
+        return final
+    return write_text(final, "\n".join(lines + missing) + "\n")
 
 
 def ensure_dataset_description(root: os.PathLike, source_dataset: os.PathLike | None = None) -> Path:

@@ -46,11 +46,11 @@ import numpy as np
 
 from . import __version__
 from . import derivatives as _d
+from .dmri.geometry import euler_to_matrix
+from .entities import TEMPLATE_SPACE
 from .errors import OutputError, UsageError
 
 LOG = logging.getLogger("bids_adhd.simulate")
-
-TEMPLATE_SPACE = "MNI152NLin2009aSym"
 
 # --- fixed physical / anatomical parameters ----------------------------------
 
@@ -117,16 +117,8 @@ _PARTICIPANTS, _ANATOMY, _POSE, _NOISE, _T1NOISE = range(5)
 
 # --- small geometry helpers --------------------------------------------------
 
-def rotation_matrix(rx: float, ry: float, rz: float) -> np.ndarray:
-    """``Rz @ Ry @ Rx`` for right-handed angles (radians) about the scanner x, y, z axes.
-
-    Applied to a column vector, the x rotation acts first.
-    """
-    cx, sx, cy, sy, cz, sz = math.cos(rx), math.sin(rx), math.cos(ry), math.sin(ry), math.cos(rz), math.sin(rz)
-    Rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
-    Ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
-    Rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
-    return Rz @ Ry @ Rx
+#: ``Rz @ Ry @ Rx`` for right-handed angles (radians) about the scanner x, y, z axes
+rotation_matrix = euler_to_matrix
 
 
 def _homogeneous(linear: np.ndarray, translation) -> np.ndarray:

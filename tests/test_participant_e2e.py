@@ -3,6 +3,7 @@ check every derivative by its BIDS name, the sidecars, and the planted effect.""
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -14,15 +15,18 @@ from bids_adhd import derivatives as dv
 from bids_adhd.bids import read_participants
 from bids_adhd.cli import main
 from bids_adhd.simulate import simulate_dataset
-from helpers import tree_hash
+from helpers import tree_hash, validator_errors
 
 EFFECT = 0.25  # stronger than the demo's 8 % so that 3 subjects show it beyond natural variation
+#: metadata only a dataset-root ``dwi.json`` holds (BIDS inheritance): it must reach the output sidecars
+ROOT_METADATA = {"InstitutionName": "bids_adhd e2e: from the dataset-root dwi.json"}
 
 
 @pytest.fixture(scope="module")
 def e2e(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e")
     bids = simulate_dataset(tmp / "bids", n_subjects=3, seed=3, size="demo", effect=EFFECT, directions=12)
+    (bids / "dwi.json").write_text(json.dumps(ROOT_METADATA))
     before = tree_hash(bids)
     out, work = tmp / "out", tmp / "work"
     t0 = time.perf_counter()
@@ -57,6 +61,7 @@ def test_every_derivative_present_with_sidecars(e2e):
         assert md_json["Units"] == "mm^2/s"
         pre = json.loads(dv.preproc_dwi(out, src, ".json").read_text())
         assert pre["PhaseEncodingDirection"] == "j-" and pre["Denoising"]["Method"] == "mppca"
+        assert pre["InstitutionName"] == ROOT_METADATA["InstitutionName"]  # inherited, from the BIDS index
         n = nib.load(dv.preproc_dwi(out, src)).shape[3]
         assert np.loadtxt(dv.preproc_dwi(out, src, ".bvec")).shape == (3, n)
         conf = dv.confounds(out, src).read_text().splitlines()
@@ -67,6 +72,36 @@ def test_every_derivative_present_with_sidecars(e2e):
         assert np.all(np.isfinite(fa)) and fa.min() >= 0 and fa.max() <= 1
     # no temporary files left behind
     assert not [p for p in out.rglob("*.tmp*")]
+
+
+def test_standard_space_outputs_carry_xform_code_4(e2e):
+    """sform and qform code 4 (standard space) on every ``space-MNI152NLin2009aSym`` image, 1 (scanner)
+    on the native-space ones."""
+    out = e2e["out"]
+    std = sorted(out.glob(f"sub-*/dwi/*_space-{dv.TEMPLATE_SPACE}_*.nii.gz"))
+    assert len(std) == 3 * (len(dv.TEMPLATE_PARAMS) + 1)
+    for path in std:
+        hdr = nib.load(path).header
+        assert (int(hdr["sform_code"]), int(hdr["qform_code"])) == (4, 4), path.name
+    native = [p for p in out.glob("sub-*/dwi/*.nii.gz") if "_space-" not in p.name]
+    assert native and all(int(nib.load(p).header["sform_code"]) == 1 for p in native)
+
+
+def test_output_folder_passes_bids_validator(e2e, tmp_path):
+    """The whole OUTPUT_DIR, with a group/ folder, validates with zero errors under an empty validator
+    config: BIDS-Derivatives names, and .bidsignore only for what BIDS has no name for."""
+    out = e2e["out"]
+    group = dv.group_dir(out)
+    for rel, text in (("report.html", "<html></html>\n"), ("metrics.json", "{}\n"),
+                      ("predictions.tsv", "participant_id\tfold\tlabel\tprobability\n"),
+                      ("folds.tsv", "participant_id\tfold\tlabel\n"), ("figures/roc.png", "")):
+        (group / rel).parent.mkdir(parents=True, exist_ok=True)
+        (group / rel).write_text(text)
+    try:
+        errors = validator_errors(out, tmp_path)
+    finally:
+        shutil.rmtree(group)
+    assert errors == [], errors[:20]
 
 
 def test_fa_close_to_truth_and_effect_visible(e2e):

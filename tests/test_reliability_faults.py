@@ -192,9 +192,11 @@ def kill_when(proc, path: Path, timeout=300) -> bool:
 # --- output checks -----------------------------------------------------------------------
 
 def final_files(out: Path) -> dict[str, Path]:
-    """Every file under a final (non-hidden) name, outside the work dir."""
+    """Every file under a final (non-hidden) name, outside the work dir and the per-run logs
+    (``sub-<label>/log/<run-id>/``, named after each run)."""
     return {p.relative_to(out).as_posix(): p for p in out.rglob("*")
-            if p.is_file() and ".bids_adhd_work" not in p.parts and not p.name.startswith(".")}
+            if p.is_file() and ".bids_adhd_work" not in p.parts and not p.name.startswith(".")
+            and p.relative_to(out).parts[1:2] != ("log",)}
 
 
 def temp_files(out: Path) -> list[str]:
@@ -274,8 +276,8 @@ def test_kill_and_resume_participant(env, reference):
     # (what, how): a path whose appearance triggers the kill, or a hook that kills inside a write
     points = [
         ("workflow set-up", wf),
-        ("tensor fit node", wf / "dwi_preproc_sub01" / "dti"),
-        ("template registration node", wf / "template_sub01" / "register"),
+        ("tensor fit node", wf / "single_subject_01_wf" / "dwi_preproc_sub01" / "dti"),
+        ("template registration node", wf / "single_subject_01_wf" / "template_sub01" / "register"),
         ("sink: mid-write of the FA map", "copy:param-fa_dwimap.nii.gz"),
         ("report written, not yet renamed", "replace:sub-01.html"),
         ("all outputs in place but the done stamp", "replace:_bids_adhd.done"),

@@ -147,7 +147,8 @@ def _participant(bids: Path, out: Path, work: Path, plugin: str) -> tuple[subpro
 
 def _derivative_files(root: Path) -> list[str]:
     """Every output under sub-*/ (the per-subject derivatives), relative to root."""
-    return sorted(str(p.relative_to(root)) for p in root.glob("sub-*/**/*") if p.is_file())
+    return sorted(str(p.relative_to(root)) for p in root.glob("sub-*/**/*")
+                  if p.is_file() and p.relative_to(root).parts[1:2] != ("log",))  # logs: named per run
 
 
 def _same_json(a, b, path="") -> list[str]:

@@ -22,6 +22,7 @@ import pytest
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
+from bids_adhd import derivatives as dv
 from bids_adhd.config import TemplateConfig, load_pipeline, preset_names
 from bids_adhd.dmri import template as T
 from bids_adhd.errors import DataError
@@ -281,7 +282,7 @@ def test_itk_round_trip_and_lps_by_hand(tmp_path):
     # i, j is x or y (i.e. the (x|y, z) and (z, x|y) entries); translations x, y flip.
     lps_by_hand = [1, 2, -3, 4, 5, -6, -7, -8, 10, -10, -20, 30]
     path = tmp_path / "sub-01_from-dwi_to-MNI152NLin2009aSym_mode-image_xfm.txt"
-    T.write_itk_affine(path, ras)
+    dv.write_text(path, T.itk_affine_text(ras))
     lines = path.read_text().splitlines()
     assert lines[0] == "#Insight Transform File V1.0"
     assert lines[2] == "Transform: AffineTransform_double_3_3"
@@ -300,7 +301,7 @@ def test_itk_round_trip_and_lps_by_hand(tmp_path):
 
     # a real registration matrix survives exactly (repr of doubles)
     m = _pose((8.0, -6.0, 4.0), (6.123456789, -5.5, 8.25), 1.0312345)
-    T.write_itk_affine(path, m)
+    dv.write_text(path, T.itk_affine_text(m))
     np.testing.assert_array_equal(T.read_itk_affine(path), m)
 
 

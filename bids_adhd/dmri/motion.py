@@ -61,39 +61,10 @@ import numpy as np
 
 from ..errors import DataError
 from ._parallel import process_map, resolve_nprocs, single_threaded_blas
+from .geometry import euler_to_matrix, matrix_to_euler, polar_rotation  # noqa: F401 (the geometry helpers)
 
 __all__ = ["correct_motion", "framewise_displacement", "rigid_params", "rotate_bvecs",
            "euler_to_matrix", "matrix_to_euler", "polar_rotation"]
-
-
-# --- geometry helpers ----------------------------------------------------------
-
-def euler_to_matrix(rx, ry, rz):
-    """``Rz(rz) @ Ry(ry) @ Rx(rx)`` (radians)."""
-    cx, sx, cy, sy, cz, sz = np.cos(rx), np.sin(rx), np.cos(ry), np.sin(ry), np.cos(rz), np.sin(rz)
-    Rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
-    Ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
-    Rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
-    return Rz @ Ry @ Rx
-
-
-def matrix_to_euler(R):
-    """Inverse of :func:`euler_to_matrix`: ``(rx, ry, rz)`` in radians."""
-    R = np.asarray(R, float)
-    ry = -np.arcsin(np.clip(R[2, 0], -1.0, 1.0))
-    rx = np.arctan2(R[2, 1], R[2, 2])
-    rz = np.arctan2(R[1, 0], R[0, 0])
-    return np.array([rx, ry, rz])
-
-
-def polar_rotation(M):
-    """Rotation factor ``R`` of the polar decomposition ``M = R S`` (3x3)."""
-    U, _, Vt = np.linalg.svd(np.asarray(M, float)[:3, :3])
-    R = U @ Vt
-    if np.linalg.det(R) < 0:       # a reflection cannot come from head motion; keep it proper
-        U[:, -1] *= -1
-        R = U @ Vt
-    return R
 
 
 def _centre(shape3, grid2world):

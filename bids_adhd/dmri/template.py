@@ -60,6 +60,7 @@ import nibabel as nib
 
 from ..config import TemplateConfig
 from ..errors import DataError
+from .geometry import matrix_to_euler, polar_rotation, rotation_angle_deg  # noqa: F401 (T.rotation_angle_deg)
 
 TEMPLATE_CENTRE_MM = (0.0, -17.0, 5.0)
 """Centre of the bounding box of nilearn's MNI152 2009 brain mask (1 mm), RAS mm."""
@@ -243,30 +244,13 @@ def decompose_affine(matrix) -> dict:
     """Translation (mm), rotation (deg, x-y-z Euler of the polar factor), scales of a 4×4."""
     m = np.asarray(matrix, float)
     lin = m[:3, :3]
-    u, s, vt = np.linalg.svd(lin)
-    rot = u @ vt
-    if np.linalg.det(rot) < 0:           # reflection: keep it out of the rotation
-        u[:, -1] *= -1
-        rot = u @ vt
+    rot = polar_rotation(lin)
     stretch = rot.T @ lin                # lin = rot @ stretch (polar decomposition)
-    # R = Rz @ Ry @ Rx  →  angles about x, y, z
-    ry = np.arcsin(-np.clip(rot[2, 0], -1, 1))
-    rx = np.arctan2(rot[2, 1], rot[2, 2])
-    rz = np.arctan2(rot[1, 0], rot[0, 0])
     return {"translation_mm": m[:3, 3].tolist(),
-            "rotation_deg": np.degrees([rx, ry, rz]).tolist(),
+            "rotation_deg": np.degrees(matrix_to_euler(rot)).tolist(),
             "rotation_angle_deg": float(rotation_angle_deg(rot)),
             "scales": np.linalg.eigvalsh((stretch + stretch.T) / 2).tolist(),
             "determinant": float(np.linalg.det(lin))}
-
-
-def rotation_angle_deg(rot) -> float:
-    """Angle (deg) of a 3×3 rotation (of the polar factor if it is not exactly orthogonal)."""
-    r = np.asarray(rot, float)[:3, :3]
-    u, _, vt = np.linalg.svd(r)
-    r = u @ vt
-    c = (np.trace(r) - 1.0) / 2.0
-    return float(np.degrees(np.arccos(np.clip(c, -1.0, 1.0))))
 
 
 def similarity(a, b, mask) -> float:
@@ -428,8 +412,9 @@ def ras_to_lps(matrix) -> np.ndarray:
 lps_to_ras = ras_to_lps
 
 
-def write_itk_affine(path: os.PathLike, matrix) -> os.PathLike:
-    """Write a RAS world-to-world 4×4 as an ITK ``AffineTransform_double_3_3`` text file.
+def itk_affine_text(matrix) -> str:
+    """A RAS world-to-world 4×4 as the text of an ITK ``AffineTransform_double_3_3`` file
+    (``derivatives.write_text`` writes it; this module names and writes no files).
 
     ITK works in LPS physical space, so ``M_lps = F · M_ras · F`` with
     ``F = diag(-1, -1, 1, 1)`` (element (i, j) of the 3×3 part changes sign when
@@ -440,19 +425,16 @@ def write_itk_affine(path: os.PathLike, matrix) -> os.PathLike:
     becomes the ITK transform mapping template LPS points to DWI LPS points,
     the one ITK/ANTs resample with when moving the DWI image into the template.
     """
-    from ..derivatives import write_text
-
     m = np.asarray(matrix, float)
     if m.shape != (4, 4) or not np.allclose(m[3], [0, 0, 0, 1]):
         raise ValueError("expected a 4×4 affine with last row 0 0 0 1")
     lps = ras_to_lps(m)
     params = list(lps[:3, :3].ravel()) + list(lps[:3, 3])
-    text = ("#Insight Transform File V1.0\n"
+    return ("#Insight Transform File V1.0\n"
             "#Transform 0\n"
             "Transform: AffineTransform_double_3_3\n"
             f"Parameters: {' '.join(repr(float(v)) for v in params)}\n"
             "FixedParameters: 0 0 0\n")
-    return write_text(path, text)
 
 
 def read_itk_affine(path: os.PathLike) -> np.ndarray:

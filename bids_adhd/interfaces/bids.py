@@ -1,7 +1,6 @@
 """Nipype interfaces that write BIDS-Derivatives (through ``bids_adhd.derivatives``)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,9 @@ from nipype.interfaces.base import (BaseInterfaceInputSpec, File, InputMultiObje
 class _RunSinkInput(BaseInterfaceInputSpec):
     out_root = traits.Str(mandatory=True)
     source = traits.Dict(mandatory=True, desc="derivatives.Source entities")
-    raw_dwi = traits.Str(mandatory=True, desc="the raw DWI path (for Sources and metadata)")
+    raw_dwi = traits.Str(mandatory=True, desc="the raw DWI path (for Sources)")
+    metadata = traits.Dict(desc="the raw DWI's BIDS metadata with inheritance (DwiRun.metadata, from the "
+                                "BIDS index): a dataset-root dwi.json reaches the output sidecar")
     bids_dir = traits.Str(mandatory=True)
     config = traits.Dict(mandatory=True, desc="resolved PipelineConfig.to_dict()")
     dwi = File(exists=True, mandatory=True)
@@ -47,7 +48,7 @@ class RunDerivatives(SimpleInterface):
     def _run_interface(self, runtime):
         from .. import derivatives as dv
         from .. import __version__
-        from ..reports.participant import qc_metrics
+        from ..qc import qc_metrics
 
         i = self.inputs
         root = Path(i.out_root)
@@ -61,13 +62,7 @@ class RunDerivatives(SimpleInterface):
         dv.copy_nifti(i.dwi, dv.preproc_dwi(root, src))
         dv.copy_file(i.bval, dv.preproc_dwi(root, src, ".bval"))
         dv.copy_file(i.bvec, dv.preproc_dwi(root, src, ".bvec"))
-        raw_meta = {}
-        raw_json = Path(i.raw_dwi.replace(".nii.gz", ".json").replace(".nii", ".json"))
-        if raw_json.is_file():
-            try:
-                raw_meta = json.loads(raw_json.read_text())
-            except ValueError:
-                raw_meta = {}
+        raw_meta = dict(i.metadata) if isdefined(i.metadata) else {}
         dv.write_json(dv.preproc_dwi(root, src, ".json"), {
             **raw_meta, "Sources": [raw_uri], "SkullStripped": False,
             "Denoising": {"Method": pre["denoise"], "PatchRadius": pre["denoise_patch_radius"],

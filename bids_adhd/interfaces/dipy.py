@@ -6,7 +6,6 @@ Heavy imports stay inside ``_run_interface`` so that building a workflow is chea
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -330,6 +329,7 @@ class RegisterTemplate(_Timed):
     def _compute(self):
         import nibabel as nib
 
+        from .. import derivatives as dv
         from ..config import TemplateConfig
         from ..dmri import template as tpl
 
@@ -348,16 +348,6 @@ class RegisterTemplate(_Timed):
         self._results.update(out_fa=out["fa"], out_md=out["md"], out_mask=out["mask"],
                              similarity=float(reg["similarity"]))
         xfm = os.path.abspath("xfm.txt")
-        tpl.write_itk_affine(xfm, reg["affine"])
+        dv.write_text(xfm, tpl.itk_affine_text(reg["affine"]))
         self._results["out_xfm"] = xfm
 
-
-class _JsonOutput(_TimedOut):
-    out_json = File(exists=True)
-
-
-def dump_json(obj, name):
-    path = os.path.abspath(name)
-    with open(path, "w") as fh:
-        json.dump(obj, fh, indent=2, default=str)
-    return path

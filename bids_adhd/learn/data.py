@@ -58,6 +58,7 @@ from typing import Sequence
 import numpy as np
 
 from .. import derivatives as dv
+from ..entities import KEY_ENTITIES
 from ..errors import DataError
 
 LOG = logging.getLogger("bids_adhd.group")
@@ -70,7 +71,7 @@ INTENSITY_MODES = ("none", "mean", "zscore")
 
 _MAP_RE = re.compile(r"^(?P<prefix>sub-[A-Za-z0-9]+(?:_[a-z]+-[A-Za-z0-9]+)*)_space-"
                      + re.escape(dv.TEMPLATE_SPACE) + r"_model-tensor_param-fa_dwimap\.nii(\.gz)?$")
-_ENT = {"sub": "subject", "ses": "session", "acq": "acquisition", "dir": "direction", "run": "run"}
+_ENT = KEY_ENTITIES
 
 
 @dataclass(frozen=True)

@@ -277,6 +277,17 @@ _CURRENT = Dist()
 _SAVED_LOGGING: dict = {}
 
 
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` (CUDA when PyTorch sees a GPU, else CPU), ``cpu`` or ``cuda`` (refused without a GPU)."""
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError("--device cuda: no CUDA GPU is available to PyTorch here; use --device cpu or auto")
+        return torch.device("cuda")
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def current() -> Dist:
     """The processes of the run in progress (``Dist()`` outside a torchrun run)."""
     return _CURRENT
@@ -285,8 +296,6 @@ def current() -> Dist:
 def setup(device_name: str = "auto") -> tuple[Dist, torch.device]:
     """The device of this process and, under torchrun with WORLD_SIZE > 1, the process group."""
     global _CURRENT
-    from .train import resolve_device
-
     device = resolve_device(device_name)
     if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) <= 1:
         _CURRENT = Dist()

@@ -55,24 +55,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import derivatives as dv
-from ..errors import UsageError
-from .distributed import current as current_dist
+from .distributed import current as current_dist, resolve_device  # noqa: F401 (train.resolve_device)
 
 LOG = logging.getLogger("bids_adhd.group")
-NORM_MODES = ("train", "recalibrate", "frozen")
 
 
 # --- device, precision ------------------------------------------------------------
-
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "cpu":
-        return torch.device("cpu")
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError("--device cuda: no CUDA GPU is available to PyTorch here; use --device cpu or auto")
-        return torch.device("cuda")
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
 
 def amp_dtype(device: torch.device, amp: str):
     """The autocast dtype, or None (CPU: always fp32)."""

@@ -21,26 +21,18 @@ import io
 
 import numpy as np
 
+from .common import png_bytes, pyplot
+
 DPI = 100
 PANEL_IN = 1.6          # inches per mosaic panel
 BG = "black"
 
 
-def _mpl():
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
+_mpl = pyplot
 
 
 def _png(fig) -> bytes:
-    plt = _mpl()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI, facecolor=fig.get_facecolor())
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig, dpi=DPI, facecolor=fig.get_facecolor())
 
 
 # --- orientation ---------------------------------------------------------------

@@ -8,31 +8,20 @@ banner saying so.
 """
 from __future__ import annotations
 
-import base64
 import html
-import io
 from pathlib import Path
 
 import numpy as np
 
 from .. import derivatives as dv
+from .common import img_tag, png_bytes, pyplot
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
+_plt = pyplot
 
 
 def _png(fig) -> bytes:
-    plt = _plt()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig, dpi=100, bbox_inches="tight")
 
 
 def roc_figure(results: dict) -> bytes:
@@ -96,8 +85,7 @@ def _f(v, nd=3) -> str:
     return "n/a" if v is None else f"{v:.{nd}f}"
 
 
-def _img(png: bytes, alt: str) -> str:
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+_img = img_tag
 
 
 def _counts(d: dict) -> str:
@@ -145,14 +133,13 @@ def who_html(results: dict) -> str:
 
 
 def render_html(results: dict, folds: list[dict], final: dict | None, roc_png: bytes, train_png: bytes) -> str:
-    from ..learn.metrics import METRIC_KEYS
-
     esc = html.escape
     cfg = results["config"]
     banner = ""
     if not results.get("pretrained"):
         banner = (f'<div class="banner"><b>NOT PRE-TRAINED.</b> {esc(results.get("warning", ""))}</div>')
     pooled = results["pooled"]
+    METRIC_KEYS = list(results["summary"])  # the metrics in the order the group level summarised them
     head = "".join(f"<th>{k.replace('_', ' ')}</th>" for k in METRIC_KEYS) + "<th>n</th>"
     rows = [f"<tr><td><b>pooled out-of-fold</b></td>{''.join(f'<td><b>{_f(pooled[k])}</b></td>' for k in METRIC_KEYS)}"
             f"<td>{pooled['n']}</td></tr>"]

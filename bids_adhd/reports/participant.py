@@ -1,5 +1,5 @@
-"""Per-subject QC: numbers (``qc_metrics``), figures (``render_figures``) and one
-self-contained HTML report per subject (``write_report``).
+"""Per-subject QC report: figures (``render_figures``) and one self-contained HTML
+report per subject (``write_report``), showing the numbers of ``bids_adhd.qc``.
 
 The numbers are defined in ``docs/qc.md``; in short:
 
@@ -17,167 +17,22 @@ The numbers are defined in ``docs/qc.md``; in short:
 """
 from __future__ import annotations
 
-import base64
 import datetime as _dt
 import html
-import math
 import os
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
 from .. import __version__
 from .. import derivatives as dv
-
-WM_FA_THRESHOLD = 0.2
-"""FA above this (inside the brain mask) counts as white-matter-like."""
-
-BG_MARGIN_MM = 10.0
-"""Background for the noise estimate: farther than this from the brain mask."""
-
-MIN_BG_VOXELS = 500
+from .common import img_tag
+# The numbers live in ``bids_adhd.qc`` (computed in the sink's QC step); re-exported for readers.
+from ..qc import WM_FA_THRESHOLD, background_sigma, framewise_displacement, qc_metrics  # noqa: F401
 
 # thresholds that colour a row of the report table (warning only; nothing is excluded)
 WARN = {"max_fd": 2.0, "n_outlier_volumes_fraction": 0.2, "snr": 10.0, "registration_similarity": 0.8}
-
-
-# --- numbers -------------------------------------------------------------------
-
-def framewise_displacement(params, radius_mm: float = 50.0) -> np.ndarray:
-    """Power et al. (2012) FD per volume: Σ|Δtranslation| + r·Σ|Δrotation (rad)|; FD[0] = 0.
-
-    The same function the motion-correction step uses (``bids_adhd.dmri.motion``).
-    """
-    from ..dmri.motion import framewise_displacement as _fd
-
-    return np.asarray(_fd(np.asarray(params, float).reshape(-1, 6), radius=radius_mm), float)
-
-
-def background_sigma(image, mask, voxel_size, margin_mm: float = BG_MARGIN_MM) -> tuple[float | None, int]:
-    """Noise σ from the image background, assuming Rayleigh magnitude noise.
-
-    Background = voxels farther than ``margin_mm`` from the brain mask with a
-    finite, non-zero value (exact zeros are scanner or resampling padding, not
-    noise). For a magnitude image of pure noise (single-channel receiver) the
-    values are Rayleigh(σ) with median σ·√(2 ln 2); the median is robust to
-    ghosts and to the odd bright artefact. Averaging several b0 volumes does
-    not change the mean and barely changes the median of the background, so
-    this estimates the noise σ of *one* volume even from a mean-b0 image.
-    Multi-channel (non-central χ) or parallel-imaging data bias it upward
-    (SNR downward): it is a conservative estimate. Returns ``(σ, n_voxels)``;
-    σ is None when fewer than ``MIN_BG_VOXELS`` background voxels exist.
-    """
-    from scipy import ndimage
-
-    img = np.asarray(image, float)
-    m = np.asarray(mask, bool)
-    vox = np.asarray(voxel_size, float)[:3]
-    dist = ndimage.distance_transform_edt(~m, sampling=vox) if m.any() else np.full(m.shape, np.inf)
-    bg = (dist > margin_mm) & np.isfinite(img) & (img != 0)
-    n = int(bg.sum())
-    if n < MIN_BG_VOXELS:
-        return None, n
-    return float(np.median(np.abs(img[bg])) / math.sqrt(2 * math.log(2))), n
-
-
-def _voxel_sizes(voxel_size) -> np.ndarray:
-    v = np.asarray(voxel_size, float)
-    if v.shape == (4, 4):
-        return np.sqrt((v[:3, :3] ** 2).sum(0))
-    if v.size < 3:
-        raise ValueError("voxel_size must give 3 sizes (mm) or be a 4×4 affine")
-    return v.ravel()[:3]
-
-
-def _f(x) -> float | None:
-    """A finite float, or None (JSON has no NaN)."""
-    if x is None:
-        return None
-    x = float(x)
-    return x if math.isfinite(x) else None
-
-
-def qc_metrics(mean_b0, mask, fa, md, params, fd=None, fd_outlier_mm: float = 0.5, voxel_size=None,
-               reg_similarity=None, noise_sigma=None, fd_radius_mm: float = 50.0) -> dict[str, Any]:
-    """QC numbers of one DWI run (all JSON-serialisable; NaN becomes None).
-
-    Parameters
-    ----------
-    mean_b0, mask, fa, md : 3D arrays in native space (MD in mm²/s).
-    params : (N, 6) motion parameters trans_x, trans_y, trans_z (mm), rot_x, rot_y, rot_z (rad).
-    fd : (N,) framewise displacement (mm); computed from ``params`` (Power, radius
-        ``fd_radius_mm``) when None.
-    fd_outlier_mm : a volume with FD strictly above this is an outlier.
-    voxel_size : 3 voxel sizes in mm, or the 4×4 affine (required).
-    reg_similarity : template-registration similarity (``register_to_template``'s).
-    noise_sigma : noise σ of one volume (e.g. MP-PCA's: a scalar, or a map whose
-        median inside the mask is used); NaN/None → background estimate.
-    """
-    if voxel_size is None:
-        raise ValueError("qc_metrics needs voxel_size (3 sizes in mm or the 4×4 affine)")
-    vox = _voxel_sizes(voxel_size)
-    mask = np.asarray(mask) > 0
-    b0 = np.asarray(mean_b0, float)
-    fa = np.asarray(fa, float)
-    md = np.asarray(md, float)
-    params = np.asarray(params, float).reshape(-1, 6)
-    fd = framewise_displacement(params, fd_radius_mm) if fd is None else np.asarray(fd, float).ravel()
-    fd_valid = np.nan_to_num(fd, nan=0.0)
-    outliers = np.flatnonzero(fd_valid > fd_outlier_mm)
-
-    n_mask = int(mask.sum())
-    voxel_ml = float(np.prod(vox)) / 1000.0
-    signal = float(np.mean(b0[mask])) if n_mask else float("nan")
-
-    sigma, method, n_bg = None, None, None
-    if noise_sigma is not None:
-        s = np.asarray(noise_sigma, float)
-        if s.ndim == 3 and s.shape == mask.shape:
-            s = s[mask]
-        s = s[np.isfinite(s) & (s > 0)]
-        if s.size:
-            sigma, method = float(np.median(s)), "mppca"
-    if sigma is None:
-        sigma, n_bg = background_sigma(b0, mask, vox)
-        method = "background-rayleigh" if sigma is not None else "unavailable"
-    snr = signal / sigma if sigma and sigma > 0 else None
-
-    fa_in = fa[mask & np.isfinite(fa)]
-    md_in = md[mask & np.isfinite(md)]
-    wm = mask & np.isfinite(fa) & (fa > WM_FA_THRESHOLD)
-    n_nonfinite = int(np.count_nonzero(mask & ~(np.isfinite(fa) & np.isfinite(md))))
-
-    out = {
-        "n_volumes": int(len(fd)),
-        "fd_threshold_mm": float(fd_outlier_mm),
-        "mean_fd": _f(np.mean(fd_valid)) if len(fd) else None,
-        "max_fd": _f(np.max(fd_valid)) if len(fd) else None,
-        "n_outlier_volumes": int(len(outliers)),
-        "outlier_volumes": [int(i) for i in outliers],
-        "max_abs_translation_mm": _f(np.abs(params[:, :3]).max()) if len(params) else None,
-        "max_abs_rotation_deg": _f(np.degrees(np.abs(params[:, 3:]).max())) if len(params) else None,
-        "snr": _f(snr),
-        "snr_method": method,
-        "noise_sigma": _f(sigma),
-        "mean_b0_in_mask": _f(signal),
-        "mask_volume_ml": n_mask * voxel_ml,
-        "mask_voxels": n_mask,
-        "voxel_size_mm": [float(v) for v in vox],
-        "registration_similarity": _f(reg_similarity),
-        "fa_mean": _f(fa_in.mean()) if fa_in.size else None,
-        "fa_median": _f(np.median(fa_in)) if fa_in.size else None,
-        "fa_mean_wm": _f(fa[wm].mean()) if wm.any() else None,
-        "fa_p95": _f(np.percentile(fa_in, 95)) if fa_in.size else None,
-        "wm_like_volume_ml": int(wm.sum()) * voxel_ml,
-        "wm_fa_threshold": WM_FA_THRESHOLD,
-        "md_median": _f(np.median(md_in)) if md_in.size else None,
-        "md_mean_wm": _f(md[wm].mean()) if wm.any() else None,
-        "n_nonfinite_in_mask": n_nonfinite,
-    }
-    if n_bg is not None:
-        out["noise_background_voxels"] = n_bg
-    return out
 
 
 QC_FIELDS = [
@@ -367,9 +222,7 @@ def qc_table_html(m: Mapping) -> str:
     return "\n".join(rows)
 
 
-def _img(png: bytes, alt: str) -> str:
-    data = base64.b64encode(png).decode("ascii")
-    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
+_img = img_tag
 
 
 def _run_title(run: Mapping) -> str:
@@ -387,13 +240,25 @@ def _anchor(run: Mapping, i: int) -> str:
     return "run-" + "".join(c if c.isalnum() or c in "-_" else "-" for c in label)
 
 
-def report_html(subject: str, runs: Sequence[Mapping]) -> str:
-    """The report as one HTML string (no external resources: figures are data: URIs)."""
+def errors_html(crashes: Sequence[Mapping]) -> str:
+    """The "Errors" section: one row per crash file (``derivatives.read_crash``'s dicts) of this run."""
+    rows = "".join(f"<tr><td>{html.escape(str(c.get('node', '?')))}</td><td>{html.escape(str(c.get('error', '')))}"
+                   f"</td><td><code>{html.escape(str(c.get('file', '')))}</code></td></tr>" for c in crashes)
+    return ('<section id="errors"><h2>Errors</h2><p class="note">Processing failed; the crash files (with the '
+            "full traceback) are in this subject's <code>log/&lt;run-id&gt;/</code> folder.</p>"
+            f"<table><tr><th>Node</th><th>Error</th><th>Crash file</th></tr>{rows}</table></section>")
+
+
+def report_html(subject: str, runs: Sequence[Mapping], crashes: Sequence[Mapping] = ()) -> str:
+    """The report as one HTML string (no external resources: figures are data: URIs); ``crashes``
+    (``derivatives.read_crash``'s dicts) adds an "Errors" section first."""
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
            f"<title>bids_adhd QC: sub-{html.escape(subject)}</title>", f"<style>{_CSS}</style></head><body>",
            f"<header><h1>sub-{html.escape(subject)} — diffusion MRI quality control</h1>"
            f"<p>bids_adhd {html.escape(__version__)} · {len(runs)} run(s) · generated {now}</p></header><main>"]
+    if crashes:
+        out.append(errors_html(crashes))
     # summary across runs
     out.append("<section><h2>Summary</h2><table><tr><th>Run</th><th>Volumes</th><th>Mean FD (mm)</th>"
                "<th>Max FD (mm)</th><th>Outliers</th><th>SNR</th><th>Mask (ml)</th><th>FA WM-like</th>"
@@ -429,7 +294,7 @@ def report_html(subject: str, runs: Sequence[Mapping]) -> str:
     return "\n".join(out) + "\n"
 
 
-def write_report(out_root, subject: str, runs: Sequence[Mapping]) -> Path:
+def write_report(out_root, subject: str, runs: Sequence[Mapping], crashes: Sequence[Mapping] = ()) -> Path:
     """Write ``sub-<subject>.html`` (``derivatives.report_html``) atomically; return its path.
 
     ``runs``: one mapping per DWI run with ``label`` (e.g. the BIDS prefix),
@@ -443,4 +308,4 @@ def write_report(out_root, subject: str, runs: Sequence[Mapping]) -> Path:
         subject = subject[4:]
     runs = [dict(r, source=(vars(r["source"]) if isinstance(r.get("source"), dv.Source) else r.get("source")))
             for r in runs]
-    return dv.write_text(dv.report_html(out_root, subject), report_html(subject, runs))
+    return dv.write_text(dv.report_html(out_root, subject), report_html(subject, runs, crashes))

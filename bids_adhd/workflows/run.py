@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import time
+import uuid
 from pathlib import Path
 
 from .. import __version__
@@ -103,10 +104,26 @@ def run_participant(args) -> int:
     return 0
 
 
-def _run_workflow(args, cfg, bids_dir, out_root, runs, chash) -> None:
+def _configure_nipype(work_dir: Path, verbose: int) -> None:
     from nipype import config as nipype_config
     from nipype import logging as nipype_logging
 
+    nipype_config.update_config({
+        "execution": {"crashdump_dir": str(work_dir / "crash"), "crashfile_format": "txt",
+                      "check_version": "false",  # no etelemetry request (no network at run time)
+                      "poll_sleep_duration": 0.05, "stop_on_first_crash": "true",
+                      "remove_unnecessary_outputs": "false", "hash_method": "content",
+                      "create_report": "false", "write_provenance": "false"},
+        "monitoring": {"enabled": "false"}})
+    # Nipype logs every node failure with its traceback at ERROR; a user error is reported as one
+    # line (the crash file keeps the details), so Nipype speaks only with -v.
+    level = "CRITICAL" if verbose == 0 else ("WARNING" if verbose == 1 else "INFO")
+    nipype_config.set("logging", "workflow_level", level)
+    nipype_config.set("logging", "interface_level", level)
+    nipype_logging.update_logging(nipype_config)
+
+
+def _run_workflow(args, cfg, bids_dir, out_root, runs, chash) -> None:
     from .participant import init_participant_wf
 
     nprocs = args.nprocs or os.cpu_count() or 1
@@ -116,23 +133,15 @@ def _run_workflow(args, cfg, bids_dir, out_root, runs, chash) -> None:
         os.environ[var] = str(nthreads)
     ensure_writable_dir(out_root, "OUTPUT_DIR")
     dv.ensure_dataset_description(out_root, bids_dir)
+    dv.ensure_bidsignore(out_root)
     work_dir = ensure_writable_dir(Path(args.work_dir).expanduser().resolve() if args.work_dir
                                    else out_root / ".bids_adhd_work", "--work-dir")
-    nipype_config.update_config({
-        "execution": {"crashdump_dir": str(work_dir / "crash"), "crashfile_format": "txt",
-                      "check_version": "false",  # no etelemetry request (no network at run time)
-                      "poll_sleep_duration": 0.05, "stop_on_first_crash": "true",
-                      "remove_unnecessary_outputs": "false", "hash_method": "content",
-                      "create_report": "false", "write_provenance": "false"},
-        "monitoring": {"enabled": "false"}})
-    # Nipype logs every node failure with its traceback at ERROR; a user error is reported as one
-    # line below (the crash file keeps the details), so Nipype speaks only with -v.
-    verbose = int(getattr(args, "verbose", 0) or 0)
-    level = "CRITICAL" if verbose == 0 else ("WARNING" if verbose == 1 else "INFO")
-    nipype_config.set("logging", "workflow_level", level)
-    nipype_config.set("logging", "interface_level", level)
-    nipype_logging.update_logging(nipype_config)
-    wf = init_participant_wf(runs, cfg, bids_dir, out_root, work_dir, chash, nthreads=nthreads)
+    _configure_nipype(work_dir, int(getattr(args, "verbose", 0) or 0))
+    run_id = new_run_id()
+    subjects = sorted({r.source.subject for r in runs})
+    for subject in subjects:
+        write_pipeline_yaml(out_root, subject, run_id, cfg)
+    wf = init_participant_wf(runs, cfg, bids_dir, out_root, work_dir, chash, nthreads=nthreads, run_id=run_id)
     timer = _StepTimer()
     LOG.info("running %d series with %s (%d processes, %d threads per node); work dir %s",
              len(runs), args.nipype_plugin, nprocs, nthreads, work_dir)
@@ -144,7 +153,8 @@ def _run_workflow(args, cfg, bids_dir, out_root, runs, chash) -> None:
         from .slurm import slurm_plugin_args
         # graph plugins ignore status_callback (and warn if given); they need sbatch_args
         slurm_tag, plugin_args = slurm_plugin_args(nthreads)
-    started = time.time() - 1.0
+    logs = [dv.log_dir(out_root, s, run_id) for s in subjects]
+    error = None
     try:
         wf.run(plugin=args.nipype_plugin, plugin_args=plugin_args)
         if slurm_tag is not None:
@@ -152,22 +162,59 @@ def _run_workflow(args, cfg, bids_dir, out_root, runs, chash) -> None:
             wait_for_jobs(slurm_tag)  # SLURMGraph returns right after sbatch
             unfinished = [r.source.prefix for r in runs if not is_done(out_root, r, chash)]
             if unfinished:
-                crash = sorted((p for p in (work_dir / "crash").glob("crash-*.txt")
-                                if p.stat().st_mtime >= started), key=lambda p: p.stat().st_mtime)
-                if crash:
-                    raise _crash_error(crash[-1])
-                raise DataError(f"Slurm jobs failed for {', '.join(unfinished)} "
-                                f"(job logs: {work_dir}/**/batch/batchscript_*.sh.e)")
+                crash = _latest_crash(logs)
+                error = _crash_error(crash) if crash else DataError(
+                    f"Slurm jobs failed for {', '.join(unfinished)} "
+                    f"(job logs: {work_dir}/**/batch/batchscript_*.sh.e)")
     except BidsAppError:
         raise
     except RuntimeError as exc:
-        crash = sorted((p for p in (work_dir / "crash").glob("crash-*.txt") if p.stat().st_mtime >= started),
-                       key=lambda p: p.stat().st_mtime)
-        if not crash:
-            raise DataError(f"processing failed: {str(exc).splitlines()[0]} (details: {work_dir})") from None
-        raise _crash_error(crash[-1]) from None
-    except OSError as exc:  # the engine itself could not write (work dir full, read only, ...)
-        raise OutputError(f"cannot write in the work dir {work_dir}: {exc.strerror or exc}") from None
+        crash = _latest_crash(logs)
+        error = _crash_error(crash) if crash else DataError(
+            f"processing failed: {str(exc).splitlines()[0]} (details: {work_dir})")
+    except OSError as exc:  # the engine itself could not write (work dir or log dir full, read only, ...)
+        where = exc.filename or f"in the work dir {work_dir}"
+        raise OutputError(f"cannot write {where}: {exc.strerror or exc}") from None
+    if error is not None:
+        if not isinstance(error, OutputError):  # OUTPUT_DIR writable: the crash goes into the report
+            _report_crashes(out_root, subjects, run_id)
+        raise error
+
+
+def new_run_id() -> str:
+    """``<UTC date>-<time>_<8 hex>``: names one participant run's ``log/<run-id>/`` folders."""
+    return f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}_{uuid.uuid4().hex[:8]}"
+
+
+def write_pipeline_yaml(out_root: Path, subject: str, run_id: str, cfg) -> Path:
+    """The resolved pipeline configuration, as YAML, in the subject's ``log/<run-id>/``."""
+    import yaml
+
+    resolved = json.loads(json.dumps(cfg.to_dict(), default=list))  # tuples → lists
+    text = (f"# bids_adhd {__version__}: the resolved pipeline of participant run {run_id}\n"
+            + yaml.safe_dump(resolved, sort_keys=False))
+    return dv.write_text(dv.pipeline_yaml(out_root, subject, run_id), text)
+
+
+def _latest_crash(folders) -> Path | None:
+    """The newest crash file of this run (each subject's ``log/<run-id>/``), or None."""
+    crashes = sorted((p for f in folders for p in dv.crash_files(f)), key=lambda p: (p.stat().st_mtime, p.name))
+    return crashes[-1] if crashes else None
+
+
+def _report_crashes(out_root: Path, subjects, run_id: str) -> None:
+    """Each subject with crash files in this run gets a report that lists them (best effort)."""
+    from ..reports.participant import write_report
+
+    for subject in subjects:
+        crashes = [dv.read_crash(p) for p in dv.crash_files(dv.log_dir(out_root, subject, run_id))]
+        for c in crashes:
+            c["file"] = Path(c["file"]).relative_to(out_root).as_posix()
+        if crashes:
+            try:
+                write_report(out_root, subject, [], crashes)
+            except (BidsAppError, OSError) as exc:
+                LOG.warning("could not write the crash report of sub-%s: %s", subject, exc)
 
 
 _USER_ERROR = re.compile(r"^bids_adhd\.errors\.(\w+): (.*)$")
@@ -180,10 +227,8 @@ def _crash_error(crash_file: Path) -> BidsAppError:
     output disk while the sink writes → ``OutputError``, exit 73); a full disk anywhere
     else is ``OutputError`` too; any other failure is ``DataError`` (65).
     """
-    lines = [ln.strip() for ln in crash_file.read_text(errors="replace").splitlines() if ln.strip()]
-    node = lines[0].split(":", 1)[1].strip().split(".", 1)[-1] if lines and lines[0].startswith("Node:") else "?"
-    reason = next((ln for ln in reversed(lines) if "Error:" in ln or "Exception:" in ln),
-                  lines[-1] if lines else "unknown error")
+    crash = dv.read_crash(crash_file)
+    node, reason = crash["node"], crash["error"]
     details = f"(node {node}; details: {crash_file})"
     match = _USER_ERROR.match(reason)
     if match and isinstance(getattr(errors, match.group(1), None), type) \
