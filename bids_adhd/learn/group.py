@@ -632,7 +632,8 @@ def _statistics(ctx: RunContext, folds, final, subs, y, p, thr, fold_of) -> dict
 
     opts = ctx.opts or StatsOptions(seed=ctx.cfg.train.seed)
     t0 = time.perf_counter()
-    out = {"pooled": pooled_with_cis(y, p, thr, opts.bootstrap, opts.seed), "cv": opts.cv}
+    timing: dict = {}                # goes to results["timing"] (what measures time stays there)
+    out = {"pooled": pooled_with_cis(y, p, thr, opts.bootstrap, opts.seed), "cv": opts.cv, "_timing": timing}
     out["threshold"] = {"method": "Youden (max sensitivity + specificity) on each fold's inner-validation "
                                   "subjects' calibrated probabilities, ties towards 0.5; never the test fold",
                         "folds": [f.get("threshold", 0.5) for f in folds], "final": final.get("threshold", 0.5)}
@@ -650,7 +651,8 @@ def _statistics(ctx: RunContext, folds, final, subs, y, p, thr, fold_of) -> dict
         t1 = time.perf_counter()
         out["permutation"] = permutation_test(ctx.features, y_all, fold_vec, opts.permutations, opts.seed,
                                               out["pooled"]["auc"])
-        out["permutation"]["seconds"] = {"features": ctx.features_seconds, "test": time.perf_counter() - t1}
+        timing["permutation_features_seconds"] = ctx.features_seconds
+        timing["permutation_seconds"] = time.perf_counter() - t1
     if opts.confounds and ctx.bids_dir is not None:
         table = read_confounds(ctx.bids_dir, ctx.out_root, ctx.inputs.subjects, ctx.inputs.runs, opts.confounds)
         score = [p[subs.index(s)] for s in ctx.inputs.subjects]
@@ -658,8 +660,8 @@ def _statistics(ctx: RunContext, folds, final, subs, y, p, thr, fold_of) -> dict
             else {"columns": [], "alone": {}, "score_vs": {}, "flagged": []}
     out["saliency"] = _group_saliency(ctx, folds)
     if out["saliency"]:
-        out["saliency"]["fold_seconds"] = [(f.get("saliency") or {}).get("seconds") for f in folds]
-    out["statistics_seconds"] = time.perf_counter() - t0
+        timing["saliency_fold_seconds"] = [(f.get("saliency") or {}).get("seconds") for f in folds]
+    timing["statistics_seconds"] = time.perf_counter() - t0
     return out
 
 
@@ -700,7 +702,7 @@ def summarise_run(ctx: RunContext, folds: list[dict], final: dict, warning: str 
             p.append(float(f["predictions"][s]))
             thr.append(float(f.get("threshold", 0.5)))
     extra = _statistics(ctx, folds, final, subs, y, p, thr, fold_of)
-    pooled = extra.pop("pooled")
+    pooled, stats_timing = extra.pop("pooled"), extra.pop("_timing")
     per_fold = [{**{k: f["metrics"][k] for k in METRIC_KEYS}, "n": f["metrics"]["n"], "fold": f["fold"]}
                 for f in folds]
     order = np.argsort(subs)
@@ -730,7 +732,8 @@ def summarise_run(ctx: RunContext, folds: list[dict], final: dict, warning: str 
         "timing": {"total_seconds": seconds, "fold_seconds": [f["seconds"] for f in folds],
                    "final_seconds": final["seconds"], "device": str(ctx.device),
                    "processes": _world(),
-                   "peak_memory_mb": max([f.get("peak_memory_mb") or 0 for f in folds]) or None},
+                   "peak_memory_mb": max([f.get("peak_memory_mb") or 0 for f in folds]) or None,
+                   **stats_timing},
         "roc": {"pooled": roc_points(y, p),
                 "folds": [roc_points([f["labels"][s] for s in f["test"]], [f["predictions"][s] for s in f["test"]])
                           for f in folds]},
