@@ -270,7 +270,6 @@ def _run_group(args, dist, device) -> int:
                      grid=grid, inputs=inputs, images=images, gdir=gdir, ckpt_root=ckpt_root,
                      resume=resume, progress=progress, column=column, opts=opts, bids_dir=bids_dir,
                      out_root=out_root)
-    ctx.features = _frozen_features(ctx) if opts.permutations else None
 
     # --- cross-validation --------------------------------------------------------
     fold_results = []
@@ -278,6 +277,9 @@ def _run_group(args, dist, device) -> int:
         fold_results.append(run_fold(ctx, k, assignment))
     # --- final model ---------------------------------------------------------------
     final = run_final(ctx)
+    # the permutation test's frozen features: the encoder reset to its state as built (after the
+    # final model's adapter is saved, so nothing before or during the training waits for it)
+    ctx.features = _frozen_features(ctx) if opts.permutations else None
     # rank 0 writes (the checkpoints' removal included); the others wait for it
     results = dist.on_main(summarise_run, ctx, fold_results, final, warning, time.perf_counter() - t_run)
     LOG.info("pooled out-of-fold: %s", _fmt_pooled(results["pooled"]))
