@@ -98,6 +98,16 @@ def build_parser() -> argparse.ArgumentParser:
     gr.add_argument("--seed", type=int, default=None, help="random seed (default: the preset's)")
     gr.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     gr.add_argument("--resume", action="store_true", help="continue a killed group run from its checkpoints")
+    st = p.add_argument_group("group statistics (docs/group.md)")
+    st.add_argument("--cv", default="stratified", choices=["stratified", "site"],
+                    help="stratified k-fold (default) or leave-one-site-out (participants.tsv 'site')")
+    st.add_argument("--permutations", type=int, default=None, metavar="N",
+                    help="label permutations of the frozen-feature read-out (default 200; 0: no test)")
+    st.add_argument("--confounds", nargs="+", default=None, metavar="COLUMN",
+                    help="participants.tsv columns (and mean_fd) predicted alone and checked against the score "
+                         "(default: age sex site mean_fd; none: skip)")
+    st.add_argument(*_alias("--no-saliency"), dest="no_saliency", action="store_true",
+                    help="skip the saliency maps")
     v = p.add_mutually_exclusive_group()
     v.add_argument("-v", "--verbose", action="count", default=0, help="more log output; tracebacks on error")
     v.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
@@ -127,6 +137,24 @@ def _run_subcommand(name: str, argv: list[str]) -> int:
     return int(module.run_cli(args) or 0)
 
 
+def _participant(args) -> int:
+    """The participant workflow, then (``--model``) the prediction of the selected subjects.
+
+    The prediction is dispatched here, after the workflow, so that the
+    workflows do not call up into the learning code; the adapter file is checked
+    before any processing."""
+    from .workflows.run import run_participant
+
+    if args.model:
+        from .learn.predict import check_model_file
+        check_model_file(args.model)
+    code = int(run_participant(args) or 0)
+    if code == 0 and args.model:
+        from .learn.predict import predict_participants
+        predict_participants(args)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # No network at run time: Nipype otherwise asks rig.mit.edu (etelemetry) for its latest
@@ -142,8 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             if int(os.environ.get("WORLD_SIZE") or 1) > 1 and "LOCAL_RANK" in os.environ:
                 raise UsageError("the participant level does not run under torchrun (every rank would process "
                                  "every subject); run it as one process (--nprocs N) or one job per subject")
-            from .workflows.run import run_participant
-            return int(run_participant(args) or 0)
+            return _participant(args)
         from .learn.group import run_group
         return int(run_group(args) or 0)
     except BidsAppError as exc:

@@ -133,6 +133,11 @@ def group_dir(root) -> Path:
     return Path(root) / "group"
 
 
+def saliency_map(folder) -> Path:
+    """A saliency map on the template grid, in ``group/`` or a ``group/fold-K/`` folder (+ .json sidecar)."""
+    return Path(folder) / f"space-{TEMPLATE_SPACE}_desc-saliency_stat.nii.gz"
+
+
 def participant_outputs(root, src, with_template: bool = True) -> list[Path]:
     """Every file the participant level writes for one run (the completeness check)."""
     out = [preproc_dwi(root, src), preproc_dwi(root, src, ".bval"), preproc_dwi(root, src, ".bvec"),

@@ -781,7 +781,7 @@ def effect_region_info() -> dict:
 
 
 def simulate_dataset(out_dir, n_subjects=20, seed=0, size="demo", effect=0.08, snr=25.0,
-                     sessions=1, directions=None, *, motion=True, n_jobs=1) -> Path:
+                     sessions=1, directions=None, *, motion=True, n_jobs=1, motion_confound: float = 0.0) -> Path:
     """Write a simulated BIDS dataset with a planted ADHD effect to ``out_dir``; return its path.
 
     Parameters
@@ -807,6 +807,11 @@ def simulate_dataset(out_dir, n_subjects=20, seed=0, size="demo", effect=0.08, s
         count per subject (cycled).
     motion : bool
         Keyword only. ``False``: no per-volume motion (the head pose stays).
+    motion_confound : float
+        Keyword only. ADHD subjects' per-volume motion (rotations and shifts of
+        the moved volumes) is multiplied by ``1 + motion_confound``: a
+        motion–diagnosis confound (mean FD higher with ADHD) for testing the
+        group level's confound checks. 0 (default) draws the same dataset as before.
     n_jobs : int
         Keyword only. Subjects simulated at once (threads); the files do not
         depend on it.
@@ -839,6 +844,9 @@ def simulate_dataset(out_dir, n_subjects=20, seed=0, size="demo", effect=0.08, s
                 ses = f"{k + 1:02d}" if sessions > 1 else None
                 bvals, _ = b_table(protocol, s.directions)
                 run = _run_params(seed, s, k, ses, len(bvals))
+                if motion_confound and s.diagnosis == DIAGNOSES[0]:
+                    f = 1.0 + float(motion_confound)
+                    run.moved = {v: (r * f, t * f) for v, (r, t) in run.moved.items()}
                 runs.append(_simulate_run(root, truth, s, run, k, protocol, effect, snr, seed, motion))
             LOG.debug("sub-%s done (%s)", s.label, s.diagnosis)
             return runs
@@ -854,7 +862,7 @@ def simulate_dataset(out_dir, n_subjects=20, seed=0, size="demo", effect=0.08, s
                 results = list(_progress(pool.map(one_subject, subjects), len(subjects)))
         summaries = {s.label: r for s, r in zip(subjects, results)}
         _write_truth_summary(root, truth, subjects, summaries, protocol, effect, snr, seed, sessions,
-                             directions, motion)
+                             directions, motion, motion_confound)
     LOG.info("wrote %s in %.1f s", out_dir, time.perf_counter() - t0)
     return out_dir
 
@@ -921,7 +929,7 @@ def _write_dataset_files(root, truth, subjects, protocol, effect, snr, seed, ses
 
 
 def _write_truth_summary(root, truth, subjects, summaries, protocol, effect, snr, seed, sessions,
-                         directions, motion):
+                         directions, motion, motion_confound=0.0):
     noise = bool(snr) and math.isfinite(snr)
     bvals, _ = b_table(protocol, None)
     _d.write_json(truth / "truth.json", {
@@ -952,7 +960,8 @@ def _write_truth_summary(root, truth, subjects, summaries, protocol, effect, snr
                              "fa_field_sd": FA_FIELD_SD,
                              "fa_field_wavelength_mm": FA_FIELD_WAVELENGTH_MM},
         "MotionModel": {"volumes_per_run": MOTION_VOLUMES, "rotation_deg_max": MOTION_MAX_ROT_DEG,
-                        "shift_mm_max": MOTION_MAX_SHIFT_MM},
+                        "shift_mm_max": MOTION_MAX_SHIFT_MM,
+                        "adhd_motion_factor": 1.0 + float(motion_confound)},
         "Template": "MNI152NLin2009aSym: ICBM 2009a nonlinear symmetric T1, GM and WM maps packaged with "
                     "nilearn; brain mask = T1 > 0.2",
         "Subjects": {f"sub-{s.label}": {"diagnosis": s.diagnosis, "fa_scale": s.fa_scale,
@@ -981,6 +990,8 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
                         help="directions per shell instead of the size's default")
     parser.add_argument("--no-motion", dest="motion", action="store_false",
                         help="no per-volume head motion (the head pose stays)")
+    parser.add_argument("--motion-confound", dest="motion_confound", type=float, default=0.0, metavar="F",
+                        help="ADHD subjects move (1 + F) times as much (a motion-diagnosis confound; default 0)")
     parser.add_argument("--nprocs", type=int, default=min(2, os.cpu_count() or 1), metavar="N",
                         help="subjects simulated at once (threads; default: 2 or the CPU count if lower); "
                              "the files do not depend on it")
@@ -989,6 +1000,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
 def run_cli(args) -> int:
     out = simulate_dataset(args.out_dir, n_subjects=args.subjects, seed=args.seed, size=args.size,
                            effect=args.effect, snr=args.snr, sessions=args.sessions,
-                           directions=args.directions, motion=args.motion, n_jobs=args.nprocs)
+                           directions=args.directions, motion=args.motion, n_jobs=args.nprocs,
+                           motion_confound=args.motion_confound)
     print(out)
     return 0

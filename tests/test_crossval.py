@@ -61,3 +61,19 @@ def test_folds_file_roundtrip_and_resume_checks(tmp_path):
         check_resume_folds(a2, l2, {**lab, "99": 1}, 2)
     with pytest.raises(UsageError, match="folds"):
         check_resume_folds(a2, l2, lab, 3)
+
+
+def test_leave_one_site_out():
+    from bids_adhd.learn.crossval import assign_site_folds
+
+    subs = [f"{i:02d}" for i in range(1, 13)]
+    y = [0, 1] * 6
+    sites = ["B", "A", "C"] * 4
+    folds = assign_site_folds(subs, y, sites)
+    assert {s: folds[s] for s in subs} == {s: "ABC".index(site) for s, site in zip(subs, sites)}
+    with pytest.raises(DataError, match="at least two sites"):
+        assign_site_folds(subs, y, ["A"] * 12)
+    with pytest.raises(DataError, match="no site"):
+        assign_site_folds(subs, y, [None] + ["A", "B"] * 5 + ["A"])
+    with pytest.raises(DataError, match="only"):                   # site B holds every positive
+        assign_site_folds(subs, y, ["A", "B"] * 6)

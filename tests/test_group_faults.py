@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -378,6 +379,9 @@ def _assert_same_results(gdir: Path, ref: Path):
             assert {k: v for k, v in a.items() if k != "command"} == {k: v for k, v in b.items() if k != "command"}
         elif rel.endswith(".json"):
             assert _untimed(json.loads(q.read_text())) == _untimed(json.loads(p.read_text())), rel
+        elif rel.endswith(".nii.gz"):           # the saliency maps (issue 13): same model, same map
+            import nibabel as nib
+            assert np.array_equal(np.asarray(nib.load(str(q)).dataobj), np.asarray(nib.load(str(p)).dataobj)), rel
         elif rel == "report.html":
             text = q.read_text()
             for f in json.loads((ref / "metrics.json").read_text())["folds"]:

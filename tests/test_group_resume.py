@@ -16,12 +16,17 @@ def _start(script, bids, out, pipe, *extra):
                              *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+NO_STATS = ("--no-saliency", "--permutations", "0", "--confounds", "none")
+
+
 def test_killed_run_resumes(tmp_path):
     bids, out, _ = synthetic(tmp_path, n=8)
     pipe = tiny_pipeline(tmp_path, epochs=6, patience=10, folds=2, norm_mode="recalibrate")
     script = runner_script(tmp_path, sleep=0.25)
     group = out / "group"
-    proc = _start(script, bids, out, pipe, "-q")
+    # the statistics (saliency, permutations, confounds) have their own tests (test_group_stats.py,
+    # and the kill chain in test_group_faults.py resumes with them on); off here, where time is bounded
+    proc = _start(script, bids, out, pipe, "-q", *NO_STATS)
     ckpt = group / "checkpoints" / "fold-2" / "last.pt"
     t0 = time.time()
     try:
@@ -40,7 +45,7 @@ def test_killed_run_resumes(tmp_path):
     epoch_killed = len([ln for ln in (group / "fold-2" / "training_log.tsv").read_text().splitlines()[1:]
                         if ln.startswith("finetune")])
 
-    resumed = _start(script, bids, out, pipe, "--resume")
+    resumed = _start(script, bids, out, pipe, "--resume", *NO_STATS)
     _, err = resumed.communicate(timeout=400)
     assert resumed.returncode == 0, err[-2000:]
     assert "fold 1/2: finished in the interrupted run; skipped" in err

@@ -125,3 +125,39 @@ def test_other_grid_is_resampled(trained, tiny, tmp_path, caplog):
         rec = predict_runs(_args(trained["adapter"]), _runs("09"), out)[0]
     assert rec["resampled_to_model_grid"] is True
     assert any("resampling" in r.message for r in caplog.records)
+
+
+def test_fold_adapter_through_the_cli_reproduces_the_folds_predictions(trained, tiny, tmp_path, monkeypatch):
+    """Item 7 of issue 13: a fold's adapter, applied by ``participant --model`` (dispatched by cli.py
+    after the participant workflow) to that fold's test subjects, gives the calibrated probabilities
+    of the fold's predictions.tsv. The participant workflow itself is replaced by a no-op here (the
+    template-space maps are already in OUTPUT_DIR; the workflow has its own tests); the subjects'
+    raw DWI files exist so that the real run selection (pybids) picks them."""
+    import shutil
+
+    import bids_adhd.workflows.run as run_mod
+    from bids_adhd.cli import main
+    from helpers import tensor_signal, write_dwi
+
+    fold = trained["out"] / "group" / "fold-1"
+    rows = [ln.split("\t") for ln in (fold / "predictions.tsv").read_text().splitlines()]
+    head, rows = rows[0], rows[1:]
+    expected = {r[0][4:]: float(r[head.index("probability")]) for r in rows}
+    raw = {r[0][4:]: float(r[head.index("probability_uncalibrated")]) for r in rows}
+    bids = tmp_path / "bids"
+    shutil.copytree(trained["bids"], bids)
+    for s in expected:
+        write_dwi(bids / f"sub-{s}" / "dwi", f"sub-{s}_dwi", *tensor_signal())
+    called = []
+    monkeypatch.setattr(run_mod, "run_participant", lambda args: called.append(args) or 0)
+    code = main([str(bids), str(trained["out"]), "participant", "--participant-label", *expected,
+                 "--model", str(fold / "adapter.safetensors"), "--skip-bids-validation", "-q"])
+    assert code == 0 and len(called) == 1
+    meta = check_model_file(fold / "adapter.safetensors")
+    for s, p in expected.items():
+        rec = json.loads(dv.prediction_json(trained["out"], dv.Source(subject=s)).read_text())
+        assert rec["probability"] == pytest.approx(p, abs=1e-5)
+        assert rec["probability_uncalibrated"] == pytest.approx(raw[s], abs=1e-5)
+        assert rec["calibrated"] is True and rec["threshold"] == pytest.approx(meta["threshold"])
+        assert rec["label"] == ("ADHD" if p >= meta["threshold"] else "TD")
+    assert any(abs(expected[s] - raw[s]) > 1e-6 for s in expected)      # the calibration did something

@@ -411,3 +411,24 @@ def test_interrupted_run_leaves_nothing(tmp_path, monkeypatch):
         sim.simulate_dataset(tmp_path / "out", n_subjects=2, directions=6)
     assert len(calls) == 1
     assert list(tmp_path.iterdir()) == []
+
+
+def test_motion_confound_scales_only_adhd_subjects_motion(tmp_path):
+    """--motion-confound F: the ADHD subject's per-volume motion is (1 + F) times the same draw without
+    it; the TD subject's is unchanged (truth motion tables of two otherwise identical datasets)."""
+    kw = dict(n_subjects=2, seed=2, size="demo", directions=6, snr=0, effect=0.0)
+    base = sim.simulate_dataset(tmp_path / "base", **kw)
+    conf = sim.simulate_dataset(tmp_path / "conf", motion_confound=2.0, **kw)
+    rows = {r["participant_id"][4:]: r["diagnosis"] for r in csv.DictReader(open(base / "participants.tsv"),
+                                                                               delimiter="\t")}
+    assert sorted(rows.values()) == ["ADHD", "TD"]
+    cols = [f"{k}_{a}" for k in ("rot", "trans") for a in "xyz"]
+    for sub, dx in rows.items():
+        def table(root):
+            f = truth_dir(root, sub) / f"sub-{sub}_desc-motion_timeseries.tsv"
+            return np.array([[float(r[c]) for c in cols] for r in csv.DictReader(open(f), delimiter="\t")])
+        a, b = table(base), table(conf)
+        assert np.abs(a).max() > 0
+        assert np.allclose(b, 3.0 * a if dx == "ADHD" else a, atol=1e-6), sub
+    assert json.loads((conf / "derivatives" / "truth" / "truth.json").read_text())["MotionModel"][
+        "adhd_motion_factor"] == 3.0

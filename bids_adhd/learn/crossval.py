@@ -1,4 +1,4 @@
-"""Subject-level stratified k-fold cross-validation (the ClinicaDL design).
+"""Subject-level stratified k-fold (the ClinicaDL design) or leave-one-site-out cross-validation.
 
 * The unit is the SUBJECT: all sessions and runs of one subject land in the
   same fold, so no subject is ever both trained on and tested on.
@@ -10,6 +10,9 @@
   ``inner_val_fraction`` of the subjects, at least one per class) drives
   early stopping; the test fold is never looked at until the fold's model is
   final.
+* ``--cv site`` (:func:`assign_site_folds`): leave-one-site-out, one fold per
+  site (scikit-learn ``LeaveOneGroupOut``); the number of folds is the number
+  of sites.
 * The assignment is written to ``group/folds.tsv`` before any training and
   is reused as is by ``--resume``.
 """
@@ -67,6 +70,39 @@ def assign_folds(subjects: Sequence[str], labels: Sequence[int], folds: int, see
     for k, (_, test) in enumerate(skf.split(np.zeros(len(order)), strata_arr)):
         for i in test:
             out[subjects[order[i]]] = k
+    return out
+
+
+def assign_site_folds(subjects: Sequence[str], labels: Sequence[int], sites: Sequence[str | None],
+                      class_names: Sequence[str] = ("0", "1")) -> dict[str, int]:
+    """Leave-one-site-out (``--cv site``): subject → index of its site among the sorted sites.
+
+    Every subject needs a site (participants.tsv column ``site``), there must be
+    at least two sites, and every training set (all sites but one) must hold
+    both classes; otherwise ``DataError`` (65).
+    """
+    from sklearn.model_selection import LeaveOneGroupOut
+
+    subjects = list(subjects)
+    missing = [s for s, v in zip(subjects, sites) if v in (None, "", "n/a")]
+    if missing:
+        raise DataError(f"--cv site: no site in participants.tsv for {', '.join('sub-' + s for s in missing[:5])}; "
+                        "fill the 'site' column or use --cv stratified")
+    groups = np.asarray([str(v) for v in sites])
+    names = sorted(set(groups))
+    if len(names) < 2:
+        raise DataError(f"--cv site needs at least two sites (participants.tsv 'site': {', '.join(names)}); "
+                        "use --cv stratified")
+    y = np.asarray(labels, int)
+    out: dict[str, int] = {}
+    for _, test in LeaveOneGroupOut().split(np.zeros(len(y)), y, groups):
+        site = groups[test[0]]
+        train = groups != site
+        if len(np.unique(y[train])) < 2:
+            raise DataError(f"--cv site: without site {site} only {class_names[int(y[train][0])]!r} subjects "
+                            "are left to train on; use --cv stratified")
+        for i in test:
+            out[subjects[i]] = names.index(site)
     return out
 
 

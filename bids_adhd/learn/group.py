@@ -259,7 +259,6 @@ def _run_group(args, dist, device) -> int:
     from ..dmri.template import template_grid
     from .adapter import encoder_fingerprint
     from .classifier import build_model
-    from .crossval import assign_folds
     from .train import initial_state
 
     t_run = time.perf_counter()
@@ -278,6 +277,7 @@ def _run_group(args, dist, device) -> int:
                                 getattr(args, "participant_label", None), cfg.name,
                                 negative=getattr(args, "negative", None), label_file=getattr(args, "label_file", None),
                                 qc_exclude=getattr(args, "qc_exclude", None) or ())
+        opts, cfg = _stats_setup(args, cfg, inputs)
         # --- the model, built once --------------------------------------------------
         t0 = time.perf_counter()
         torch.manual_seed(cfg.train.seed)
@@ -301,9 +301,7 @@ def _run_group(args, dist, device) -> int:
                            "false); no pre-training is involved.")
             LOG.warning(warning)
         # every rank computes the folds from the seed; they must agree (checked below)
-        sites = [inputs.sites[s] for s in inputs.subjects] if cfg.train.stratify_site else None
-        computed = assign_folds(inputs.subjects, [inputs.labels[s] for s in inputs.subjects],
-                                cfg.train.folds, cfg.train.seed, sites)
+        computed = _assign(inputs, cfg, opts)
 
     resume = bool(getattr(args, "resume", False))
     progress = not getattr(args, "quiet", False)
@@ -333,7 +331,8 @@ def _run_group(args, dist, device) -> int:
 
     ctx = RunContext(cfg=cfg, device=device, model=model, init=init, info=info, fingerprint=fingerprint,
                      grid=grid, inputs=inputs, images=images, gdir=gdir, ckpt_root=ckpt_root,
-                     resume=resume, progress=progress, column=column)
+                     resume=resume, progress=progress, column=column, opts=opts, bids_dir=bids_dir,
+                     out_root=out_root)
 
     # --- cross-validation --------------------------------------------------------
     fold_results = []
@@ -341,6 +340,9 @@ def _run_group(args, dist, device) -> int:
         fold_results.append(run_fold(ctx, k, assignment))
     # --- final model ---------------------------------------------------------------
     final = run_final(ctx)
+    # the permutation test's frozen features: the encoder reset to its state as built (after the
+    # final model's adapter is saved, so nothing before or during the training waits for it)
+    ctx.features = _frozen_features(ctx) if opts.permutations else None
     # rank 0 writes (the checkpoints' removal included); the others wait for it
     results = dist.on_main(summarise_run, ctx, fold_results, final, warning, time.perf_counter() - t_run)
     LOG.info("pooled out-of-fold: %s", _fmt_pooled(results["pooled"]))
@@ -349,6 +351,45 @@ def _run_group(args, dist, device) -> int:
     LOG.info("group level finished in %.0f s; results in %s (report: %s)", time.perf_counter() - t_run, gdir,
              gdir / "report.html")
     return 0
+
+
+def _stats_setup(args, cfg, inputs: GroupInputs):
+    """(the statistics' options, cfg): with ``--cv site`` the number of folds is the number of sites."""
+    from .groupstats import stats_options
+
+    opts = stats_options(args, cfg.train.seed)
+    if opts.cv == "site":
+        cfg = cfg.replace("train", folds=max(1, len({inputs.sites[s] for s in inputs.subjects})))
+    return opts, cfg
+
+
+def _assign(inputs: GroupInputs, cfg, opts) -> dict[str, int]:
+    """Subject → fold: leave-one-site-out (``--cv site``) or stratified k-fold (by label [× site])."""
+    from .crossval import assign_folds, assign_site_folds
+
+    subjects = inputs.subjects
+    labels = [inputs.labels[s] for s in subjects]
+    if opts.cv == "site":
+        return assign_site_folds(subjects, labels, [inputs.sites[s] for s in subjects], inputs.class_names)
+    sites = [inputs.sites[s] for s in subjects] if cfg.train.stratify_site else None
+    return assign_folds(subjects, labels, cfg.train.folds, cfg.train.seed, sites)
+
+
+def _frozen_features(ctx) -> np.ndarray:
+    """(subjects, features): the encoder's pooled features as built (no fine-tuning), runs averaged;
+    the permutation test's input (:func:`bids_adhd.learn.groupstats.permutation_test`)."""
+    from .train import amp_dtype, pooled_features, restore_state
+
+    t0 = time.perf_counter()
+    restore_state(ctx.model, ctx.init)
+    items = ctx.items(ctx.inputs.subjects)
+    f = pooled_features(ctx.model, [it["image"] for it in items], ctx.device, ctx.cfg.train.batch_size,
+                        amp_dtype(ctx.device, ctx.cfg.train.amp)).numpy()
+    subs = [it["subject"] for it in items]
+    out = np.stack([f[[i for i, x in enumerate(subs) if x == s]].mean(0) for s in ctx.inputs.subjects])
+    ctx.features_seconds = time.perf_counter() - t0
+    LOG.info("frozen features for the permutation test: %d x %d in %.1f s", *out.shape, ctx.features_seconds)
+    return out
 
 
 def _prepare_group_dir(out_root: Path, cfg, inputs: GroupInputs, computed: dict, resume: bool, column: str,
@@ -481,6 +522,11 @@ class RunContext:
     resume: bool
     progress: bool
     column: str
+    opts: object = None
+    bids_dir: Path | None = None
+    out_root: Path | None = None
+    features: np.ndarray | None = None
+    features_seconds: float | None = None
 
     def items(self, subjects) -> list[dict]:
         out = []
@@ -518,11 +564,13 @@ def _train(ctx: RunContext, name: str, subjects: list[str], seed: int, out_dir: 
     return res
 
 
-def _save_adapter(ctx: RunContext, path: Path, subjects, fold: str) -> dict:
+def _save_adapter(ctx: RunContext, path: Path, subjects, fold: str, threshold: float = 0.5,
+                  calibration: dict | None = None) -> dict:
     from .adapter import save_adapter
 
     cfg = ctx.cfg
-    return save_adapter(path, ctx.model, foundation=cfg.model.foundation,
+    return save_adapter(path, ctx.model, foundation=cfg.model.foundation, threshold=threshold,
+                        extra={"calibration": calibration} if calibration else None,
                         base_weights=ctx.info.get("sha256") if ctx.info.get("pretrained") else None,
                         init_seed=cfg.train.seed, fingerprint=ctx.fingerprint,
                         pipeline=json.loads(json.dumps(cfg.to_dict(), default=list)), grid=ctx.grid,
@@ -540,6 +588,7 @@ def _read_json_if(path: Path, *also: Path):
 def run_fold(ctx: RunContext, k: int, assignment: dict) -> dict:
     from .distributed import current
     from .metrics import binary_metrics, format_metrics
+    from .stats import apply_platt
     from .train import amp_dtype, predict_proba
 
     cfg = ctx.cfg
@@ -557,22 +606,30 @@ def run_fold(ctx: RunContext, k: int, assignment: dict) -> dict:
     items = ctx.items(test)
     p_run = predict_proba(ctx.model, [it["image"] for it in items], ctx.device, cfg.train.batch_size,
                           amp_dtype(ctx.device, cfg.train.amp))
-    probs = _subject_probs(items, p_run)
+    raw = _subject_probs(items, p_run)
+    cal, thr, p_val = _calibration(ctx, res["inner_val"])
     y = [ctx.inputs.labels[s] for s in test]
-    p = [probs[s] for s in test]
-    metrics = binary_metrics(y, p)
+    p = [float(v) for v in apply_platt([raw[s] for s in test], cal)]
+    probs = dict(zip(test, p))
+    metrics = binary_metrics(y, p, thr)
 
     def write() -> dict:                           # rank 0 only; the others wait for its result
-        meta = _save_adapter(ctx, fdir / "adapter.safetensors", train, str(k + 1))
+        meta = _save_adapter(ctx, fdir / "adapter.safetensors", train, str(k + 1), thr, cal)
+        names = ctx.inputs.class_names
         dv.write_tsv(fdir / "predictions.tsv", {"participant_id": [f"sub-{s}" for s in test],
                                                "fold": [k + 1] * len(test),
-                                               "label": [ctx.inputs.class_names[v] for v in y],
-                                               "probability": [float(v) for v in p]})
+                                               "label": [names[v] for v in y],
+                                               "probability": p,
+                                               "probability_uncalibrated": [raw[s] for s in test],
+                                               "predicted": [names[int(v >= thr)] for v in p]})
+        saliency = _fold_saliency(ctx, fdir, items) if ctx.opts is not None and ctx.opts.saliency else None
         out = {"fold": k + 1, "metrics": metrics, "test": test, "inner_train": res["inner_train"],
                "inner_val": res["inner_val"], "best_epoch": res["best_epoch"], "epochs_run": res["epochs_run"],
                "stopped_early": res["stopped_early"], "seconds": res["seconds"],
                "peak_memory_mb": res["peak_memory_mb"], "model_id": meta["model_id"],
                "predictions": {s: float(probs[s]) for s in test},
+               "predictions_uncalibrated": {s: float(raw[s]) for s in test},
+               "calibration": cal, "threshold": thr, "inner_val_predictions": p_val, "saliency": saliency,
                "labels": {s: int(v) for s, v in zip(test, y)}, "history": res["history"]}
         dv.write_json(done, out)                   # written last: the fold is finished
         return out
@@ -580,6 +637,38 @@ def run_fold(ctx: RunContext, k: int, assignment: dict) -> dict:
     out = dist.on_main(write)
     LOG.info("fold %d/%d: %s (%.0f s)", k + 1, cfg.train.folds, format_metrics(metrics), res["seconds"])
     return out
+
+
+def _calibration(ctx: RunContext, val_subjects) -> tuple[dict | None, float, dict]:
+    """(Platt MAP calibration, Youden threshold, raw probabilities) from the trained model's
+    predictions of its inner-validation subjects (never the test fold); none: identity and 0.5."""
+    from .groupstats import calibrate_fold
+    from .train import amp_dtype, predict_proba
+
+    if not val_subjects:
+        return None, 0.5, {}
+    items = ctx.items(val_subjects)
+    p_run = predict_proba(ctx.model, [it["image"] for it in items], ctx.device, ctx.cfg.train.batch_size,
+                          amp_dtype(ctx.device, ctx.cfg.train.amp))
+    probs = _subject_probs(items, p_run)
+    prior = ctx.opts.calibration_prior_sd if ctx.opts is not None else 1.0
+    cal, thr = calibrate_fold(probs, ctx.inputs.labels, prior)
+    return cal, thr, probs
+
+
+def _fold_saliency(ctx: RunContext, fdir: Path, items) -> dict | None:
+    """The fold model's saliency averaged over its test subjects, written under ``fdir`` (rank 0)."""
+    from .saliency import mean_saliency, write_saliency
+
+    t0 = time.perf_counter()
+    try:
+        sal = mean_saliency(ctx.model, [it["image"] for it in items], ctx.device)
+    except Exception as exc:   # saliency is a report item: a failure must not lose the trained fold
+        LOG.warning("saliency for %s failed (%s: %s); left out", fdir.name, type(exc).__name__, exc)
+        return None
+    path = write_saliency(dv.saliency_map(fdir), sal, ctx.grid, {"Folds": [fdir.name], "Subjects": len(items)})
+    LOG.info("%s: saliency of %d test runs in %.1f s", fdir.name, len(items), time.perf_counter() - t0)
+    return {"path": path.name, "seconds": time.perf_counter() - t0}
 
 
 def _subject_probs(items, p_run) -> dict:
@@ -602,10 +691,12 @@ def run_final(ctx: RunContext) -> dict:
     subjects = ctx.inputs.subjects
     LOG.info("final model: training on all %d labelled subjects", len(subjects))
     res = _train(ctx, "final", subjects, ctx.cfg.train.seed * 100, fdir)
+    cal, thr, _ = _calibration(ctx, res["inner_val"])
 
     def write() -> dict:                           # rank 0 only
-        meta = _save_adapter(ctx, fdir / "adapter.safetensors", subjects, "final")
+        meta = _save_adapter(ctx, fdir / "adapter.safetensors", subjects, "final", thr, cal)
         out = {"adapter": str(fdir / "adapter.safetensors"), "model_id": meta["model_id"],
+               "calibration": cal, "threshold": thr,
                "train_subjects": subjects, "inner_val": res["inner_val"], "best_epoch": res["best_epoch"],
                "epochs_run": res["epochs_run"], "seconds": res["seconds"], "history": res["history"]}
         dv.write_json(done, out)
@@ -614,25 +705,92 @@ def run_final(ctx: RunContext) -> dict:
     return dist.on_main(write)
 
 
+def _statistics(ctx: RunContext, folds, final, subs, y, p, thr, fold_of) -> dict:
+    """pooled (with CIs), threshold, calibration, permutation, confounds and saliency entries."""
+    from .groupstats import StatsOptions, confound_report, permutation_test, pooled_with_cis, read_confounds
+    from .stats import reliability
+
+    opts = ctx.opts or StatsOptions(seed=ctx.cfg.train.seed)
+    t0 = time.perf_counter()
+    timing: dict = {}                # goes to results["timing"] (what measures time stays there)
+    out = {"pooled": pooled_with_cis(y, p, thr, opts.bootstrap, opts.seed), "cv": opts.cv, "_timing": timing}
+    out["threshold"] = {"method": "Youden (max sensitivity + specificity) on each fold's inner-validation "
+                                  "subjects' calibrated probabilities, ties towards 0.5; never the test fold",
+                        "folds": [f.get("threshold", 0.5) for f in folds], "final": final.get("threshold", 0.5)}
+    raw = [float(f.get("predictions_uncalibrated", f["predictions"])[s]) for f in folds for s in f["test"]]
+    out["calibration"] = {
+        "method": f"Platt scaling per fold on its inner-validation subjects, MAP with priors slope ~ N(1, "
+                  f"{opts.calibration_prior_sd:g}²), intercept ~ N(0, {opts.calibration_prior_sd:g}²) (few "
+                  "subjects: stays near the model's own scores)",
+        "folds": [f.get("calibration") for f in folds], "final": final.get("calibration"),
+        "brier_uncalibrated": float(np.mean((np.asarray(raw) - np.asarray(y)) ** 2)),
+        "reliability": reliability(y, p), "reliability_uncalibrated": reliability(y, raw)}
+    fold_vec = [fold_of[subs.index(s)] for s in ctx.inputs.subjects]
+    y_all = [ctx.inputs.labels[s] for s in ctx.inputs.subjects]
+    if ctx.features is not None:
+        t1 = time.perf_counter()
+        out["permutation"] = permutation_test(ctx.features, y_all, fold_vec, opts.permutations, opts.seed,
+                                              out["pooled"]["auc"])
+        timing["permutation_features_seconds"] = ctx.features_seconds
+        timing["permutation_seconds"] = time.perf_counter() - t1
+    if opts.confounds and ctx.bids_dir is not None:
+        table = read_confounds(ctx.bids_dir, ctx.out_root, ctx.inputs.subjects, ctx.inputs.runs, opts.confounds)
+        score = [p[subs.index(s)] for s in ctx.inputs.subjects]
+        out["confounds"] = confound_report(table, y_all, fold_vec, score, opts.bootstrap, opts.seed) if table \
+            else {"columns": [], "alone": {}, "score_vs": {}, "flagged": []}
+    out["saliency"] = _group_saliency(ctx, folds)
+    if out["saliency"]:
+        timing["saliency_fold_seconds"] = [(f.get("saliency") or {}).get("seconds") for f in folds]
+    timing["statistics_seconds"] = time.perf_counter() - t0
+    return out
+
+
+def _group_saliency(ctx: RunContext, folds) -> dict | None:
+    """Average of the folds' saliency maps → group/space-<tpl>_desc-saliency_stat.nii.gz; with the
+    simulator's truth mask at hand, the inside-effect / WM-outside ratio."""
+    import nibabel as nib
+
+    from .saliency import effect_ratio, write_saliency
+
+    paths = [ctx.gdir / f"fold-{f['fold']}" / f["saliency"]["path"] for f in folds if f.get("saliency")]
+    paths = [q for q in paths if q.is_file()]
+    if not paths:
+        return None
+    mean = np.mean([np.asarray(nib.load(str(q)).get_fdata()) for q in paths], axis=0)
+    path = write_saliency(dv.saliency_map(ctx.gdir), mean, ctx.grid, {"Folds": [q.parent.name for q in paths]})
+    out = {"path": path.name, "method": "monai.visualize.VanillaGrad", "folds": len(paths)}
+    truth = Path(ctx.bids_dir or ".") / "derivatives" / "truth" / f"space-{dv.TEMPLATE_SPACE}_desc-effect_mask.nii.gz"
+    if truth.is_file():
+        out["truth_mask"] = str(truth)
+        out["effect_ratio"] = effect_ratio(path, truth)
+        LOG.info("saliency: mean inside the true effect region / WM outside it = %.2f",
+                 out["effect_ratio"]["ratio"])
+    return out
+
+
 def summarise_run(ctx: RunContext, folds: list[dict], final: dict, warning: str | None, seconds: float) -> dict:
     from ..reports.group import write_group_report
     from .metrics import METRIC_KEYS, binary_metrics, roc_points, summarise
 
     cfg = ctx.cfg
-    subs, fold_of, y, p = [], [], [], []
+    subs, fold_of, y, p, thr = [], [], [], [], []
     for f in folds:
         for s in f["test"]:
             subs.append(s)
             fold_of.append(f["fold"])
             y.append(int(f["labels"][s]))
             p.append(float(f["predictions"][s]))
-    pooled = binary_metrics(y, p)
+            thr.append(float(f.get("threshold", 0.5)))
+    extra = _statistics(ctx, folds, final, subs, y, p, thr, fold_of)
+    pooled, stats_timing = extra.pop("pooled"), extra.pop("_timing")
     per_fold = [{**{k: f["metrics"][k] for k in METRIC_KEYS}, "n": f["metrics"]["n"], "fold": f["fold"]}
                 for f in folds]
     order = np.argsort(subs)
+    names = ctx.inputs.class_names
     dv.write_tsv(ctx.gdir / "predictions.tsv", {
         "participant_id": [f"sub-{subs[i]}" for i in order], "fold": [fold_of[i] for i in order],
-        "label": [ctx.inputs.class_names[y[i]] for i in order], "probability": [p[i] for i in order]})
+        "label": [names[y[i]] for i in order], "probability": [p[i] for i in order],
+        "threshold": [thr[i] for i in order], "predicted": [names[int(p[i] >= thr[i])] for i in order]})
     rep = ctx.info["parameters"]
     results = {
         "pooled": pooled,
@@ -656,11 +814,13 @@ def summarise_run(ctx: RunContext, folds: list[dict], final: dict, warning: str 
         "timing": {"total_seconds": seconds, "fold_seconds": [f["seconds"] for f in folds],
                    "final_seconds": final["seconds"], "device": str(ctx.device),
                    "processes": _world(),
-                   "peak_memory_mb": max([f.get("peak_memory_mb") or 0 for f in folds]) or None},
+                   "peak_memory_mb": max([f.get("peak_memory_mb") or 0 for f in folds]) or None,
+                   **stats_timing},
         "roc": {"pooled": roc_points(y, p),
                 "folds": [roc_points([f["labels"][s] for s in f["test"]], [f["predictions"][s] for s in f["test"]])
                           for f in folds]},
         "versions": package_versions(),
+        **extra,
     }
     write_group_report(ctx.gdir, results, folds, final)
     # written last: group/metrics.json marks a finished run (one killed before it is continued by

@@ -18,7 +18,14 @@ nothing is ever unpickled.
    maps (``data.load_input`` with the model's channels and intensity mode). A
    participant level run with another ``--pipeline`` than the model's has its
    maps on another grid: they are resampled onto the model's grid (logged);
-4. writes ``<src>_desc-adhd_prediction.json`` beside the run's other outputs.
+4. applies the adapter's calibration (Platt scaling fitted on its inner
+   validation subjects) and threshold (chosen there too): ``probability`` is
+   the calibrated P(positive), ``probability_uncalibrated`` the model's own
+   softmax (the two are equal for adapters without calibration metadata);
+5. writes ``<src>_desc-adhd_prediction.json`` beside the run's other outputs.
+
+``predict_participants(args)`` is what ``cli.py`` calls after the participant
+workflow (``participant --model``).
 """
 from __future__ import annotations
 
@@ -100,12 +107,39 @@ def rebuild_model(meta: dict, weights=None, model_path=""):
     return model, cfg, info
 
 
+def predict_participants(args) -> list[dict]:
+    """``participant --model``: predict the runs the participant level selected (called by ``cli.py``
+    after the participant workflow)."""
+    from ..bids import check_bids_dir, collect_runs
+
+    bids_dir = check_bids_dir(args.bids_dir)
+    out_root = Path(args.output_dir).expanduser().resolve()
+    runs = collect_runs(bids_dir, args.participant_label, args.session_label, args.bids_filter_file)
+    return predict_runs(args, runs, out_root)
+
+
+def calibration_of(meta: dict) -> dict | None:
+    """The adapter's Platt calibration (``calibration`` metadata, JSON), or None (an older adapter)."""
+    import json
+
+    raw = meta.get("calibration")
+    if not raw:
+        return None
+    try:
+        cal = json.loads(raw) if isinstance(raw, str) else dict(raw)
+        return {"slope": float(cal["slope"]), "intercept": float(cal["intercept"]), **cal}
+    except (ValueError, KeyError, TypeError):
+        raise DataError("the adapter's calibration metadata is corrupt; use the adapter file as written "
+                        "by the group level") from None
+
+
 def predict_runs(args, runs, out_root) -> list[dict]:
     """Predict every run in ``runs`` with ``args.model``; write one prediction JSON per run."""
     import torch
 
     from .adapter import load_into, read_adapter
     from .data import grid_of, load_input, run_maps, same_grid
+    from .stats import apply_platt
     from .train import amp_dtype, predict_proba, resolve_device
 
     out_root = Path(out_root)
@@ -129,6 +163,7 @@ def predict_runs(args, runs, out_root) -> list[dict]:
     grid = (tuple(meta["grid"]["shape"]), np.asarray(meta["grid"]["affine"], float))
     class_names = list(meta["class_names"])
     threshold = float(meta["threshold"])
+    calibration = calibration_of(meta)
     intensity = getattr(cfg.model, "intensity", "none")
     warning = None
     if not meta.get("pretrained"):
@@ -144,10 +179,13 @@ def predict_runs(args, runs, out_root) -> list[dict]:
                         "run the participant level with --pipeline %s to avoid this", r.source.prefix,
                         "x".join(map(str, shape)), "x".join(map(str, grid[0])), cfg.name, cfg.name)
         x = torch.from_numpy(load_input(rm, cfg.model.channels, grid, intensity))
-        p = float(predict_proba(model, [x], device, 1, amp_dtype(device, cfg.train.amp))[0])
+        raw = float(predict_proba(model, [x], device, 1, amp_dtype(device, cfg.train.amp))[0])
+        p = float(apply_platt([raw], calibration)[0])
         label = class_names[1] if p >= threshold else class_names[0]
         rec = {"participant_id": f"sub-{r.source.subject}", "source": r.source.prefix,
-               "probability": p, "positive_class": class_names[1], "label": label, "threshold": threshold,
+               "probability": p, "calibrated": calibration is not None, "probability_uncalibrated": raw,
+               "calibration": calibration, "positive_class": class_names[1], "label": label,
+               "threshold": threshold,
                "class_names": class_names, "model_id": meta["model_id"], "model_file": str(model_path.resolve()),
                "fold": meta.get("fold"), "foundation": meta["foundation"], "pretrained": bool(meta.get("pretrained")),
                "pipeline": cfg.name, "resampled_to_model_grid": resampled,

@@ -30,3 +30,13 @@ def img_tag(png: bytes, alt: str) -> str:
     """An ``<img>`` holding ``png`` as a data: URI."""
     data = base64.b64encode(png).decode("ascii")
     return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
+
+
+def fmt(v, nd: int = 3) -> str:
+    """A number for a report table: ``n/a`` for None, else ``nd`` decimals."""
+    return "n/a" if v is None else f"{v:.{nd}f}"
+
+
+def figure_png(fig) -> bytes:
+    """A report figure as PNG bytes (100 dpi, tight bounding box)."""
+    return png_bytes(fig, dpi=100, bbox_inches="tight")

@@ -1,7 +1,8 @@
 """The group-level report: ROC curves, training curves, metrics tables, one self-contained HTML.
 
 ``write_group_report(group_dir, results, folds, final)`` writes
-``group/figures/roc.png``, ``group/figures/training_curves.png`` and
+``group/figures/roc.png``, ``group/figures/training_curves.png``, the
+statistics' figures (:mod:`bids_adhd.reports.group_stats`) and
 ``group/report.html`` (the PNGs embedded as base64; no external files or
 scripts). When the encoder was not pre-trained the report opens with a red
 banner saying so.
@@ -14,14 +15,13 @@ from pathlib import Path
 import numpy as np
 
 from .. import derivatives as dv
-from .common import img_tag, png_bytes, pyplot
+from .common import figure_png, fmt, img_tag, pyplot
 
 
 _plt = pyplot
 
 
-def _png(fig) -> bytes:
-    return png_bytes(fig, dpi=100, bbox_inches="tight")
+_png = figure_png
 
 
 def roc_figure(results: dict) -> bytes:
@@ -81,8 +81,7 @@ def training_figure(folds: list[dict], final: dict | None) -> bytes:
     return _png(fig)
 
 
-def _f(v, nd=3) -> str:
-    return "n/a" if v is None else f"{v:.{nd}f}"
+_f = fmt
 
 
 _img = img_tag
@@ -132,7 +131,8 @@ def who_html(results: dict) -> str:
     return f"<h2>Who was analysed</h2>\n{head}\n<ul>{''.join(items)}</ul>\n{table}"
 
 
-def render_html(results: dict, folds: list[dict], final: dict | None, roc_png: bytes, train_png: bytes) -> str:
+def render_html(results: dict, folds: list[dict], final: dict | None, roc_png: bytes, train_png: bytes,
+                stats_html: str = "") -> str:
     esc = html.escape
     cfg = results["config"]
     banner = ""
@@ -187,10 +187,11 @@ cross-validation, seed {cfg['train']['seed']}. Foundation <b>{esc(model['foundat
 adaptation <b>{esc(model['adaptation'])}</b>: {model['trainable']:,} trainable of {model['total']:,} parameters.
 Device {esc(t['device'])}; total {t['total_seconds']:.0f} s.</p>
 {who_html(results) or left_txt}
-<h2>Metrics (threshold 0.5; positive class {esc(results['class_names'][1])})</h2>
+<h2>Metrics (positive class {esc(results['class_names'][1])}; {esc(_threshold_text(results))})</h2>
 <table><tr><th></th>{head}</tr>{''.join(rows)}</table>
 <h2>ROC curves</h2>
 {_img(roc_png, 'ROC curves')}
+{stats_html}
 <h2>Training</h2>
 {_img(train_png, 'training curves')}
 <table><tr><th>fold</th><th>test</th><th>train</th><th>inner val</th><th>best epoch</th><th>epochs run</th>
@@ -208,15 +209,30 @@ Device {esc(t['device'])}; total {t['total_seconds']:.0f} s.</p>
 """
 
 
+def _threshold_text(results: dict) -> str:
+    thr = results.get("threshold")
+    if not thr:
+        return "threshold 0.5"
+    return ("calibrated probabilities, each fold's threshold chosen on its inner validation: "
+            + ", ".join(f"{t:.2f}" for t in thr["folds"]))
+
+
 def json_dump(obj) -> str:
     import json
     return json.dumps(obj, indent=2, default=str)
 
 
 def write_group_report(group_dir, results: dict, folds: list[dict], final: dict | None = None) -> Path:
+    from .group_stats import stats_sections
+
     group_dir = Path(group_dir)
     roc_png = roc_figure(results)
     train_png = training_figure(folds, final)
     dv.write_bytes(group_dir / "figures" / "roc.png", roc_png)
     dv.write_bytes(group_dir / "figures" / "training_curves.png", train_png)
-    return dv.write_text(group_dir / "report.html", render_html(results, folds, final, roc_png, train_png))
+    truth = (results.get("saliency") or {}).get("truth_mask")
+    stats_html, figs = stats_sections(group_dir, results, Path(truth) if truth else None)
+    for name, png in figs.items():
+        dv.write_bytes(group_dir / "figures" / name, png)
+    return dv.write_text(group_dir / "report.html",
+                         render_html(results, folds, final, roc_png, train_png, stats_html))

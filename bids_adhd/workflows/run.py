@@ -74,9 +74,6 @@ def run_participant(args) -> int:
         raise UsageError(f"--nprocs must be ≥ 1 (got {args.nprocs})")
     if args.omp_nthreads is not None and args.omp_nthreads < 1:
         raise UsageError(f"--omp-nthreads must be ≥ 1 (got {args.omp_nthreads})")
-    if args.model:
-        from ..learn.predict import check_model_file
-        check_model_file(args.model)
     if not args.skip_bids_validation:
         run_validator(bids_dir)
     runs = collect_runs(bids_dir, args.participant_label, args.session_label, args.bids_filter_file)
@@ -97,9 +94,6 @@ def run_participant(args) -> int:
             LOG.info("%s: %s volumes, %d b0, shells %s, voxels %s mm", r.source.prefix, summary["shape"],
                      summary["n_b0"], summary["shells"], tuple(round(z, 2) for z in summary["zooms"]))
         _run_workflow(args, cfg, bids_dir, out_root, todo, chash)
-    if args.model:
-        from ..learn.predict import predict_runs
-        predict_runs(args, runs, out_root)
     LOG.info("participant level finished in %.1f s; outputs in %s", time.perf_counter() - t0, out_root)
     return 0
 
