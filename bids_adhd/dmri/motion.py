@@ -401,7 +401,7 @@ def correct_motion(data, affine, bvals, bvecs, b0_threshold=50, level_iters=(100
     done = 0
     for r in range(max(1, int(rounds))):
         A_prev = A
-        A, M, aligned, flags, pred = _round(st, aligned, A, M, flags, nprocs, first=(r == 0 and median_start))
+        A, M, aligned, flags, pred = _round(st, aligned, A, M, flags, nprocs, first=(r == 0 and median_start and rounds > 1))
         done += 1
         if outliers == "replace":
             _apply_outliers(st, aligned, A, flags, applied, pred)

@@ -99,7 +99,8 @@ def _f(x) -> float | None:
 
 
 def qc_metrics(mean_b0, mask, fa, md, params, fd=None, fd_outlier_mm: float = 0.5, voxel_size=None,
-               reg_similarity=None, noise_sigma=None, fd_radius_mm: float = 50.0) -> dict[str, Any]:
+               reg_similarity=None, noise_sigma=None, fd_radius_mm: float = 50.0, dropout_slices=None,
+               resampled=None) -> dict[str, Any]:
     """QC numbers of one DWI run (all JSON-serialisable; NaN becomes None).
 
     Parameters
@@ -113,6 +114,8 @@ def qc_metrics(mean_b0, mask, fa, md, params, fd=None, fd_outlier_mm: float = 0.
     reg_similarity : template-registration similarity (``register_to_template``'s).
     noise_sigma : noise σ of one volume (e.g. MP-PCA's: a scalar, or a map whose
         median inside the mask is used); NaN/None → background estimate.
+    dropout_slices : [(volume, slice)] found by the motion step (None: not run).
+    resampled : (N,) 0/1 per volume, whether the motion step resampled it.
     """
     if voxel_size is None:
         raise ValueError("qc_metrics needs voxel_size (3 sizes in mm or the 4×4 affine)")
@@ -175,6 +178,12 @@ def qc_metrics(mean_b0, mask, fa, md, params, fd=None, fd_outlier_mm: float = 0.
         "md_mean_wm": _f(md[wm].mean()) if wm.any() else None,
         "n_nonfinite_in_mask": n_nonfinite,
     }
+    out["fd_radius_mm"] = float(fd_radius_mm)
+    if dropout_slices is not None:
+        out["n_dropout_slices"] = len(dropout_slices)
+        out["dropout_volumes"] = sorted({int(v) for v, _ in dropout_slices})
+    if resampled is not None:
+        out["n_resampled_volumes"] = int(np.sum(np.asarray(resampled) > 0))
     if n_bg is not None:
         out["noise_background_voxels"] = n_bg
     return out
@@ -183,9 +192,14 @@ def qc_metrics(mean_b0, mask, fa, md, params, fd=None, fd_outlier_mm: float = 0.
 QC_FIELDS = [
     # key, label, unit, format, description
     ("n_volumes", "Volumes", "", "{:d}", "DWI volumes in the run"),
-    ("mean_fd", "Mean FD", "mm", "{:.3f}", "mean framewise displacement (Power 2012, 50 mm sphere)"),
+    ("mean_fd", "Mean FD", "mm", "{:.3f}", "mean framewise displacement of the rigid head motion (Power "
+     "2012; rotations on a sphere of fd_radius_mm)"),
+    ("fd_radius_mm", "FD sphere radius", "mm", "{:.0f}", "head radius converting rotations to mm in FD"),
     ("max_fd", "Max FD", "mm", "{:.3f}", "largest framewise displacement"),
     ("n_outlier_volumes", "Outlier volumes", "", "{:d}", "volumes with FD above the threshold"),
+    ("n_dropout_slices", "Dropout slices", "", "{:d}", "slices with signal dropout (model residuals)"),
+    ("n_resampled_volumes", "Resampled volumes", "", "{:d}", "volumes resampled by the motion step "
+     "(the others' transform is the identity)"),
     ("fd_threshold_mm", "FD threshold", "mm", "{:.2f}", "outlier threshold"),
     ("max_abs_translation_mm", "Max |translation|", "mm", "{:.2f}", "relative to the reference b0"),
     ("max_abs_rotation_deg", "Max |rotation|", "deg", "{:.2f}", "relative to the reference b0"),
@@ -220,7 +234,8 @@ FIGURE_CAPTIONS = {
     "colour_fa": "Colour FA: |principal eigenvector| × FA, red = left–right (corpus callosum), green = "
                  "anterior–posterior (cingulum, optic radiations), blue = inferior–superior "
                  "(corticospinal tract). Wrong colours in those tracts mean flipped or permuted b-vectors.",
-    "motion": "Head motion estimated by volume-to-b0 registration: translations (solid, mm) and "
+    "motion": "Rigid head motion (each volume registered to its leave-one-out model prediction, b0s to the "
+              "mean b0): translations (solid, mm) and "
               "rotations (dashed, degrees); framewise displacement with the outlier threshold, outliers "
               "circled.",
     "registration": "Template-space FA on the network's grid with the MNI152NLin2009aSym brain (cyan) and "
@@ -363,6 +378,9 @@ def qc_table_html(m: Mapping) -> str:
     if m.get("outlier_volumes"):
         rows.append(f"<tr><td>Outlier volume indices</td><td class=\"num\" colspan=\"3\">"
                     f"{html.escape(', '.join(str(i) for i in m['outlier_volumes']))}</td></tr>")
+    if m.get("dropout_volumes"):
+        rows.append(f"<tr><td>Volumes with dropout slices</td><td class=\"num\" colspan=\"3\">"
+                    f"{html.escape(', '.join(str(i) for i in m['dropout_volumes']))}</td></tr>")
     rows.append("</table>")
     return "\n".join(rows)
 
