@@ -44,8 +44,11 @@ def _cpu():
 
 def old_module(ref: str):
     """The motion module of git revision ``ref`` (today's correction), imported from a temp file."""
-    src = subprocess.run(["git", "show", f"{ref}:bids_adhd/dmri/motion.py"], cwd=ROOT, check=True,
-                         capture_output=True, text=True).stdout
+    if Path(ref).is_file():                     # a saved copy (a run from a snapshot without .git)
+        src = Path(ref).read_text()
+    else:
+        src = subprocess.run(["git", "show", f"{ref}:bids_adhd/dmri/motion.py"], cwd=ROOT, check=True,
+                             capture_output=True, text=True).stdout
     folder = Path(tempfile.mkdtemp())
     path = folder / "motion_old.py"
     path.write_text(src.replace("from ..errors", "from bids_adhd.errors").replace("from ._", "from bids_adhd.dmri._")
@@ -218,8 +221,9 @@ def main(argv=None) -> int:
             "data": f"{args.subjects} subjects, bids_adhd simulate --size demo --seed {args.seed} (motion, eddy, "
                     "dropouts on)", "nprocs": args.nprocs, "cpu_count": os.cpu_count(),
             "load_avg_at_start": os.getloadavg(),
-            "code": subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                                   text=True).stdout.strip(), "old": args.old}
+            "code": os.environ.get("BENCH_CODE") or subprocess.run(
+                ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip(),
+            "old": os.environ.get("BENCH_OLD") or args.old}
     recs = []
     for i in range(1, args.subjects + 1):
         sub = f"{i:02d}"
