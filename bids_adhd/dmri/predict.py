@@ -93,6 +93,11 @@ def loo_predict(data, bvals, bvecs, b0_threshold=50.0, mask=None, exclude=None):
     for s in shells(bvals, b0_threshold):
         rows = np.concatenate([b0, s])
         X = _design(np.where(bvals[rows] <= b0_threshold, 0.0, bvals[rows]), bvecs[rows])
+        if keep[rows].sum() <= X.shape[1]:           # too few volumes for a tensor: the others' mean
+            for i in s:
+                others = [j for j in s if j != i] or [i]
+                pred[i] = y[others].mean(0)
+            continue
         loo = loo_log_predict(y[rows], X, keep[rows].astype(float))
         pred[s] = loo[len(b0):]
     lin = np.exp(y)

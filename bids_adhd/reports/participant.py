@@ -178,14 +178,20 @@ def qc_metrics(mean_b0, mask, fa, md, params, fd=None, fd_outlier_mm: float = 0.
         "md_mean_wm": _f(md[wm].mean()) if wm.any() else None,
         "n_nonfinite_in_mask": n_nonfinite,
     }
-    out["fd_radius_mm"] = float(fd_radius_mm)
+    out.update(_motion_step_qc(fd_radius_mm, dropout_slices, resampled))
+    if n_bg is not None:
+        out["noise_background_voxels"] = n_bg
+    return out
+
+
+def _motion_step_qc(fd_radius_mm, dropout_slices, resampled) -> dict:
+    """The motion step's own QC keys: FD radius, dropout slices, resampled volumes."""
+    out = {"fd_radius_mm": float(fd_radius_mm)}
     if dropout_slices is not None:
         out["n_dropout_slices"] = len(dropout_slices)
         out["dropout_volumes"] = sorted({int(v) for v, _ in dropout_slices})
     if resampled is not None:
         out["n_resampled_volumes"] = int(np.sum(np.asarray(resampled) > 0))
-    if n_bg is not None:
-        out["noise_background_voxels"] = n_bg
     return out
 
 
