@@ -503,9 +503,9 @@ def _b0s_to_first(st, A, M, aligned, nprocs):
 
 
 def _apply_outliers(st, aligned, A, flags, applied, pred):
-    """Replace the dropout slices of the final flags (volumes whose replaced slices differ from
-    those already in ``st['work']`` are rebuilt from the raw volume and resampled once)."""
-    for i in np.flatnonzero((flags != applied).any(1)):
+    """Replace the dropout slices of this round's flags with this round's prediction (volumes with
+    flags, or whose flags changed, are rebuilt from the raw volume and resampled once)."""
+    for i in np.flatnonzero((flags != applied).any(1) | flags.any(1)):
         vol = _replace_slices(st["raw"][..., i], pred[..., i], A[i], flags[i], st["slice_axis"], st["affine"])
         st["work"][..., i] = vol
         applied[i] = flags[i]
