@@ -59,7 +59,8 @@ class PreprocConfig:
         if int(self.motion_min_samples) < 1000:
             raise UsageError(f"motion_min_samples must be at least 1000 (got {self.motion_min_samples!r})")
         if self.motion_outliers not in ("replace", "keep", "drop-volume"):
-            raise UsageError(f"motion_outliers must be one of replace, keep, drop-volume (got {self.motion_outliers!r})")
+            raise UsageError("motion_outliers must be one of replace, keep, drop-volume "
+                             f"(got {self.motion_outliers!r})")
         if not 1 <= int(self.motion_rounds) <= 10:
             raise UsageError(f"motion_rounds must be between 1 and 10 (got {self.motion_rounds!r})")
         if int(self.motion_slice_axis) not in (0, 1, 2):
