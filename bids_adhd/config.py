@@ -29,7 +29,12 @@ class PreprocConfig:
     gibbs: bool = True                # Gibbs unringing (DIPY gibbs_removal)
     gibbs_slice_axis: int = 2
     gibbs_n_points: int = 3
-    motion: bool = True               # volume-to-mean-b0 affine registration
+    motion: bool = True               # motion (+ eddy) correction: each volume registered to its prediction
+    motion_rounds: int = 2            # predict-then-register rounds (fewer when the transforms stop changing)
+    motion_eddy: bool = True          # affine eddy stage along the phase-encoding axis (needs PhaseEncodingDirection)
+    motion_outliers: str = "replace"  # slice dropouts: replace (by the prediction) | keep | drop-volume
+    motion_outlier_z: float = 4.0     # a dropout slice: this many robust SDs below the slice's median residual
+    motion_slice_axis: int = 2        # acquisition slice axis (dropouts are per slice along it)
     motion_level_iters: tuple = (100, 20)   # DIPY affine optimiser, coarse → fine
     motion_factors: tuple = (2, 1)
     motion_sigmas: tuple = (1.0, 0.0)
@@ -53,6 +58,13 @@ class PreprocConfig:
                              f"(got {self.denoise_stride!r})")
         if int(self.motion_min_samples) < 1000:
             raise UsageError(f"motion_min_samples must be at least 1000 (got {self.motion_min_samples!r})")
+        if self.motion_outliers not in ("replace", "keep", "drop-volume"):
+            raise UsageError("motion_outliers must be one of replace, keep, drop-volume "
+                             f"(got {self.motion_outliers!r})")
+        if not 1 <= int(self.motion_rounds) <= 10:
+            raise UsageError(f"motion_rounds must be between 1 and 10 (got {self.motion_rounds!r})")
+        if int(self.motion_slice_axis) not in (0, 1, 2):
+            raise UsageError(f"motion_slice_axis must be 0, 1 or 2 (got {self.motion_slice_axis!r})")
         if not 0 < float(self.motion_sampling) <= 1:
             raise UsageError(f"motion_sampling must be in (0, 1] (got {self.motion_sampling!r})")
 

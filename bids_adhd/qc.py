@@ -88,7 +88,8 @@ def _f(x) -> float | None:
 
 
 def qc_metrics(mean_b0, mask, fa, md, params, fd=None, fd_outlier_mm: float = 0.5, voxel_size=None,
-               reg_similarity=None, noise_sigma=None, fd_radius_mm: float = 50.0) -> dict[str, Any]:
+               reg_similarity=None, noise_sigma=None, fd_radius_mm: float = 50.0, dropout_slices=None,
+               resampled=None) -> dict[str, Any]:
     """QC numbers of one DWI run (all JSON-serialisable; NaN becomes None).
 
     Parameters
@@ -102,6 +103,8 @@ def qc_metrics(mean_b0, mask, fa, md, params, fd=None, fd_outlier_mm: float = 0.
     reg_similarity : template-registration similarity (``register_to_template``'s).
     noise_sigma : noise σ of one volume (e.g. MP-PCA's: a scalar, or a map whose
         median inside the mask is used); NaN/None → background estimate.
+    dropout_slices : [(volume, slice)] found by the motion step (None: not run).
+    resampled : (N,) 0/1 per volume, whether the motion step resampled it.
     """
     if voxel_size is None:
         raise ValueError("qc_metrics needs voxel_size (3 sizes in mm or the 4×4 affine)")
@@ -164,6 +167,18 @@ def qc_metrics(mean_b0, mask, fa, md, params, fd=None, fd_outlier_mm: float = 0.
         "md_mean_wm": _f(md[wm].mean()) if wm.any() else None,
         "n_nonfinite_in_mask": n_nonfinite,
     }
+    out.update(_motion_step_qc(fd_radius_mm, dropout_slices, resampled))
     if n_bg is not None:
         out["noise_background_voxels"] = n_bg
+    return out
+
+
+def _motion_step_qc(fd_radius_mm, dropout_slices, resampled) -> dict:
+    """The motion step's own QC keys: FD radius, dropout slices, resampled volumes."""
+    out = {"fd_radius_mm": float(fd_radius_mm)}
+    if dropout_slices is not None:
+        out["n_dropout_slices"] = len(dropout_slices)
+        out["dropout_volumes"] = sorted({int(v) for v, _ in dropout_slices})
+    if resampled is not None:
+        out["n_resampled_volumes"] = int(np.sum(np.asarray(resampled) > 0))
     return out

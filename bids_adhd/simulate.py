@@ -75,6 +75,20 @@ MOTION_VOLUMES = (3, 4)      # how many volumes move per run (inclusive range)
 MOTION_MAX_ROT_DEG = 1.5
 MOTION_MAX_SHIFT_MM = 1.5
 
+#: Eddy-current distortion of every DW volume: a displacement along the phase-encoding
+#: axis (j) that is a linear function of position (scale along j, shears along i and k)
+#: plus a shift, each term proportional to one scanner-frame gradient component and to
+#: b / 1000 (Jezzard et al. 1998; FSL eddy's linear model). Per-subject coefficients,
+#: uniform in these ranges (magnitudes: up to ~0.7 mm at 60 mm from the centre at b=1000).
+EDDY_COEFF_RANGE = (0.004, 0.012)     # |scale/shear| per unit gradient component at b = 1000
+EDDY_SHIFT_MM_MAX = 0.8               # |shift| (mm) per unit gradient component at b = 1000
+EDDY_PE_AXIS = 1                      # "j-" (PhaseEncodingDirection written to the sidecar)
+#: Slice dropouts (signal loss in one slice of a DW volume, e.g. bulk motion during the
+#: diffusion encoding): how many per run (inclusive range), the remaining signal fraction.
+DROPOUTS_PER_RUN = (2, 4)
+DROPOUT_SIGNAL = (0.05, 0.5)
+DROPOUT_SLICE_AXIS = 2                # "k" (SliceEncodingDirection)
+
 #: The named effect region: an MNI box intersected with WM probability > 0.5.
 EFFECT_REGION = "frontal-callosal"
 EFFECT_BOX_MM = {"x": (-30.0, 30.0), "y": (-10.0, 45.0), "z": (0.0, 35.0)}
@@ -112,7 +126,7 @@ SIZES = {
 }
 
 # The simulator's random streams: np.random.default_rng([seed, STREAM, ...]).
-_PARTICIPANTS, _ANATOMY, _POSE, _NOISE, _T1NOISE = range(5)
+_PARTICIPANTS, _ANATOMY, _POSE, _NOISE, _T1NOISE, _EDDY, _DROPOUT = range(7)
 
 
 # --- small geometry helpers --------------------------------------------------
@@ -540,8 +554,50 @@ def _rician(signal: np.ndarray, sigma: float, rng) -> np.ndarray:
     return np.sqrt((signal + sigma * n[0]) ** 2 + (sigma * n[1]) ** 2)
 
 
+def eddy_voxel_matrices(seed: int, subject: Subject, ses_index: int, bvals, g_world, shape, voxel_mm) -> np.ndarray:
+    """(N, 4, 4) eddy-current distortions in voxel coordinates: a point at voxel ``p`` of the
+    undistorted (moved) volume appears at ``P @ [p, 1]`` of the acquired one; only row
+    ``EDDY_PE_AXIS`` differs from the identity. b0 volumes: identity."""
+    rng = np.random.default_rng([seed, _EDDY, subject.index, ses_index])
+    coeff = rng.uniform(*EDDY_COEFF_RANGE, 3) * rng.choice([-1.0, 1.0], 3)   # per gradient axis x, y, z
+    shift = rng.uniform(-EDDY_SHIFT_MM_MAX, EDDY_SHIFT_MM_MAX, 3)
+    c = (np.asarray(shape, float) - 1) / 2
+    out = np.repeat(np.eye(4)[None], len(bvals), 0)
+    for v, (b, g) in enumerate(zip(bvals, g_world)):
+        if b <= 0:
+            continue
+        k = b / 1000.0
+        # gradient x -> shear along i, y -> scale along j, z -> shear along k (in voxel units)
+        row = np.zeros(3)
+        row[0], row[1], row[2] = k * coeff[0] * g[0], k * coeff[1] * g[1], k * coeff[2] * g[2]
+        out[v, EDDY_PE_AXIS, :3] += row
+        out[v, EDDY_PE_AXIS, 3] += k * float(shift @ g) / voxel_mm - row @ c
+    return out
+
+
+def dropout_slices(seed: int, subject: Subject, ses_index: int, bvals, brain_slices) -> list:
+    """[(volume, slice, remaining signal fraction)] of one run: DW volumes, slices inside the brain."""
+    rng = np.random.default_rng([seed, _DROPOUT, subject.index, ses_index])
+    dw = np.flatnonzero(np.asarray(bvals) > 0)
+    n = int(rng.integers(DROPOUTS_PER_RUN[0], DROPOUTS_PER_RUN[1] + 1))
+    vols = rng.choice(dw, size=min(n, dw.size), replace=False)
+    return sorted((int(v), int(rng.choice(brain_slices)), float(rng.uniform(*DROPOUT_SIGNAL))) for v in vols)
+
+
+def _distort(sig: np.ndarray, P: np.ndarray, shape) -> np.ndarray:
+    """The flat (Z, Y, X C-order) signal of one volume seen through the eddy distortion ``P``
+    (cubic spline resampling: acquired(p) = undistorted(P^-1 p))."""
+    from scipy.ndimage import affine_transform
+
+    vol = sig.reshape(tuple(shape)[::-1]).T
+    Pi = np.linalg.inv(P)
+    out = affine_transform(vol, Pi[:3, :3], Pi[:3, 3], order=3, mode="constant", cval=0.0)
+    return np.maximum(out, 0).T.ravel().astype(np.float32)
+
+
 def _simulate_run(root: Path, truth_root: Path, subject: Subject, run: Run, ses_index: int,
-                  protocol: Protocol, effect: float, snr: float, seed: int, motion: bool) -> dict:
+                  protocol: Protocol, effect: float, snr: float, seed: int, motion: bool, eddy: bool = True,
+                  dropouts: bool = True) -> dict:
     """Write one subject/session: raw DWI + T1w, and its truth. Returns a summary."""
     tmpl = _template(protocol.voxel_mm)
     noise = bool(snr) and math.isfinite(snr)
@@ -570,6 +626,12 @@ def _simulate_run(root: Path, truth_root: Path, subject: Subject, run: Run, ses_
                                            subject, effect, tmpl),
                           rotation_matrix(*rot) @ R_pose)
 
+    shape = tuple(protocol.shape)
+    eddy_p = (eddy_voxel_matrices(seed, subject, ses_index, bvals, g_world, shape, protocol.voxel_mm) if eddy
+              else np.repeat(np.eye(4)[None], n_vol, 0))
+    area = _full(ref, "brain", shape).sum(axis=(0, 1))
+    brain_k = np.flatnonzero(area >= 0.3 * area.max())            # slices well inside the brain
+    drops = dropout_slices(seed, subject, ses_index, bvals, brain_k) if dropouts else []
     rng = np.random.default_rng([seed, _NOISE, subject.index, ses_index])
     n_vox = ref["n_voxels"]
     dtype = np.int16 if noise else np.float32
@@ -585,6 +647,11 @@ def _simulate_run(root: Path, truth_root: Path, subject: Subject, run: Run, ses_
             sig[props["index"]] = props["s0"] * np.exp(-bvals[v] * adc)
         else:
             sig[props["index"]] = props["s0"]
+        if not np.allclose(eddy_p[v], np.eye(4)):
+            sig[:] = _distort(sig, eddy_p[v], shape)
+        for dv, dk, frac in drops:
+            if dv == v:                          # flat index: k is the slowest axis
+                sig.reshape(shape[::-1])[dk] *= frac
         if noise:
             data[v] = np.minimum(np.rint(_rician(sig, sigma, rng)), np.iinfo(np.int16).max)
         else:
@@ -633,7 +700,6 @@ def _simulate_run(root: Path, truth_root: Path, subject: Subject, run: Run, ses_
     if run.session:
         tdir = tdir / f"ses-{run.session}"
     tdir = tdir / "dwi"
-    shape = tuple(protocol.shape)
     for param in ("fa", "md", "ad", "rd"):
         _d.write_nifti(tdir / f"{prefix}_model-tensor_param-{param}_dwimap.nii.gz",
                        _nifti(_full(ref, param, shape), affine))
@@ -682,9 +748,39 @@ def _simulate_run(root: Path, truth_root: Path, subject: Subject, run: Run, ses_
         "rot_x": {"Units": "rad"}, "rot_y": {"Units": "rad"}, "rot_z": {"Units": "rad"},
         "RotationCentreMm": centre, "MovedVolumes": sorted(run.moved), "Matrices": mats,
     })
+    _write_artefact_truth(tdir, prefix, affine, eddy_p, drops, n_vol, shape)
     return {"session": run.session, "rotation_deg": run.rotation_deg, "translation_mm": run.translation_mm,
-            "moved_volumes": sorted(run.moved), "n_volumes": n_vol,
+            "moved_volumes": sorted(run.moved), "n_volumes": n_vol, "dropouts": [[v, k] for v, k, _ in drops],
+            "eddy": bool(eddy),
             "effect_voxels": int(ref["effect"].sum()), "brain_voxels": int(ref["brain_mask"].sum())}
+
+
+def _write_artefact_truth(tdir: Path, prefix: str, affine, eddy_p, drops, n_vol: int, shape) -> None:
+    """Eddy-current and slice-dropout truth, in files of their own (the motion truth stays rigid)."""
+    world = [affine @ P @ np.linalg.inv(affine) for P in eddy_p]
+    _d.write_json(tdir / f"{prefix}_desc-eddy_xfm.json", {
+        "Description": "Simulated eddy-current distortion per DWI volume, in the acquired volume's own frame: "
+                       "a point at world position x of the undistorted (head-moved) volume v appears at "
+                       "Matrices[v] @ [x, 1] in the acquired image, so the whole reference -> acquired map is "
+                       "Matrices[v] @ M_v with M_v the rigid motion of desc-motion_timeseries.json. "
+                       "VoxelMatrices[v] is the same map in voxel indices: identity except the row of the "
+                       "phase-encoding axis (displacement along it = linear function of position). b0: identity.",
+        "PhaseEncodingAxis": EDDY_PE_AXIS, "Matrices": world, "VoxelMatrices": [np.asarray(P) for P in eddy_p],
+        "Model": {"coefficient_range": EDDY_COEFF_RANGE, "shift_mm_max": EDDY_SHIFT_MM_MAX,
+                  "scaling": "each term proportional to one scanner-frame gradient component and to b/1000"},
+    })
+    counts = np.zeros(n_vol, int)
+    for v, _, _ in drops:
+        counts[v] += 1
+    _d.write_tsv(tdir / f"{prefix}_desc-dropout_timeseries.tsv", {"dropout_slices": [int(c) for c in counts]})
+    _d.write_json(tdir / f"{prefix}_desc-dropout_timeseries.json", {
+        "Description": "Simulated slice dropouts: in volume v, slice k (along SliceAxis, in the acquired "
+                       "volume's own voxel grid) the noise-free signal was multiplied by SignalFraction before "
+                       "the noise was added.",
+        "SliceAxis": DROPOUT_SLICE_AXIS, "Slices": [[v, k] for v, k, _ in drops],
+        "SignalFraction": [f for _, _, f in drops],
+        "dropout_slices": {"Description": "number of dropout slices per volume"},
+    })
 
 
 # --- the dataset ---------------------------------------------------------------
@@ -781,7 +877,8 @@ def effect_region_info() -> dict:
 
 
 def simulate_dataset(out_dir, n_subjects=20, seed=0, size="demo", effect=0.08, snr=25.0,
-                     sessions=1, directions=None, *, motion=True, n_jobs=1, motion_confound: float = 0.0) -> Path:
+                     sessions=1, directions=None, *, motion=True, eddy=True, dropouts=True, n_jobs=1,
+                     motion_confound: float = 0.0) -> Path:
     """Write a simulated BIDS dataset with a planted ADHD effect to ``out_dir``; return its path.
 
     Parameters
@@ -807,6 +904,10 @@ def simulate_dataset(out_dir, n_subjects=20, seed=0, size="demo", effect=0.08, s
         count per subject (cycled).
     motion : bool
         Keyword only. ``False``: no per-volume motion (the head pose stays).
+    eddy, dropouts : bool
+        Keyword only. ``False``: no eddy-current distortion / no slice dropouts
+        (see ``EDDY_*`` and ``DROPOUT*``; truth in ``desc-eddy_xfm.json`` and
+        ``desc-dropout_timeseries.tsv/.json``).
     motion_confound : float
         Keyword only. ADHD subjects' per-volume motion (rotations and shifts of
         the moved volumes) is multiplied by ``1 + motion_confound``: a
@@ -847,7 +948,8 @@ def simulate_dataset(out_dir, n_subjects=20, seed=0, size="demo", effect=0.08, s
                 if motion_confound and s.diagnosis == DIAGNOSES[0]:
                     f = 1.0 + float(motion_confound)
                     run.moved = {v: (r * f, t * f) for v, (r, t) in run.moved.items()}
-                runs.append(_simulate_run(root, truth, s, run, k, protocol, effect, snr, seed, motion))
+                runs.append(_simulate_run(root, truth, s, run, k, protocol, effect, snr, seed, motion, eddy,
+                                           dropouts))
             LOG.debug("sub-%s done (%s)", s.label, s.diagnosis)
             return runs
 
@@ -862,7 +964,7 @@ def simulate_dataset(out_dir, n_subjects=20, seed=0, size="demo", effect=0.08, s
                 results = list(_progress(pool.map(one_subject, subjects), len(subjects)))
         summaries = {s.label: r for s, r in zip(subjects, results)}
         _write_truth_summary(root, truth, subjects, summaries, protocol, effect, snr, seed, sessions,
-                             directions, motion, motion_confound)
+                             directions, motion, motion_confound, eddy, dropouts)
     LOG.info("wrote %s in %.1f s", out_dir, time.perf_counter() - t0)
     return out_dir
 
@@ -929,7 +1031,7 @@ def _write_dataset_files(root, truth, subjects, protocol, effect, snr, seed, ses
 
 
 def _write_truth_summary(root, truth, subjects, summaries, protocol, effect, snr, seed, sessions,
-                         directions, motion, motion_confound=0.0):
+                         directions, motion, motion_confound=0.0, eddy=True, dropouts=True):
     noise = bool(snr) and math.isfinite(snr)
     bvals, _ = b_table(protocol, None)
     _d.write_json(truth / "truth.json", {
@@ -962,6 +1064,11 @@ def _write_truth_summary(root, truth, subjects, summaries, protocol, effect, snr
         "MotionModel": {"volumes_per_run": MOTION_VOLUMES, "rotation_deg_max": MOTION_MAX_ROT_DEG,
                         "shift_mm_max": MOTION_MAX_SHIFT_MM,
                         "adhd_motion_factor": 1.0 + float(motion_confound)},
+        "Eddy": bool(eddy), "Dropouts": bool(dropouts),
+        "EddyModel": {"phase_encoding_axis": EDDY_PE_AXIS, "coefficient_range": EDDY_COEFF_RANGE,
+                      "shift_mm_max": EDDY_SHIFT_MM_MAX, "per": "unit gradient component at b=1000"},
+        "DropoutModel": {"per_run": DROPOUTS_PER_RUN, "signal_fraction": DROPOUT_SIGNAL,
+                         "slice_axis": DROPOUT_SLICE_AXIS},
         "Template": "MNI152NLin2009aSym: ICBM 2009a nonlinear symmetric T1, GM and WM maps packaged with "
                     "nilearn; brain mask = T1 > 0.2",
         "Subjects": {f"sub-{s.label}": {"diagnosis": s.diagnosis, "fa_scale": s.fa_scale,
@@ -992,6 +1099,10 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
                         help="no per-volume head motion (the head pose stays)")
     parser.add_argument("--motion-confound", dest="motion_confound", type=float, default=0.0, metavar="F",
                         help="ADHD subjects move (1 + F) times as much (a motion-diagnosis confound; default 0)")
+    parser.add_argument("--no-eddy", dest="eddy", action="store_false",
+                        help="no eddy-current distortion of the DW volumes")
+    parser.add_argument("--no-dropouts", dest="dropouts", action="store_false",
+                        help="no slice dropouts")
     parser.add_argument("--nprocs", type=int, default=min(2, os.cpu_count() or 1), metavar="N",
                         help="subjects simulated at once (threads; default: 2 or the CPU count if lower); "
                              "the files do not depend on it")
@@ -1000,7 +1111,8 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
 def run_cli(args) -> int:
     out = simulate_dataset(args.out_dir, n_subjects=args.subjects, seed=args.seed, size=args.size,
                            effect=args.effect, snr=args.snr, sessions=args.sessions,
-                           directions=args.directions, motion=args.motion, n_jobs=args.nprocs,
-                           motion_confound=args.motion_confound)
+                           directions=args.directions, motion=args.motion,
+                           eddy=getattr(args, "eddy", True), dropouts=getattr(args, "dropouts", True),
+                           n_jobs=args.nprocs, motion_confound=args.motion_confound)
     print(out)
     return 0

@@ -65,7 +65,11 @@ def test_every_derivative_present_with_sidecars(e2e):
         n = nib.load(dv.preproc_dwi(out, src)).shape[3]
         assert np.loadtxt(dv.preproc_dwi(out, src, ".bvec")).shape == (3, n)
         conf = dv.confounds(out, src).read_text().splitlines()
-        assert conf[0].split("\t")[-1] == "framewise_displacement" and len(conf) == n + 1
+        cols = conf[0].split("\t")
+        assert cols[:7] == ["trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z", "framewise_displacement"]
+        assert {"dropout_slices", "resampled", "motion_outlier"} <= set(cols) and len(conf) == n + 1
+        side = json.loads(dv.confounds(out, src, ".json").read_text())
+        assert np.array(side["Matrices"]).shape == (n, 4, 4) and np.array(side["EddyMatrices"]).shape == (n, 4, 4)
         std = nib.load(dv.dwimap(out, src, "fa", space=dv.TEMPLATE_SPACE))
         assert std.shape == (32, 32, 32) and np.allclose(std.header.get_zooms(), 6.0)
         fa = nib.load(dv.dwimap(out, src, "fa")).get_fdata()

@@ -83,21 +83,23 @@ CLEAN = dict(n_subjects=2, seed=2, size="demo", directions=12)
 @pytest.fixture(scope="module")
 def clean(tmp_path_factory):
     """Noise free, effect 0.2, with exaggerated motion (8°, 4 mm) so that the motion
-    convention test can tell a rotated gradient from an unrotated one."""
+    convention test can tell a rotated gradient from an unrotated one; no eddy currents and
+    no dropouts (the fits here are exact; their truth is tested on tiny_bids)."""
     tmp = tmp_path_factory.mktemp("clean")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(sim, "MOTION_MAX_ROT_DEG", 8.0)
         mp.setattr(sim, "MOTION_MAX_SHIFT_MM", 4.0)
-        return sim.simulate_dataset(tmp / "effect", snr=np.inf, effect=0.2, n_jobs=2, **CLEAN)
+        return sim.simulate_dataset(tmp / "effect", snr=np.inf, effect=0.2, n_jobs=2, eddy=False, dropouts=False,
+                                    **CLEAN)
 
 
 @pytest.fixture(scope="module")
 def clean0(tmp_path_factory):
     """The same subjects (anatomy and pose do not depend on the b-table), noise free
-    (snr=0), no effect, no motion, fewer directions."""
+    (snr=0), no effect, no motion, no eddy currents or dropouts, fewer directions."""
     tmp = tmp_path_factory.mktemp("clean0")
-    return sim.simulate_dataset(tmp / "none", snr=0, effect=0.0, motion=False, n_jobs=2,
-                                **{**CLEAN, "directions": 6})
+    return sim.simulate_dataset(tmp / "none", snr=0, effect=0.0, motion=False, eddy=False, dropouts=False,
+                                n_jobs=2, **{**CLEAN, "directions": 6})
 
 
 def test_noise_free_fit_recovers_truth_exactly(clean, clean0):
@@ -324,6 +326,38 @@ def test_files_shapes_and_btable(tiny_bids):
         for r in moved:
             assert max(abs(float(r[f"trans_{a}"])) for a in "xyz") <= sim.MOTION_MAX_SHIFT_MM
             assert max(abs(float(r[f"rot_{a}"])) for a in "xyz") <= np.radians(sim.MOTION_MAX_ROT_DEG)
+
+
+def test_eddy_and_dropout_truth(tiny_bids):
+    """On by default: eddy matrices move points along the phase-encoding axis only (b0s: identity),
+    in proportion to b * g; the dropout slices are DW slices inside the brain whose signal fell."""
+    for sub in ("01", "02"):
+        img, bvals, bvecs = read_dwi(tiny_bids, sub)
+        td = truth_dir(tiny_bids, sub)
+        eddy = json.loads((td / f"sub-{sub}_desc-eddy_xfm.json").read_text())
+        V, W = np.array(eddy["VoxelMatrices"]), np.array(eddy["Matrices"])
+        aff = img.affine
+        assert eddy["PhaseEncodingAxis"] == 1 and V.shape == (len(bvals), 4, 4)
+        for v in range(len(bvals)):
+            np.testing.assert_allclose(W[v], aff @ V[v] @ np.linalg.inv(aff), atol=1e-4)
+            np.testing.assert_allclose(np.delete(V[v], 1, 0), np.delete(np.eye(4), 1, 0), atol=0)
+            assert np.allclose(V[v], np.eye(4)) == (bvals[v] == 0), v
+        # the linear-part coefficients are per-subject constants times b/1000 * g_scanner
+        g = bvecs * np.array([-1.0, 1, 1]) * (bvals[:, None] / 1000.0)
+        dw = bvals > 0
+        coef = (V[dw, 1, :3] - np.eye(3)[1]) / np.where(np.abs(g[dw]) > 1e-6, g[dw], np.nan)
+        assert np.nanstd(coef, axis=0).max() < 1e-6 and np.all(np.abs(np.nanmean(coef, 0)) <= 0.012)
+        drop = json.loads((td / f"sub-{sub}_desc-dropout_timeseries.json").read_text())
+        rows = list(csv.DictReader(open(td / f"sub-{sub}_desc-dropout_timeseries.tsv"), delimiter="\t"))
+        assert 2 <= len(drop["Slices"]) <= 4 and drop["SliceAxis"] == 2
+        assert sum(int(r["dropout_slices"]) for r in rows) == len(drop["Slices"]) and len(rows) == len(bvals)
+        data = np.asarray(img.dataobj, dtype=float)
+        brain = truth(tiny_bids, sub, "desc-brain_mask") > 0
+        for (v, k), frac in zip(drop["Slices"], drop["SignalFraction"]):
+            assert bvals[v] > 0 and 0.05 <= frac <= 0.5
+            others = [u for u in np.flatnonzero(dw) if u != v]
+            ratio = data[..., k, v][brain[..., k]].mean() / data[..., k, others].mean(-1)[brain[..., k]].mean()
+            assert ratio < 0.75, (v, k, frac, ratio)
 
 
 def test_sessions_and_per_subject_direction_counts(tmp_path):

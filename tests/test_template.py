@@ -320,3 +320,33 @@ def test_read_itk_with_centre(tmp_path):
     path.write_text("#Insight Transform File V1.0\nTransform: BSplineTransform_double_3_3\n")
     with pytest.raises(DataError):
         T.read_itk_affine(path)
+
+
+def test_to_template_anti_aliases_coarser_grids():
+    """Native 2 mm noise onto the 6 mm grid: point sampling keeps the full variance (aliasing),
+    the anti-aliased output is the Gaussian-prefiltered image sampled (FWHM² = 6² − 2²); onto a grid
+    no coarser than the data nothing changes."""
+    from scipy.ndimage import gaussian_filter
+
+    from bids_adhd.config import TemplateConfig
+    from bids_adhd.dmri.template import template_grid, to_template
+
+    cfg = TemplateConfig(resolution_mm=6.0, shape=(32, 32, 32))
+    _, grid = template_grid(cfg)
+    rng = np.random.default_rng(0)
+    native = rng.normal(size=(100, 100, 100)).astype(np.float32)
+    aff = np.diag([2.0, 2.0, 2.0, 1.0])
+    aff[:3, 3] = grid[:3, 3] - 2.0                      # covers the template grid
+    reg = {"affine": np.eye(4)}
+    plain, _ = to_template(native, aff, reg, cfg, anti_alias=False)
+    smooth, _ = to_template(native, aff, reg, cfg)
+    sig = np.sqrt(6.0 ** 2 - 2.0 ** 2) / 2.3548 / 2.0
+    ref, _ = to_template(gaussian_filter(native.astype(np.float64), sig, mode="constant"), aff, reg, cfg,
+                         anti_alias=False)
+    inner = (slice(4, -4),) * 3
+    assert np.allclose(smooth[inner], ref[inner], atol=1e-5)
+    assert smooth[inner].std() < 0.3 * plain[inner].std()
+    fine = TemplateConfig(resolution_mm=2.0)
+    a, _ = to_template(native[:50, :50, :50], aff, reg, fine)
+    b, _ = to_template(native[:50, :50, :50], aff, reg, fine, anti_alias=False)
+    assert np.array_equal(a, b)

@@ -1,45 +1,59 @@
-"""Head-motion (and eddy-current) correction by volume-to-mean-b0 registration.
+"""Head-motion and eddy-current correction: each volume registered to its own prediction.
 
-The reference is the mean b0 of the motion-corrected b0 volumes: every b0 is
-first registered to the first b0, the aligned b0s are averaged (a plain mean
-of b0s taken at different head poses is a blurred average of those poses, and
-every volume would then be registered half-way). Every volume (b0 volumes
-included) is then registered to that mean b0 with DIPY's
-``AffineRegistration`` (Mattes mutual information, 32 bins, 25 % of the
-voxels sampled with a fixed seed by default, L-BFGS-B), directly with a 12-dof **affine** transform from the identity
-(``transform="affine"``, the default): the scale/shear dofs absorb
-eddy-current distortions, and the motion parameters, FD and b-vector
-rotation come from the rotation factor of that affine. With an eddy-current
-shear ``s`` that rotation is biased by ~``s/2``; ``transform="rigid+affine"``
-(a rigid stage, then the affine started from it; parameters and rotation from
-the rigid stage) avoids that at twice the time (on the test phantom it was
-also closer for diffusion-weighted volumes: 0.3 vs 0.5 degrees). ``"rigid"``
-gives 6 dof only. ``level_iters``/``factors``/``sigmas`` apply to every
-stage. The metric is evaluated on the head's bounding box (the first b0's
-Otsu foreground grown by ``box_margin`` voxels).
-The optimisation runs in a world frame centred on the image centre
-(rotations about a far-away scanner origin converge badly: 1-5 degree errors
-for a planted 3-degree rotation); the affines returned are in the real world
-frame. Each volume is resampled (trilinear) onto the reference grid. The
-first b0 defines the reference pose (its params are ~0).
+The approach of QSIPrep's SHORELine and FSL eddy, built on DIPY:
+
+1. Reference pose: the first b0. The other b0s are registered to it
+   (rigid), averaged: the mean b0 (in the first b0's pose).
+2. Rounds (``rounds``, stop early when no transform moves any head-box
+   corner by more than ``converge_mm``): the volumes are aligned with the
+   current transforms (for the model only), every diffusion-weighted volume
+   is predicted from the *other* volumes (leave-one-out shell-wise tensor,
+   ``bids_adhd.dmri.predict``: one least-squares fit per shell and the
+   hat-matrix identity), then each DW volume is registered to its
+   prediction and each b0 to the mean b0 — same contrast on both sides —
+   with DIPY's ``AffineRegistration`` (Mattes mutual information, sparse
+   seeded sampling, L-BFGS-B), starting from the previous round's result.
+3. Each registration is **rigid** first (6 dof: head motion, the rotation
+   applied to the b-vectors, FD); with ``eddy_axis`` set (the voxel axis of
+   the phase encoding), a 12-dof affine stage starts from it and its excess
+   over the rigid part is projected onto an eddy-current model: a linear
+   displacement along the phase-encoding axis only (one row of the voxel-
+   frame matrix: scale, two shears and a translation along that axis). The
+   eddy part never enters the b-vector rotation. In later rounds the rigid
+   stage sees the volume with the previous eddy estimate undone (through
+   the moving image's grid-to-world matrix, not a resampling).
+4. Slice dropouts (eddy ``--repol`` style): for every DW volume and slice
+   (``slice_axis``), the relative mean residual of the volume against its
+   prediction (mapped into the volume's own frame) over the head; a slice
+   whose residual is more than ``outlier_z`` robust standard deviations
+   below that slice's median across volumes, and at least ``outlier_min_drop``
+   below the prediction, is a dropout. Dropout volumes are left out of the
+   next round's fits; ``outliers="replace"`` (default) replaces the slice by
+   the prediction, ``"keep"`` leaves it, ``"drop-volume"`` removes the volume
+   from the output.
+5. Output: every volume resampled ONCE (trilinear) with its composed
+   transform; a volume whose transform moves no head-box corner by more than
+   ``identity_mm`` is copied, not resampled.
+
+Registration runs in a world frame centred on the image centre (rotations
+about a far-away scanner origin converge badly); the affines returned are in
+the real world frame.
 
 Conventions (explicit, because they are easy to get backwards)
 ---------------------------------------------------------------
-``affines[i]`` (4x4, mm) is DIPY's ``AffineMap.affine`` for volume ``i``: it
-maps a point ``x`` in reference (mean-b0, i.e. first-b0 pose) **world** coordinates to the point
-``A_i x`` in volume ``i``'s world coordinates, where the same anatomy is
-found. Resampling reads ``moving(A_i x)`` for every reference grid point.
-So if the head moved by rigid motion ``T`` (a point ``x`` moved to ``T x``)
-between the reference and volume ``i``, then ``A_i = T``.
+``affines[i]`` (4x4, mm) maps a point ``x`` in reference (first-b0 pose)
+**world** coordinates to the point ``A_i x`` in volume ``i``'s world
+coordinates, where the same anatomy is found; resampling reads
+``moving(A_i x)``. ``A_i = E_i M_i``: ``motion_affines[i]`` = ``M_i`` the
+rigid head motion (if the head moved by ``T``, ``M_i = T``: the convention
+and key of the simulator's truth ``desc-motion_timeseries.json``
+``Matrices``), ``eddy_affines[i]`` = ``E_i`` the eddy-current distortion in
+the volume's frame (identity without the eddy stage).
 
-``params[i]`` = ``[trans_x, trans_y, trans_z, rot_x, rot_y, rot_z]`` of the
-rigid-stage ``A_i`` (``motion_affines[i]``; mm, radians): ``R`` = rotation factor of the polar decomposition of
-the 3x3 part (``A = R S``, ``S`` symmetric positive definite: scaling and
-shear removed), Euler angles with ``R = Rz(rot_z) Ry(rot_y) Rx(rot_x)``;
-translation = displacement of the reference image centre ``c`` (world
-coordinates of voxel ``(shape-1)/2``): ``A_i c - c``. (A translation about the
-world origin would mix in ``(I - R) origin`` and depends on the scanner's
-origin.)
+``params[i]`` = ``[trans_x, trans_y, trans_z, rot_x, rot_y, rot_z]`` of
+``M_i`` (mm, radians): Euler angles with ``R = Rz(rot_z) Ry(rot_y)
+Rx(rot_x)``; translation = displacement of the reference image centre ``c``
+(world coordinates of voxel ``(shape-1)/2``): ``M_i c - c``.
 
 b-vectors: the diffusion gradient is fixed in the scanner; for a head rotated
 by ``R`` the gradient seen by the head, i.e. in the reference frame after
@@ -48,12 +62,11 @@ the same ``R^-1``. The input b-vectors follow the BIDS/FSL convention (image
 axes, x flipped when the image affine has a positive determinant), so the
 rotation is applied in world space: ``g_world = D F g``, ``g' = F D^T R^T D F
 g`` with ``D`` the image's direction cosines and ``F = diag(-1, 1, 1)`` if
-``det > 0`` else ``I``. For an image whose axes are the world axes this is
-``F R^T F g``.
+``det > 0`` else ``I``.
 
 Framewise displacement (Power et al. 2012): ``FD_i = sum |Δtrans| + r sum
-|Δrot|`` between volumes ``i-1`` and ``i`` (``r`` = 50 mm, rotations in
-radians), ``FD_0 = 0``.
+|Δrot|`` between volumes ``i-1`` and ``i`` (``r`` = ``fd_radius`` mm,
+rotations in radians), ``FD_0 = 0``.
 """
 from __future__ import annotations
 
@@ -63,8 +76,9 @@ from ..errors import DataError
 from ._parallel import process_map, resolve_nprocs, single_threaded_blas
 from .geometry import euler_to_matrix, matrix_to_euler, polar_rotation  # noqa: F401 (the geometry helpers)
 
-__all__ = ["correct_motion", "framewise_displacement", "rigid_params", "rotate_bvecs",
-           "euler_to_matrix", "matrix_to_euler", "polar_rotation"]
+__all__ = ["correct_motion", "framewise_displacement", "rigid_params", "rotate_bvecs", "euler_to_matrix",
+           "matrix_to_euler", "polar_rotation", "flag_dropouts", "eddy_projection", "max_displacement",
+           "OUTLIER_ACTIONS"]
 
 
 def _centre(shape3, grid2world):
@@ -139,113 +153,241 @@ MIN_SAMPLES = 40_000
 MI_SEED = 12345
 
 
-def _register_one(task):
-    """Worker: register one volume to the reference.
+def box_corners(box, grid2world):
+    """World coordinates (8, 3) of the corners of a box of voxel slices."""
+    ends = [(b.start, b.stop - 1) for b in box]
+    pts = np.array([[i, j, k] for i in ends[0] for j in ends[1] for k in ends[2]], float)
+    return pts @ np.asarray(grid2world, float)[:3, :3].T + np.asarray(grid2world, float)[:3, 3]
 
-    The metric is evaluated on the head's bounding box only (``box``: the
-    reference's foreground grown by a margin; background noise adds work, not
-    information); the volume is resampled on the full grid.
-    Returns (final affine, resampled volume, motion affine): the motion affine
-    is the rigid stage's result when there is one, else the final affine.
+
+def max_displacement(A, B, points):
+    """Largest distance (mm) between ``A x`` and ``B x`` over ``points`` (k, 3)."""
+    h = np.c_[np.asarray(points, float), np.ones(len(points))]
+    return float(np.linalg.norm(h @ (np.asarray(A, float) - np.asarray(B, float))[:3].T, axis=1).max())
+
+
+def eddy_projection(E, grid2world, axis):
+    """Keep of the world affine ``E`` only a displacement along voxel ``axis`` that is a
+    linear function of position (the eddy-current model: one row of the voxel-frame matrix)."""
+    V = np.asarray(grid2world, float)
+    Ev = np.linalg.inv(V) @ np.asarray(E, float) @ V
+    P = np.eye(4)
+    P[axis] = Ev[axis]
+    return V @ P @ np.linalg.inv(V)
+
+
+def pe_direction(grid2world, axis):
+    """World unit vector of voxel ``axis`` (the phase-encoding direction)."""
+    v = np.asarray(grid2world, float)[:3, axis]
+    return v / np.linalg.norm(v)
+
+
+def rigid_part(A, M_rigid, u, centre):
+    """The rigid motion ``M`` of ``A = E M`` when ``E`` only displaces along ``u`` (eddy model).
+
+    The rows of ``A`` orthogonal to ``u`` are those of ``M`` (rotation: completed by their cross
+    product, the nearest rotation kept; translation orthogonal to ``u``). The translation along
+    ``u`` cannot be told from an eddy shift by one volume: it is taken from ``M_rigid`` (the
+    rigid stage), then :func:`_split_pe_shift` models it across volumes.
     """
-    (static, moving, grid2world, box, level_iters, factors, sigmas, nbins, transform, static_mask, sampling,
-     min_samples) = task
-    from dipy.align.imaffine import AffineMap, AffineRegistration
+    a = np.cross(u, [1.0, 0, 0] if abs(u[0]) < 0.9 else [0, 1.0, 0])
+    a /= np.linalg.norm(a)
+    b = np.cross(u, a)
+    Q = np.column_stack([a, b, u])                       # right-handed: a x b = u
+    L = np.asarray(A, float)[:3, :3]
+    K = np.vstack([a @ L, b @ L, np.cross(a @ L, b @ L)])
+    R = Q @ polar_rotation(K)
+    t = np.asarray(A, float)[:3, 3]
+    t = t - u * (u @ t)
+    shift_rigid = u @ (M_rigid[:3, :3] @ centre + M_rigid[:3, 3] - centre)
+    t = t + u * (shift_rigid - u @ (R @ centre + t - centre))
+    M = np.eye(4)
+    M[:3, :3], M[:3, 3] = R, t
+    return M
+
+
+def _split_pe_shift(M, bvals, bvecs, grid2world, axis, b0_threshold, centre):
+    """Move the part of each DW volume's translation along the phase-encoding direction that is a
+    linear function of ``b * g`` (the eddy shift; g the scanner-frame gradient) from ``M`` to
+    ``E``: robust least squares over the DW volumes (two passes, outliers beyond 3 robust SDs
+    dropped: moved volumes). Returns the new ``M`` (``A`` is unchanged: ``E = A M^-1`` takes the shift)."""
+    u = pe_direction(grid2world, axis)
+    dw = np.flatnonzero(np.asarray(bvals) > b0_threshold)
+    if dw.size < 6:
+        return M
+    D, F = _frames(grid2world)
+    G = (np.asarray(bvecs, float)[dw] @ (D @ F).T) * (np.asarray(bvals, float)[dw, None] / 1000.0)
+    tau = np.array([u @ (M[i][:3, :3] @ centre + M[i][:3, 3] - centre) for i in dw])   # shift of the centre
+    keep = np.ones(dw.size, bool)
+    for _ in range(2):
+        X = np.c_[np.ones(keep.sum()), G[keep]]
+        coef = np.linalg.lstsq(X, tau[keep], rcond=None)[0]
+        r = tau - np.c_[np.ones(dw.size), G] @ coef
+        mad = 1.4826 * np.median(np.abs(r - np.median(r)))
+        keep = np.abs(r - np.median(r)) <= 3 * max(mad, 0.02)
+    out = M.copy()
+    for i, g in zip(dw, G):
+        out[i][:3, 3] -= u * float(g @ coef[1:])
+    return out
+
+
+def _amap(A, shape, grid2world):
+    from dipy.align.imaffine import AffineMap
+
+    return AffineMap(A, domain_grid_shape=shape, domain_grid2world=grid2world, codomain_grid_shape=shape,
+                     codomain_grid2world=grid2world)
+
+
+def _optimise(st, mv, g_st, g_mv, tf, start, sched):
+    """One DIPY ``AffineRegistration`` run (mutual information, seeded sparse sampling)."""
+    from dipy.align.imaffine import AffineRegistration
 
     from ._mi import seeded_mi_metric
+
+    level_iters, factors, sigmas, nbins, sampling, min_samples = sched
+    if sampling is not None:
+        # never fewer than min_samples points at full resolution: on small images a sparse
+        # metric is too noisy
+        sampling = max(float(sampling), min(1.0, min_samples / st.size))
+    sparse = sampling is not None and sampling < 1
+    reg = AffineRegistration(metric=seeded_mi_metric(MI_SEED, nbins, sampling if sparse else None),
+                             level_iters=list(level_iters), sigmas=list(sigmas), factors=list(factors),
+                             verbosity=0)
+    return np.asarray(reg.optimize(st, mv, tf, None, static_grid2world=g_st, moving_grid2world=g_mv,
+                                   starting_affine=start).affine, float)
+
+
+def _register_one(task):
+    """Worker: register one volume to its target (rigid, then the optional eddy stage).
+
+    Returns ``(A, M, aligned, slice_stats)``: the composed and the rigid
+    reference→volume affines (world), the volume resampled with ``A`` (a copy
+    when ``A`` is the identity within ``identity_mm`` on the head box), and
+    per slice the relative mean residual against the target in the volume's
+    frame and the number of head voxels it covers, of ``observed`` (the volume before any slice
+    replacement; None: no statistics).
+    """
+    static, moving, grid2world, box, sched, M0, E0, eddy_axis, identity_mm, slice_axis, observed = task
     from dipy.align.transforms import AffineTransform3D, RigidTransform3D
 
-    shape = moving.shape
-    # Register in a world frame centred on the image centre: rotations about
-    # the (scanner) origin, possibly far from the head, couple with
-    # translations and the optimiser then stops at a poor optimum (seen with
-    # 3-degree rotations: 1-5 degree errors). The result is mapped back to
-    # the real world frame: A = T(c) A_c T(-c).
-    c = _centre(shape, grid2world)
-    to_c = np.eye(4)
-    to_c[:3, 3] = -c
+    c = _centre(moving.shape, grid2world)
+    to_c, back = np.eye(4), np.eye(4)
+    to_c[:3, 3], back[:3, 3] = -c, c
     lo = np.eye(4)
     lo[:3, 3] = [b.start for b in box]
-    g2w_box = to_c @ grid2world @ lo                     # cropped grid -> centred world
     st = np.ascontiguousarray(static[box], dtype=np.float64)
     mv = np.ascontiguousarray(moving[box], dtype=np.float64)
-    smask = None if static_mask is None else np.ascontiguousarray(static_mask[box])
+    g_st = to_c @ grid2world @ lo
     with single_threaded_blas():
-        if sampling is not None:
-            # never fewer than min_samples points at full resolution: on small images a sparse
-            # metric is too noisy (a 36x36x24 phantom: 3 deg errors at 0.25, 1 deg dense)
-            sampling = max(float(sampling), min(1.0, min_samples / st.size))
-        sparse = sampling is not None and sampling < 1
-        # sparse sample points drawn from a fixed seed: a volume's result does not depend on the
-        # process or on the other volumes
-        metric = seeded_mi_metric(MI_SEED, nbins, sampling if sparse else None)
-        reg = AffineRegistration(metric=metric, level_iters=list(level_iters), sigmas=list(sigmas),
-                                 factors=list(factors), verbosity=0)
-        kw = dict(static_grid2world=g2w_box, moving_grid2world=g2w_box, static_mask=None if sparse else smask)
-        amap = rigid = None
-        stages = {"rigid": [RigidTransform3D()], "affine": [AffineTransform3D()],
-                  "rigid+affine": [RigidTransform3D(), AffineTransform3D()]}[transform]
-        for tf in stages:
-            start = None if amap is None else amap.affine
-            amap = reg.optimize(st, mv, tf, None, starting_affine=start, **kw)
-            if isinstance(tf, RigidTransform3D):
-                rigid = np.asarray(amap.affine, float)
-        back = np.linalg.inv(to_c)
-        A = back @ np.asarray(amap.affine, float) @ to_c
-        full = AffineMap(A, domain_grid_shape=shape, domain_grid2world=grid2world, codomain_grid_shape=shape,
-                         codomain_grid2world=grid2world)
-        out = full.transform(np.asarray(moving, np.float64))
-    M = A if rigid is None else back @ rigid @ to_c
-    return A, np.asarray(out, np.float32), M
+        # rigid: the volume seen with the previous eddy estimate undone (through its grid-to-world)
+        g_mv = to_c @ np.linalg.inv(E0) @ grid2world @ lo
+        M = back @ _optimise(st, mv, g_st, g_mv, RigidTransform3D(), to_c @ M0 @ back, sched) @ to_c
+        A = M
+        if eddy_axis is not None:
+            full = back @ _optimise(st, mv, g_st, g_st, AffineTransform3D(), to_c @ E0 @ M @ back, sched) @ to_c
+            M = rigid_part(full, M, pe_direction(grid2world, eddy_axis), c)
+            A = eddy_projection(full @ np.linalg.inv(M), grid2world, eddy_axis) @ M
+        amap = _amap(A, moving.shape, grid2world)
+        if max_displacement(A, np.eye(4), box_corners(box, grid2world)) <= identity_mm:
+            out = np.asarray(moving, np.float32).copy()
+        else:
+            out = np.asarray(amap.transform(np.asarray(moving, np.float64)), np.float32)
+        slice_stats = None if observed is None else _slice_residuals(
+            observed, amap.transform_inverse(np.asarray(static, np.float64)), slice_axis)
+    return A, M, out, slice_stats
+
+
+def _slice_residuals(observed, predicted, axis):
+    """Per slice: mean(observed - predicted) / mean(predicted) over the head (predicted above
+    10 % of its 99th percentile) and the number of head voxels."""
+    p = np.asarray(predicted, np.float64)
+    head = p > 0.1 * np.percentile(p, 99)
+    ax = tuple(a for a in range(3) if a != axis)
+    n = head.sum(axis=ax)
+    po = np.where(head, p, 0).sum(axis=ax)
+    ob = np.where(head, np.asarray(observed, np.float64), 0).sum(axis=ax)
+    return np.where(po > 0, (ob - po) / np.maximum(po, 1e-9), 0.0), n
+
+
+def flag_dropouts(resid, counts, dw, z=4.0, min_drop=0.1, min_voxels=50, min_area=0.2):
+    """(N, S) bool: slices whose relative residual is ``z`` robust SDs below that slice's
+    median over the DW volumes ``dw`` and at least ``min_drop`` below the prediction, among
+    the slices covering at least ``min_area`` of the largest slice's head voxels."""
+    flags = np.zeros(resid.shape, bool)
+    r = resid[dw]
+    med = np.median(r, axis=0)
+    mad = 1.4826 * np.median(np.abs(r - med), axis=0)
+    score = (r - med) / np.maximum(mad, 1e-6)
+    big = counts[dw] >= max(min_voxels, min_area * counts.max())     # edge slices: partial volume dominates
+    flags[dw] = (score < -z) & (r < -min_drop) & big
+    return flags
+
+
+#: what happens to a volume with dropout slices
+OUTLIER_ACTIONS = ("replace", "keep", "drop-volume")
 
 
 def correct_motion(data, affine, bvals, bvecs, b0_threshold=50, level_iters=(100, 20), factors=(2, 1),
-                   sigmas=(1.0, 0.0), nprocs=1, *, transform="affine", nbins=32, mask=None,
-                   fd_radius=50.0, box_margin=8, sampling=0.25, min_samples=MIN_SAMPLES):
-    """Register every volume to the mean b0, resample, rotate the b-vectors.
+                   sigmas=(1.0, 0.0), nprocs=1, *, rounds=2, eddy_axis=None, slice_axis=2, outliers="replace",
+                   outlier_z=4.0, outlier_min_drop=0.1, nbins=32, fd_radius=50.0, box_margin=8, sampling=0.25,
+                   min_samples=MIN_SAMPLES, identity_mm=0.05, converge_mm=0.05, median_start=True):
+    """Register every volume to its leave-one-out prediction (b0s to the mean b0), rigid then
+    optionally eddy, replace dropout slices, resample once, rotate the b-vectors (module doc).
 
-    Parameters
-    ----------
-    data : (X, Y, Z, N) array
-    affine : (4, 4) image affine (voxel → world mm)
-    bvals : (N,)
-    bvecs : (N, 3) BIDS/FSL b-vectors (a (3, N) array is accepted too)
-    b0_threshold : float
-    level_iters, factors, sigmas : DIPY multi-resolution schedule (coarse → fine)
-    nprocs : int
-        Worker processes (forkserver context), one volume per task.
-    transform : "affine" (default) | "rigid+affine" | "rigid"
-    nbins : int
-        Mutual-information histogram bins.
-    mask : (X, Y, Z) bool, optional
-        Reference-space mask for the metric (default: the whole volume).
-    fd_radius : float
-        Head radius for the framewise displacement (mm).
-    box_margin : int or None
-        The metric is computed on the bounding box of the first b0's
-        foreground (Otsu) grown by this many voxels (None: the whole grid).
-    sampling : float or None
-        Share of the box's voxels the mutual-information metric samples at
-        each level (DIPY's ``sampling_proportion``: a regular grid, every
-        ``ceil(1/sampling)``-th voxel, jittered with a fixed seed), raised
-        where needed to keep ``min_samples`` points. ``None`` or 1: dense.
-        Sparse sampling ignores ``mask`` (DIPY does not support masks there). 0.25 is ~4x faster than dense on the demo
-        data with the same accuracy on planted motion (tests).
-    min_samples : int
-        Fewest full-resolution sample points of the sparse metric (default
-        ``MIN_SAMPLES``; the ``fast`` preset's 0.1 with 20,000 halves the
-        demo's motion CPU time at the same error against the truth).
+    ``data`` (X, Y, Z, N); ``affine`` the image affine; ``bvals`` (N,); ``bvecs`` (N, 3) BIDS/FSL.
+    ``level_iters``/``factors``/``sigmas``: DIPY's multi-resolution schedule (coarse → fine), every
+    stage; ``sampling``/``min_samples``: share of the head box's voxels the metric samples (seeded),
+    never fewer than ``min_samples`` points (``None`` or 1: dense); ``nprocs`` worker processes.
+    ``rounds``: predict-register rounds (fewer when no head-box corner moves more than
+    ``converge_mm`` between two rounds). ``eddy_axis``: voxel axis of the phase encoding (None: no
+    eddy stage). ``slice_axis``: the acquisition's slice axis; ``outliers``: replace | keep |
+    drop-volume, with ``outlier_z`` and ``outlier_min_drop`` (see :func:`flag_dropouts`).
+    ``identity_mm``: a volume whose transform moves no head-box corner further is not resampled.
 
-    Returns
-    -------
-    dict: ``data`` (float32, corrected), ``bvecs`` (N, 3) rotated,
-    ``affines`` (N, 4, 4) reference→volume world transforms used for the
-    resampling, ``motion_affines`` (N, 4, 4) the rigid-stage transforms
-    (= ``affines`` for ``transform="affine"``), ``params`` (N, 6)
-    ``[trans_x, trans_y, trans_z (mm), rot_x, rot_y, rot_z (rad)]`` of the
-    motion affines, ``fd`` (N,) framewise displacement (mm), ``reference``
-    the mean b0.
+    Returns a dict: ``data`` (float32; without the dropped volumes for "drop-volume"), ``bvecs``
+    (rigid rotation only), ``kept`` (indices of the input volumes in ``data``), ``affines`` (N, 4, 4)
+    composed reference→volume transforms, ``motion_affines`` (rigid part), ``eddy_affines``,
+    ``params`` (N, 6), ``fd`` (N,), ``dropouts`` (N, slices) bool, ``resampled`` (N,) bool,
+    ``rounds`` (rounds run), ``reference`` (mean b0).
     """
+    arr, bvals, bvecs, b0s = _check_inputs(data, bvals, bvecs, b0_threshold, outliers)
+    affine = np.asarray(affine, float)
+    n = bvals.size
+    first = np.asarray(arr[..., b0s[0]], np.float32)
+    box = _head_box(first, box_margin) if box_margin is not None else tuple(slice(0, k) for k in first.shape)
+    box_mask = np.zeros(first.shape, bool)
+    box_mask[box] = True
+    work = np.array(arr, np.float32)
+    st = dict(raw=arr, work=work, bvals=bvals, bvecs=bvecs, b0s=b0s, affine=affine, box=box, box_mask=box_mask,
+              corners=box_corners(box, affine), b0_threshold=float(b0_threshold), eddy_axis=eddy_axis,
+              slice_axis=int(slice_axis), identity_mm=float(identity_mm), outlier_z=float(outlier_z),
+              outlier_min_drop=float(outlier_min_drop),
+              sched=(tuple(level_iters), tuple(factors), tuple(sigmas), nbins, sampling, int(min_samples)))
+    nprocs = resolve_nprocs(nprocs)
+    A, M = np.repeat(np.eye(4)[None], n, 0), np.repeat(np.eye(4)[None], n, 0)
+    aligned = work.copy()
+    _b0s_to_first(st, A, M, aligned, nprocs)
+    flags = applied = np.zeros((n, work.shape[st["slice_axis"]]), bool)
+    applied = applied.copy()
+    done = 0
+    for r in range(max(1, int(rounds))):
+        A_prev = A
+        A, M, aligned, flags, pred = _round(st, aligned, A, M, flags, nprocs, first=(r == 0 and median_start and rounds > 1))
+        done += 1
+        if outliers == "replace":
+            _apply_outliers(st, aligned, A, flags, applied, pred)
+        if done > 1 and max(max_displacement(a, b, st["corners"]) for a, b in zip(A, A_prev)) <= converge_mm:
+            break
+    kept = np.flatnonzero(~flags.any(1)) if outliers == "drop-volume" else np.arange(n)
+    params = rigid_params(M, arr.shape[:3], affine)
+    resampled = np.array([max_displacement(a, np.eye(4), st["corners"]) > identity_mm for a in A])
+    return dict(data=aligned[..., kept], bvecs=rotate_bvecs(bvecs, M, affine)[kept], kept=kept, affines=A,
+                motion_affines=M, eddy_affines=np.stack([a @ np.linalg.inv(m) for a, m in zip(A, M)]),
+                params=params, fd=framewise_displacement(params, fd_radius), dropouts=flags,
+                resampled=resampled, rounds=done, reference=aligned[..., b0s].mean(-1))
+
+
+def _check_inputs(data, bvals, bvecs, b0_threshold, outliers):
     from .mask import mean_b0
 
     arr = np.asarray(data)
@@ -255,31 +397,90 @@ def correct_motion(data, affine, bvals, bvecs, b0_threshold=50, level_iters=(100
         bvecs = bvecs.T
     if arr.ndim != 4 or arr.shape[3] != bvals.size or bvecs.shape != (bvals.size, 3):
         raise DataError(f"data {arr.shape}, {bvals.size} b-values and b-vectors {bvecs.shape} do not match")
-    if transform not in ("rigid+affine", "rigid", "affine"):
-        raise ValueError("transform must be rigid+affine, rigid or affine")
-    affine = np.asarray(affine, float)
+    if outliers not in OUTLIER_ACTIONS:
+        raise ValueError(f"outliers must be one of {', '.join(OUTLIER_ACTIONS)} (got {outliers!r})")
     b0s = np.flatnonzero(bvals <= b0_threshold)
     if b0s.size == 0:
         mean_b0(arr, bvals, b0_threshold)            # raises the DataError
-    smask = None if mask is None else np.asarray(mask, np.int32)
-    sched = (tuple(level_iters), tuple(factors), tuple(sigmas), nbins, transform, smask, sampling, int(min_samples))
-    nprocs = resolve_nprocs(nprocs)
-    first = np.asarray(arr[..., b0s[0]], np.float32)
-    box = _head_box(first, box_margin) if box_margin is not None else tuple(slice(0, n) for n in first.shape)
-    # 1. the reference: the b0s aligned to the first b0, then averaged (a plain
-    #    mean of moved b0s would be a blurred average of their poses)
-    aligned = [first.astype(np.float64)]
-    if b0s.size > 1:
-        tasks = [(first, np.asarray(arr[..., i], np.float32), affine, box) + sched for i in b0s[1:]]
-        aligned += [r[1] for r in process_map(_register_one, tasks, nprocs)]
-    static = np.mean(np.stack(aligned, -1), axis=-1, dtype=np.float64).astype(np.float32)
-    # 2. every volume (b0s included) to that mean b0
-    tasks = [(static, np.asarray(arr[..., i], np.float32), affine, box) + sched for i in range(arr.shape[3])]
-    results = process_map(_register_one, tasks, nprocs)
-    affines = np.stack([r[0] for r in results])
-    motion_affines = np.stack([r[2] for r in results])
-    out = np.stack([r[1] for r in results], axis=-1)
-    params = rigid_params(motion_affines, arr.shape[:3], affine)
-    return dict(data=out, bvecs=rotate_bvecs(bvecs, motion_affines, affine), affines=affines,
-                motion_affines=motion_affines, params=params, fd=framewise_displacement(params, fd_radius),
-                reference=static)
+    return arr, bvals, bvecs, b0s
+
+
+def _replace_slices(raw, pred_ref, A, flags, axis, grid2world):
+    """``raw`` (one volume, its own frame) with its flagged slices replaced by the prediction
+    (reference frame, mapped into the volume's frame with ``A``)."""
+    out = np.array(raw, np.float32, copy=True)
+    if flags.any():
+        native = _amap(A, raw.shape, grid2world).transform_inverse(np.asarray(pred_ref, np.float64))
+        idx = [slice(None)] * 3
+        idx[axis] = np.flatnonzero(flags)
+        out[tuple(idx)] = native[tuple(idx)]
+    return out
+
+
+def _shell_medians(aligned, bvals, b0_threshold, mask):
+    """Every DW volume's voxel-wise median over its shell (robust to a few moved volumes)."""
+    from .predict import shells
+
+    out = np.zeros(aligned.shape, np.float32)
+    for s in shells(bvals, b0_threshold):
+        med = np.median(aligned[mask][:, s], axis=1)
+        for i in s:
+            out[mask, i] = med
+    return out
+
+
+def _round(st, aligned, A, M, flags, nprocs, first=False):
+    """One round: predict every volume from the others, register each to its prediction
+    (b0s to the mean b0), find dropout slices. ``st`` holds the fixed inputs (a dict).
+    ``first``: the targets are the shells' voxel-wise medians instead (see the module doc)."""
+    from .predict import loo_predict
+
+    bvals, b0s, n = st["bvals"], st["b0s"], st["bvals"].size
+    rot = rotate_bvecs(st["bvecs"], M, st["affine"])
+    pred = loo_predict(aligned, bvals, rot, st["b0_threshold"], mask=st["box_mask"], exclude=flags.any(1))
+    if first:
+        pred = _shell_medians(aligned, bvals, st["b0_threshold"], st["box_mask"])
+    ref_b0 = aligned[..., b0s].mean(-1)
+    tasks, todo = [], [i for i in range(n) if i != b0s[0]]     # the first b0 is the reference pose
+    for i in todo:
+        dw = bvals[i] > st["b0_threshold"]
+        tasks.append((pred[..., i] if dw else ref_b0, st["work"][..., i], st["affine"], st["box"], st["sched"],
+                      M[i], A[i] @ np.linalg.inv(M[i]), st["eddy_axis"] if dw else None, st["identity_mm"],
+                      st["slice_axis"], st["raw"][..., i] if dw else None))
+    A, M, aligned = A.copy(), M.copy(), aligned.copy()
+    n_sl = st["work"].shape[st["slice_axis"]]
+    resid, counts = np.zeros((n, n_sl)), np.zeros((n, n_sl), int)
+    for i, r in zip(todo, process_map(_register_one, tasks, nprocs)):
+        A[i], M[i], aligned[..., i] = r[0], r[1], r[2]
+        if r[3] is not None:
+            resid[i], counts[i] = r[3]
+    if st["eddy_axis"] is not None:
+        M = _split_pe_shift(M, bvals, st["bvecs"], st["affine"], st["eddy_axis"], st["b0_threshold"],
+                            _centre(st["work"].shape[:3], st["affine"]))
+    dw = np.flatnonzero(bvals > st["b0_threshold"])
+    new_flags = flag_dropouts(resid, counts, dw, st["outlier_z"], st["outlier_min_drop"])
+    return A, M, aligned, new_flags, pred
+
+
+def _b0s_to_first(st, A, M, aligned, nprocs):
+    """Register the other b0s to the first b0 (rigid): the mean b0 is then in the first b0's pose."""
+    b0s = st["b0s"]
+    first = st["work"][..., b0s[0]]
+    eye = np.eye(4)
+    tasks = [(first, st["work"][..., i], st["affine"], st["box"], st["sched"], eye, eye, None, st["identity_mm"],
+              st["slice_axis"], None) for i in b0s[1:]]
+    for i, r in zip(b0s[1:], process_map(_register_one, tasks, nprocs)):
+        A[i], M[i], aligned[..., i] = r[0], r[1], r[2]
+
+
+def _apply_outliers(st, aligned, A, flags, applied, pred):
+    """Replace the dropout slices of this round's flags with this round's prediction (volumes with
+    flags, or whose flags changed, are rebuilt from the raw volume and resampled once)."""
+    for i in np.flatnonzero((flags != applied).any(1) | flags.any(1)):
+        vol = _replace_slices(st["raw"][..., i], pred[..., i], A[i], flags[i], st["slice_axis"], st["affine"])
+        st["work"][..., i] = vol
+        applied[i] = flags[i]
+        if max_displacement(A[i], np.eye(4), st["corners"]) <= st["identity_mm"]:
+            aligned[..., i] = vol
+        else:
+            aligned[..., i] = _amap(A[i], vol.shape, st["affine"]).transform(np.asarray(vol, np.float64))

@@ -360,15 +360,29 @@ def register_to_template(fa, fa_affine, mask=None, cfg: TemplateConfig | None = 
     return reg
 
 
+def antialias(vals: np.ndarray, image_affine, out_voxel_mm: float) -> np.ndarray:
+    """Gaussian pre-filter before resampling to a coarser grid: FWHM² = out² − in² per axis (the
+    recipe of ``_resample_1mm`` and the template target); unchanged where the output voxel is not
+    larger than the native one."""
+    from scipy import ndimage
+
+    in_vox = np.sqrt((np.asarray(image_affine, float)[:3, :3] ** 2).sum(0))
+    sig = np.sqrt(np.maximum(float(out_voxel_mm) ** 2 - in_vox ** 2, 0)) / 2.3548 / in_vox
+    return ndimage.gaussian_filter(vals, sig, mode="constant") if np.any(sig > 0) else vals
+
+
 def to_template(image_data, image_affine, reg: dict, cfg: TemplateConfig | None = None,
-                order: int = 1) -> tuple[np.ndarray, np.ndarray]:
+                order: int = 1, anti_alias: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Resample a native-space image onto the template grid with ``reg``'s transform.
 
     ``order`` 1 = trilinear (FA, MD), 0 = nearest. Boolean or integer masks
     (dtype bool, or ``order=0`` with values in {0, 1}) are resampled
     trilinearly and thresholded at 0.5, which keeps their volume and avoids
     the blockiness of nearest neighbour; the result is uint8. A 4D image is
-    resampled volume by volume. NaN → 0. Returns ``(data, grid_affine)``.
+    resampled volume by volume. NaN → 0. ``anti_alias``: when the output voxel
+    is larger than the native one, maps (not masks) are low-pass filtered first
+    (:func:`antialias`; e.g. the ``fast`` preset's 6 mm grid from 2.5 mm data).
+    Returns ``(data, grid_affine)``.
     """
     cfg = cfg or TemplateConfig()
     if order not in (0, 1):
@@ -378,12 +392,14 @@ def to_template(image_data, image_affine, reg: dict, cfg: TemplateConfig | None 
     shape, grid_affine = template_grid(cfg)
     is_mask = data.dtype == bool or (order == 0 and data.size > 0 and bool(np.all((data == 0) | (data == 1))))
     if data.ndim == 4:
-        out = np.stack([to_template(data[..., i], image_affine, reg, cfg, order)[0]
+        out = np.stack([to_template(data[..., i], image_affine, reg, cfg, order, anti_alias)[0]
                         for i in range(data.shape[3])], axis=-1)
         return out, grid_affine
     if data.ndim != 3:
         raise DataError(f"cannot resample an image of shape {data.shape} to the template")
     vals = np.nan_to_num(data.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    if anti_alias and order == 1 and not is_mask:
+        vals = antialias(vals, image_affine, cfg.resolution_mm)
     interp = "linear" if (order == 1 or is_mask) else "nearest"
     syn_map = reg.get("syn_mapping")
     if syn_map is not None:

@@ -22,6 +22,7 @@ class _RunSinkInput(BaseInterfaceInputSpec):
     mask = File(exists=True, mandatory=True)
     b0 = File(exists=True, mandatory=True)
     motion = File(exists=True, mandatory=True)
+    motion_matrices = File(exists=True, mandatory=True, desc="JSON of the motion step (Matrices, EddyMatrices, ...)")
     fa = File(exists=True, mandatory=True)
     md = File(exists=True, mandatory=True)
     ad = File(exists=True, mandatory=True)
@@ -68,20 +69,13 @@ class RunDerivatives(SimpleInterface):
             "Denoising": {"Method": pre["denoise"], "PatchRadius": pre["denoise_patch_radius"],
                           "PatchStride": pre["denoise_stride"]},
             "GibbsCorrection": bool(pre["gibbs"]),
-            "MotionCorrection": ("volume-to-mean-b0 affine (DIPY MI), b-vectors rotated" if pre["motion"]
-                                 else "none"),
+            "MotionCorrection": _motion_description(pre),
             "GeneratedBy": soft})
         dv.copy_nifti(i.mask, dv.brain_mask(root, src))
 
         table = np.loadtxt(i.motion, skiprows=1, delimiter="\t", ndmin=2)
-        cols = ["trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z", "framewise_displacement"]
-        dv.write_tsv(dv.confounds(root, src), {c: [float(v) for v in table[:, k]] for k, c in enumerate(cols)})
-        dv.write_json(dv.confounds(root, src, ".json"), {
-            **{c: {"Description": f"{'translation' if c.startswith('trans') else 'rotation'} along/about "
-                   f"{c[-1]} of the volume-to-mean-b0 transform", "Units": "mm" if c.startswith("trans") else "rad"}
-               for c in cols[:6]},
-            "framewise_displacement": {"Description": "Power et al. (2012) framewise displacement, rotations "
-                                       f"converted on a {pre['fd_radius_mm']} mm sphere", "Units": "mm"}})
+        mats = json.loads(Path(i.motion_matrices).read_text())
+        _write_confounds(dv, root, src, table, mats, pre)
         units = {"fa": "arbitrary", "md": "mm^2/s", "ad": "mm^2/s", "rd": "mm^2/s", "tensor": "mm^2/s"}
         desc = {"fa": "fractional anisotropy", "md": "mean diffusivity", "ad": "axial diffusivity",
                 "rd": "radial diffusivity",
@@ -111,13 +105,60 @@ class RunDerivatives(SimpleInterface):
                         fa=nib.load(i.fa).get_fdata(dtype=np.float32), md=nib.load(i.md).get_fdata(dtype=np.float32),
                         params=table[:, :6], fd=table[:, 6], fd_outlier_mm=pre["fd_outlier_mm"],
                         voxel_size=b0_img.header.get_zooms()[:3], reg_similarity=i.similarity,
-                        noise_sigma=i.noise_sigma if isdefined(i.noise_sigma) else None)
+                        noise_sigma=i.noise_sigma if isdefined(i.noise_sigma) else None,
+                        fd_radius_mm=pre["fd_radius_mm"], dropout_slices=mats.get("DropoutSlices"),
+                        resampled=table[:, 8] if table.shape[1] > 8 else None)
         dv.write_json(dv.qc_json(root, src), {**qc, "Sources": [raw_uri]})
         self._results["summary"] = {
             "source": dict(i.source), "label": src.prefix, "qc": qc,
             "files": {"b0": i.b0, "mask": i.mask, "fa": i.fa, "md": i.md, "v1": i.v1, "motion": i.motion,
                       "std_fa": i.std_fa, "std_mask": i.std_mask}}
         return runtime
+
+
+def _motion_description(pre: dict) -> str:
+    if not pre["motion"]:
+        return "none"
+    return ("each volume registered to its leave-one-out tensor prediction (b0s to the mean b0), DIPY "
+            f"mutual information, rigid{' + affine eddy stage along the phase-encoding axis' if pre['motion_eddy'] else ''}"
+            f", {pre['motion_rounds']} round(s); one resampling per volume (none at identity); b-vectors rotated "
+            f"by the rigid part; slice dropouts: {pre['motion_outliers']}")
+
+
+_CONFOUND_COLS = ["trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z", "framewise_displacement",
+                  "dropout_slices", "resampled"]
+
+
+def _write_confounds(dv, root, src, table, mats: dict, pre: dict) -> None:
+    """The confounds TSV (one row per input volume) and its sidecar with the transforms."""
+    cols = _CONFOUND_COLS[:table.shape[1]]
+    data = {c: [float(v) for v in table[:, k]] for k, c in enumerate(cols)}
+    for c in ("dropout_slices", "resampled"):
+        if c in data:
+            data[c] = [int(v) for v in data[c]]
+    data["motion_outlier"] = [int(v > pre["fd_outlier_mm"]) for v in table[:, 6]]
+    dv.write_tsv(dv.confounds(root, src), data)
+    side = {c: {"Description": f"{'translation' if c.startswith('trans') else 'rotation'} along/about {c[-1]} of "
+                "the rigid head motion (reference: the first b0; translation of the image centre)",
+                "Units": "mm" if c.startswith("trans") else "rad"} for c in cols[:6]}
+    side.update({
+        "framewise_displacement": {"Description": "Power et al. (2012) framewise displacement of the rigid motion, "
+                                   f"rotations converted on a {mats.get('FDRadiusMm', pre['fd_radius_mm'])} mm "
+                                   "sphere", "Units": "mm"},
+        "dropout_slices": {"Description": "slices of this volume detected as signal dropouts (model residuals; "
+                           f"action: {pre['motion_outliers']})"},
+        "resampled": {"Description": "1: the volume was resampled once with its composed transform; 0: its "
+                      "transform is the identity within 0.05 mm on the head box and it was not resampled"},
+        "motion_outlier": {"Description": f"1: framewise_displacement above {pre['fd_outlier_mm']} mm"},
+        "Matrices": mats.get("Matrices"), "EddyMatrices": mats.get("EddyMatrices"),
+        "MatricesDescription": "per input volume, 4x4 world (mm) matrices mapping a point in the reference (first "
+                               "b0) to the same anatomy in that volume: Matrices = rigid head motion (the convention "
+                               "of the simulator's truth desc-motion_timeseries.json), EddyMatrices = eddy-current "
+                               "distortion in the volume's frame (null when not estimated); the whole map is "
+                               "EddyMatrices @ Matrices",
+        "DropoutSlices": mats.get("DropoutSlices"), "SliceAxis": mats.get("SliceAxis"),
+        "KeptVolumes": mats.get("KeptVolumes")})
+    dv.write_json(dv.confounds(root, src, ".json"), side)
 
 
 class _ReportInput(BaseInterfaceInputSpec):

@@ -221,47 +221,92 @@ class _MotionInput(_Common):
     sampling = traits.Range(low=0.0, high=1.0, value=0.25, exclude_low=True, usedefault=True,
                             desc="share of voxels sampled by the MI metric (1: dense)")
     min_samples = traits.Int(40000, usedefault=True, desc="fewest MI sample points (full resolution)")
+    rounds = traits.Int(2, usedefault=True, desc="predict-then-register rounds")
+    eddy = traits.Bool(True, usedefault=True, desc="affine eddy stage along the phase-encoding axis")
+    phase_encoding = traits.Str("", usedefault=True, desc="BIDS PhaseEncodingDirection (i, j, k, with -)")
+    slice_axis = traits.Int(2, usedefault=True)
+    outliers = traits.Enum("replace", "keep", "drop-volume", usedefault=True)
+    outlier_z = traits.Float(4.0, usedefault=True)
+    fd_radius = traits.Float(50.0, usedefault=True, desc="head radius (mm) of the framewise displacement")
     enabled = traits.Bool(True, usedefault=True, desc="False: pass the data through unchanged")
 
 
 class _MotionOutput(_TimedOut):
     out_file = File(exists=True)
     out_bval = File(exists=True)
-    out_bvec = File(exists=True, desc="b-vectors rotated by each volume's transform")
-    out_params = File(exists=True, desc="TSV: trans_x..rot_z, framewise_displacement")
-    out_affines = File(exists=True, desc="(N,4,4) .npy world-to-world transforms")
+    out_bvec = File(exists=True, desc="b-vectors rotated by each volume's rigid motion")
+    out_params = File(exists=True, desc="TSV, one row per input volume: trans_x..rot_z, framewise_displacement, "
+                                        "dropout_slices, resampled")
+    out_matrices = File(exists=True, desc="JSON: Matrices, EddyMatrices (4x4 world), DropoutSlices, ...")
+
+
+#: the voxel axis of a BIDS PhaseEncodingDirection
+PE_AXES = {"i": 0, "i-": 0, "j": 1, "j-": 1, "k": 2, "k-": 2}
+
+
+def motion_eddy_axis(enabled: bool, phase_encoding: str):
+    """The voxel axis of the eddy stage (None: no eddy stage); a one-line DataError when the stage
+    is on and the phase-encoding direction is missing or not a BIDS value."""
+    from ..errors import DataError
+
+    if not enabled:
+        return None
+    if phase_encoding not in PE_AXES:
+        raise DataError(f"eddy-current correction needs the DWI's PhaseEncodingDirection (i, j, k, i-, j-, k-; got "
+                        f"{phase_encoding or 'none'}): add it to the dwi.json sidecar (or a dataset-level dwi.json) "
+                        "or set preproc.motion_eddy: false in the pipeline")
+    return PE_AXES[phase_encoding]
 
 
 class MotionCorrect(_Timed):
-    """Affine registration of every volume to the mean b0 (DIPY), b-vectors rotated."""
+    """Motion + eddy correction (``bids_adhd.dmri.motion.correct_motion``): each volume registered to
+    its leave-one-out prediction, dropout slices handled, b-vectors rotated by the rigid part."""
 
     input_spec, output_spec = _MotionInput, _MotionOutput
 
     def _compute(self):
-        from ..dmri.motion import correct_motion, framewise_displacement
+        from ..dmri.motion import correct_motion
 
         data, img = _load(self.inputs.in_file)
         bvals, bvecs = _read_fsl(self.inputs.in_bval, self.inputs.in_bvec)
-        if self.inputs.enabled:
-            res = correct_motion(data, img.affine, bvals, bvecs, b0_threshold=self.inputs.b0_threshold,
-                                 level_iters=tuple(self.inputs.level_iters), factors=tuple(self.inputs.factors),
-                                 sigmas=tuple(self.inputs.sigmas), sampling=self.inputs.sampling,
-                                 min_samples=self.inputs.min_samples,
-                                 nprocs=self.inputs.nthreads)
+        i = self.inputs
+        if i.enabled:
+            res = correct_motion(data, img.affine, bvals, bvecs, b0_threshold=i.b0_threshold,
+                                 level_iters=tuple(i.level_iters), factors=tuple(i.factors), sigmas=tuple(i.sigmas),
+                                 sampling=i.sampling, min_samples=i.min_samples, nprocs=i.nthreads, rounds=i.rounds,
+                                 eddy_axis=motion_eddy_axis(i.eddy, i.phase_encoding), slice_axis=i.slice_axis,
+                                 outliers=i.outliers, outlier_z=i.outlier_z, fd_radius=i.fd_radius)
         else:
-            n = data.shape[3]
-            params = np.zeros((n, 6))
-            res = dict(data=data, bvecs=bvecs, affines=np.repeat(np.eye(4)[None], n, 0), params=params,
-                       fd=framewise_displacement(params))
+            res = _no_motion(data, bvecs, i.slice_axis)
+        kept = res["kept"]
         self._results["out_file"] = _save(res["data"], img, "dwi_mc.nii")
-        self._results["out_bval"], self._results["out_bvec"] = _write_fsl(bvals, res["bvecs"], "dwi_mc")
-        path = os.path.abspath("motion.tsv")
-        cols = ["trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z", "framewise_displacement"]
-        table = np.column_stack([res["params"], res["fd"]])
-        np.savetxt(path, table, delimiter="\t", header="\t".join(cols), comments="", fmt="%.6g")
-        self._results["out_params"] = path
-        self._results["out_affines"] = os.path.abspath("affines.npy")
-        np.save(self._results["out_affines"], np.asarray(res["affines"]))
+        self._results["out_bval"], self._results["out_bvec"] = _write_fsl(bvals[kept], res["bvecs"], "dwi_mc")
+        self._results["out_params"] = _write_motion_tsv(res)
+        self._results["out_matrices"] = os.path.abspath("motion.json")
+        with open(self._results["out_matrices"], "w") as fh:
+            json.dump({"Matrices": np.round(res["motion_affines"], 8).tolist(),
+                       "EddyMatrices": np.round(res["eddy_affines"], 8).tolist() if i.enabled and i.eddy else None,
+                       "DropoutSlices": [[int(v), int(k)] for v, k in np.argwhere(res["dropouts"])],
+                       "SliceAxis": int(i.slice_axis), "KeptVolumes": [int(k) for k in kept],
+                       "Rounds": int(res.get("rounds", 0)), "FDRadiusMm": float(i.fd_radius)}, fh)
+
+
+def _no_motion(data, bvecs, slice_axis):
+    """``preproc.motion: false``: the data unchanged, identity transforms."""
+    n = data.shape[3]
+    eye = np.repeat(np.eye(4)[None], n, 0)
+    return dict(data=data, bvecs=bvecs, kept=np.arange(n), affines=eye, motion_affines=eye, eddy_affines=eye,
+                params=np.zeros((n, 6)), fd=np.zeros(n), dropouts=np.zeros((n, data.shape[slice_axis]), bool),
+                resampled=np.zeros(n, bool), rounds=0)
+
+
+def _write_motion_tsv(res) -> str:
+    path = os.path.abspath("motion.tsv")
+    cols = ["trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z", "framewise_displacement",
+            "dropout_slices", "resampled"]
+    table = np.column_stack([res["params"], res["fd"], res["dropouts"].sum(1), res["resampled"].astype(int)])
+    np.savetxt(path, table, delimiter="\t", header="\t".join(cols), comments="", fmt="%.6g")
+    return path
 
 
 # --- tensor ----------------------------------------------------------------------

@@ -38,9 +38,14 @@ WARN = {"max_fd": 2.0, "n_outlier_volumes_fraction": 0.2, "snr": 10.0, "registra
 QC_FIELDS = [
     # key, label, unit, format, description
     ("n_volumes", "Volumes", "", "{:d}", "DWI volumes in the run"),
-    ("mean_fd", "Mean FD", "mm", "{:.3f}", "mean framewise displacement (Power 2012, 50 mm sphere)"),
+    ("mean_fd", "Mean FD", "mm", "{:.3f}", "mean framewise displacement of the rigid head motion (Power "
+     "2012; rotations on a sphere of fd_radius_mm)"),
+    ("fd_radius_mm", "FD sphere radius", "mm", "{:.0f}", "head radius converting rotations to mm in FD"),
     ("max_fd", "Max FD", "mm", "{:.3f}", "largest framewise displacement"),
     ("n_outlier_volumes", "Outlier volumes", "", "{:d}", "volumes with FD above the threshold"),
+    ("n_dropout_slices", "Dropout slices", "", "{:d}", "slices with signal dropout (model residuals)"),
+    ("n_resampled_volumes", "Resampled volumes", "", "{:d}", "volumes resampled by the motion step "
+     "(the others' transform is the identity)"),
     ("fd_threshold_mm", "FD threshold", "mm", "{:.2f}", "outlier threshold"),
     ("max_abs_translation_mm", "Max |translation|", "mm", "{:.2f}", "relative to the reference b0"),
     ("max_abs_rotation_deg", "Max |rotation|", "deg", "{:.2f}", "relative to the reference b0"),
@@ -75,7 +80,8 @@ FIGURE_CAPTIONS = {
     "colour_fa": "Colour FA: |principal eigenvector| × FA, red = left–right (corpus callosum), green = "
                  "anterior–posterior (cingulum, optic radiations), blue = inferior–superior "
                  "(corticospinal tract). Wrong colours in those tracts mean flipped or permuted b-vectors.",
-    "motion": "Head motion estimated by volume-to-b0 registration: translations (solid, mm) and "
+    "motion": "Rigid head motion (each volume registered to its leave-one-out model prediction, b0s to the "
+              "mean b0): translations (solid, mm) and "
               "rotations (dashed, degrees); framewise displacement with the outlier threshold, outliers "
               "circled.",
     "registration": "Template-space FA on the network's grid with the MNI152NLin2009aSym brain (cyan) and "
@@ -218,6 +224,9 @@ def qc_table_html(m: Mapping) -> str:
     if m.get("outlier_volumes"):
         rows.append(f"<tr><td>Outlier volume indices</td><td class=\"num\" colspan=\"3\">"
                     f"{html.escape(', '.join(str(i) for i in m['outlier_volumes']))}</td></tr>")
+    if m.get("dropout_volumes"):
+        rows.append(f"<tr><td>Volumes with dropout slices</td><td class=\"num\" colspan=\"3\">"
+                    f"{html.escape(', '.join(str(i) for i in m['dropout_volumes']))}</td></tr>")
     rows.append("</table>")
     return "\n".join(rows)
 

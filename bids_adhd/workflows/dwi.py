@@ -5,24 +5,33 @@ from nipype.interfaces.utility import IdentityInterface
 from nipype.pipeline import engine as pe
 
 from ..config import PreprocConfig, TemplateConfig
-from ..interfaces.dipy import BrainMask, CheckDWI, Denoise, FitDTI, MotionCorrect, RegisterTemplate, Unring
+from ..interfaces.dipy import (BrainMask, CheckDWI, Denoise, FitDTI, MotionCorrect, RegisterTemplate, Unring,
+                               motion_eddy_axis)
 
-PREPROC_OUTPUTS = ["dwi", "bval", "bvec", "mask", "b0", "motion", "fa", "md", "ad", "rd", "tensor", "v1",
+PREPROC_OUTPUTS = ["dwi", "bval", "bvec", "mask", "b0", "motion", "motion_matrices", "fa", "md", "ad", "rd", "tensor", "v1",
                    "noise_sigma", "seconds"]
 
 
-def init_dwi_preproc_wf(cfg: PreprocConfig, nthreads: int = 1, name: str = "dwi_preproc_wf") -> pe.Workflow:
+def init_dwi_preproc_wf(cfg: PreprocConfig, nthreads: int = 1, name: str = "dwi_preproc_wf",
+                        phase_encoding: str | None = None) -> pe.Workflow:
     """Preprocess one DWI series and fit the tensor.
 
     Steps: check → pre-mask (raw mean b0, dilated: limits the denoising work) →
-    denoise → Gibbs unringing → motion correction (volume to mean b0, b-vectors
-    rotated) → brain mask (mean b0 of the corrected series) → DTI fit.
+    denoise → Gibbs unringing → motion + eddy correction (each volume registered
+    to its leave-one-out prediction, rigid then eddy along the phase-encoding
+    axis, dropout slices replaced, b-vectors rotated by the rigid part) → brain
+    mask (mean b0 of the corrected series) → DTI fit.
+
+    ``phase_encoding``: the run's BIDS ``PhaseEncodingDirection`` (needed by the
+    eddy stage, ``cfg.motion_eddy``; a one-line DataError here when it is missing).
 
     Inputs (``inputnode``)
         dwi_file, bval_file, bvec_file: the raw series and its b-table.
     Outputs (``outputnode``)
         dwi, bval, bvec: preprocessed series and rotated b-table;
-        mask, b0: brain mask and mean b0; motion: TSV of motion parameters + FD;
+        mask, b0: brain mask and mean b0; motion: TSV of motion parameters, FD,
+        dropout slices, resampled flag per input volume; motion_matrices: JSON
+        with the per-volume 4x4 head-motion and eddy matrices;
         fa, md, ad, rd, tensor, v1: native-space tensor maps;
         noise_sigma: MP-PCA noise level; seconds: per-step wall times.
     """
@@ -36,10 +45,15 @@ def init_dwi_preproc_wf(cfg: PreprocConfig, nthreads: int = 1, name: str = "dwi_
     denoise = pe.Node(Denoise(method=cfg.denoise, patch_radius=cfg.denoise_patch_radius,
                               stride=cfg.denoise_stride, nthreads=nthreads),
                       name="denoise", n_procs=nthreads)
+    pe_dir = phase_encoding or ""
+    motion_eddy_axis(cfg.motion and cfg.motion_eddy, pe_dir)       # the clear error at build time
     motion = pe.Node(MotionCorrect(b0_threshold=cfg.b0_threshold, enabled=cfg.motion,
                                    level_iters=list(cfg.motion_level_iters), factors=list(cfg.motion_factors),
                                    sigmas=list(cfg.motion_sigmas), sampling=float(cfg.motion_sampling),
-                                   min_samples=int(cfg.motion_min_samples),
+                                   min_samples=int(cfg.motion_min_samples), rounds=int(cfg.motion_rounds),
+                                   eddy=bool(cfg.motion_eddy), phase_encoding=pe_dir,
+                                   slice_axis=int(cfg.motion_slice_axis), outliers=cfg.motion_outliers,
+                                   outlier_z=float(cfg.motion_outlier_z), fd_radius=float(cfg.fd_radius_mm),
                                    nthreads=nthreads),
                      name="motion", n_procs=nthreads)
     mask = pe.Node(BrainMask(b0_threshold=cfg.b0_threshold, median_radius=cfg.mask_median_radius,
@@ -57,7 +71,7 @@ def init_dwi_preproc_wf(cfg: PreprocConfig, nthreads: int = 1, name: str = "dwi_
         (motion, dti, [("out_file", "in_file"), ("out_bval", "in_bval"), ("out_bvec", "in_bvec")]),
         (mask, dti, [("out_mask", "in_mask")]),
         (motion, outputnode, [("out_file", "dwi"), ("out_bval", "bval"), ("out_bvec", "bvec"),
-                              ("out_params", "motion")]),
+                              ("out_params", "motion"), ("out_matrices", "motion_matrices")]),
         (mask, outputnode, [("out_mask", "mask"), ("out_b0", "b0")]),
         (denoise, outputnode, [("noise_sigma", "noise_sigma")]),
         (dti, outputnode, [("out_fa", "fa"), ("out_md", "md"), ("out_ad", "ad"), ("out_rd", "rd"),

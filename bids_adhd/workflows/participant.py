@@ -53,7 +53,8 @@ def init_single_subject_wf(subject: str, runs: list[DwiRun], cfg: PipelineConfig
         key = run.source.key
         src = pe.Node(IdentityInterface(["dwi_file", "bval_file", "bvec_file"]), name=f"src_{key}")
         src.inputs.dwi_file, src.inputs.bval_file, src.inputs.bvec_file = str(run.dwi), str(run.bval), str(run.bvec)
-        pre = init_dwi_preproc_wf(cfg.preproc, nthreads=nthreads, name=f"dwi_preproc_{key}")
+        pre = init_dwi_preproc_wf(cfg.preproc, nthreads=nthreads, name=f"dwi_preproc_{key}",
+                                  phase_encoding=(run.metadata or {}).get("PhaseEncodingDirection"))
         tpl = init_template_wf(cfg.template, nthreads=nthreads, name=f"template_{key}")
         sink = pe.Node(RunDerivatives(out_root=str(out_root), source=dataclasses.asdict(run.source),
                                       raw_dwi=str(run.dwi), metadata=dict(run.metadata), bids_dir=str(bids_dir),
@@ -64,8 +65,8 @@ def init_single_subject_wf(subject: str, runs: list[DwiRun], cfg: PipelineConfig
                         ("bvec_file", "inputnode.bvec_file")]),
             (pre, tpl, [("outputnode.fa", "inputnode.fa"), ("outputnode.md", "inputnode.md"),
                         ("outputnode.mask", "inputnode.mask")]),
-            (pre, sink, [(f"outputnode.{f}", f) for f in ("dwi", "bval", "bvec", "mask", "b0", "motion", "fa",
-                                                          "md", "ad", "rd", "tensor", "v1", "noise_sigma")]),
+            (pre, sink, [(f"outputnode.{f}", f) for f in ("dwi", "bval", "bvec", "mask", "b0", "motion",
+                                                          "motion_matrices", "fa", "md", "ad", "rd", "tensor", "v1", "noise_sigma")]),
             (tpl, sink, [("outputnode.xfm", "xfm"), ("outputnode.std_fa", "std_fa"),
                          ("outputnode.std_md", "std_md"), ("outputnode.std_mask", "std_mask"),
                          ("outputnode.similarity", "similarity")]),

@@ -1,0 +1,108 @@
+"""Leave-one-out prediction of each DWI volume from the others (shell-wise tensor).
+
+Motion correction registers every diffusion-weighted volume to a prediction
+of that volume from the *other* volumes (the contrast then matches: QSIPrep's
+SHORELine, FSL eddy). The model is the diffusion tensor fitted by ordinary
+least squares to the log signal, ``log S = X beta`` with DIPY's design matrix
+``X`` (7 columns: 6 tensor elements and ``log S0``), one fit per shell (the
+b0 volumes plus that shell's volumes): a shell-wise tensor also describes a
+shell above ~1500 s/mm^2 well enough to register to, where a single tensor
+over all shells would not (non-Gaussian diffusion).
+
+Hat-matrix identity (why no refit per volume): for a linear least-squares fit
+with hat matrix ``H = X (X^T X)^-1 X^T`` and residuals ``e = y - H y``, the
+prediction of row ``i`` from the fit *without* row ``i`` is
+``y_i - e_i / (1 - h_ii)`` (the PRESS / leave-one-out residual). One fit per
+shell gives every leave-one-out prediction; ``tests/test_dmri_predict.py``
+checks it against explicit refits.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["shells", "loo_predict"]
+
+#: smallest signal taken into the log (background voxels are 0)
+_FLOOR = 1e-3
+
+
+def shells(bvals, b0_threshold=50.0, tol=100.0):
+    """Group the diffusion-weighted volumes into shells: list of index arrays (b-values within ``tol``)."""
+    bvals = np.asarray(bvals, float).ravel()
+    dw = np.flatnonzero(bvals > b0_threshold)
+    out = []
+    for i in dw[np.argsort(bvals[dw], kind="stable")]:
+        if out and abs(bvals[i] - bvals[out[-1][0]]) <= tol:
+            out[-1].append(i)
+        else:
+            out.append([i])
+    return [np.array(sorted(s)) for s in out]
+
+
+def _design(bvals, bvecs):
+    from dipy.core.gradients import gradient_table
+    from dipy.reconst.dti import design_matrix
+
+    gtab = gradient_table(np.asarray(bvals, float), bvecs=np.asarray(bvecs, float), b0_threshold=0)
+    return design_matrix(gtab)
+
+
+def loo_log_predict(y, X, weights=None):
+    """Leave-one-out predictions of the rows of ``y`` (n, m) under ``y ~ X beta``.
+
+    ``weights`` (n,) of 0/1 drops rows from the fit (a dropped row is still
+    predicted, from all kept rows). Returns (n, m).
+    """
+    X = np.asarray(X, float)
+    w = np.ones(len(X)) if weights is None else np.asarray(weights, float)
+    Xw = X * w[:, None]
+    pinv = np.linalg.pinv(Xw)                        # (p, n): beta = pinv @ (w y)
+    H = X @ pinv * w[None, :]                        # fitted values of every row from the kept rows
+    fitted = H @ y
+    h = np.clip(np.diag(H), 0.0, 1.0 - 1e-6)
+    loo = y - (y - fitted) / (1.0 - h)[:, None]      # kept rows: the PRESS identity
+    dropped = w == 0
+    loo[dropped] = fitted[dropped]                   # a dropped row never entered the fit
+    return loo
+
+
+def loo_predict(data, bvals, bvecs, b0_threshold=50.0, mask=None, exclude=None):
+    """Leave-one-out tensor prediction of every diffusion-weighted volume.
+
+    Parameters
+    ----------
+    data : (X, Y, Z, N) array, the volumes aligned to one frame
+    bvals, bvecs : (N,), (N, 3); b-vectors in any frame that is the same for all volumes
+    mask : (X, Y, Z) bool, optional: voxels to predict (others 0)
+    exclude : (N,) bool, optional: volumes kept out of every fit (still predicted)
+
+    Returns
+    -------
+    (X, Y, Z, N) float32: the prediction of each DW volume from the others of
+    its shell and the b0s; b0 volumes get the mean of the other b0s.
+    """
+    arr = np.asarray(data)
+    bvals = np.asarray(bvals, float).ravel()
+    bvecs = np.asarray(bvecs, float)
+    m = np.ones(arr.shape[:3], bool) if mask is None else np.asarray(mask, bool)
+    keep = np.ones(bvals.size, bool) if exclude is None else ~np.asarray(exclude, bool)
+    y = np.log(np.maximum(arr[m].astype(np.float64), _FLOOR)).T      # (N, V)
+    out = np.zeros(arr.shape, np.float32)
+    b0 = np.flatnonzero(bvals <= b0_threshold)
+    pred = np.zeros_like(y)
+    for s in shells(bvals, b0_threshold):
+        rows = np.concatenate([b0, s])
+        X = _design(np.where(bvals[rows] <= b0_threshold, 0.0, bvals[rows]), bvecs[rows])
+        if keep[rows].sum() <= X.shape[1]:           # too few volumes for a tensor: the others' mean
+            for i in s:
+                others = [j for j in s if j != i] or [i]
+                pred[i] = y[others].mean(0)
+            continue
+        loo = loo_log_predict(y[rows], X, keep[rows].astype(float))
+        pred[s] = loo[len(b0):]
+    lin = np.exp(y)
+    for i in b0:                                      # b0: mean of the other kept b0s
+        others = [j for j in b0 if j != i and keep[j]] or [j for j in b0 if j != i] or [i]
+        pred[i] = np.log(lin[others].mean(0))
+    out[m] = np.exp(pred).T.astype(np.float32)
+    return out
