@@ -90,3 +90,16 @@ def test_root_sidecar_inherited_by_the_selected_subject(tmp_path):
     assert run.metadata["MagneticFieldStrength"] == 3                       # from the root
     assert run.metadata["TotalReadoutTime"] == 0.05                         # the subject's own wins
     assert run.metadata["PhaseEncodingDirection"] == "j-"
+
+
+def test_top_level_sidecar_of_unselected_data_is_no_error(tmp_path, capsys, recorded):
+    """task-rest_bold.json at the root describes other subjects' BOLD runs: in the view of sub-01
+    alone it has no data file, which is not an error of the dataset."""
+    bids = make_tiny_bids(tmp_path / "bids", subjects=("01", "02"))
+    (bids / "task-rest_bold.json").write_text(json.dumps({"TaskName": "rest", "RepetitionTime": 0.8}))
+    func = bids / "sub-02" / "func"
+    func.mkdir()
+    (bids / "sub-02" / "dwi" / "sub-02_dwi.nii.gz").rename(func / "sub-02_task-rest_bold.nii.gz")
+    code, err = _run(capsys, bids, tmp_path / "out", "--participant-label", "01")
+    assert code == 0, err
+    assert [r.source.prefix for r in recorded] == ["sub-01"]

@@ -266,10 +266,10 @@ def _run_group(args, dist, device) -> int:
     # --- data, loaded once (by every rank) ---------------------------------------------
     with dist.phase():
         grid = template_grid(cfg.template)
-        images = _load_images(inputs, cfg, grid)
+        images, index = _load_images(inputs, cfg, grid)
 
     ctx = RunContext(cfg=cfg, device=device, model=model, init=init, info=info, fingerprint=fingerprint,
-                     grid=grid, inputs=inputs, images=images, gdir=gdir, ckpt_root=ckpt_root,
+                     grid=grid, inputs=inputs, images=images, index=index, gdir=gdir, ckpt_root=ckpt_root,
                      resume=resume, progress=progress, column=column)
 
     # --- cross-validation --------------------------------------------------------
@@ -363,11 +363,10 @@ def _check_resume_config(gdir: Path, cfg) -> None:
                          "use the same --pipeline/--seed or run without --resume")
 
 
-def _load_images(inputs: GroupInputs, cfg, grid) -> dict:
-    """(subject, run key) → input tensor, loaded once and shared by all folds."""
-    import torch
-
-    from .data import grid_of, load_input, same_grid
+def _load_images(inputs: GroupInputs, cfg, grid):
+    """Every run's input, streamed: a :class:`~bids_adhd.learn.data.RunImages` (bounded cache) shared by
+    all folds, and (subject, run key) → its index there."""
+    from .data import RunImages, grid_of, same_grid
 
     first = inputs.runs[inputs.subjects[0]][0]
     shape, aff = grid_of(first.fa)
@@ -376,15 +375,15 @@ def _load_images(inputs: GroupInputs, cfg, grid) -> dict:
                     "%.3g mm: resampling them (run the participant level with --pipeline %s to avoid this)",
                     "x".join(map(str, shape)), abs(aff[0, 0]), cfg.name, "x".join(map(str, grid[0])),
                     abs(grid[1][0, 0]), cfg.name)
-    images = {}
+    keys = [(s, rm.source.prefix) for s in inputs.subjects for rm in inputs.runs[s]]
+    maps = [rm for s in inputs.subjects for rm in inputs.runs[s]]
     t0 = time.perf_counter()
     intensity = getattr(cfg.model, "intensity", "none")
-    for s in inputs.subjects:
-        for rm in inputs.runs[s]:
-            images[(s, rm.source.prefix)] = torch.from_numpy(load_input(rm, cfg.model.channels, grid, intensity))
-    LOG.info("loaded %d runs of %d subjects (%s, intensity %s) in %.1f s", len(images), len(inputs.subjects),
-             "+".join(cfg.model.channels), intensity, time.perf_counter() - t0)
-    return images
+    images = RunImages(maps, cfg.model.channels, grid, intensity, num_workers=int(cfg.train.num_workers))
+    LOG.info("%d runs of %d subjects (%s, intensity %s): %d cached in memory (loaded in %.1f s), the others "
+             "read per batch", len(maps), len(inputs.subjects), "+".join(cfg.model.channels), intensity,
+             images.cache_num, time.perf_counter() - t0)
+    return images, {k: i for i, k in enumerate(keys)}
 
 
 @dataclass
@@ -397,7 +396,8 @@ class RunContext:
     fingerprint: str
     grid: tuple
     inputs: GroupInputs
-    images: dict
+    images: object                        # RunImages: read per batch
+    index: dict                           # (subject, run key) -> position in images
     gdir: Path
     ckpt_root: Path
     resume: bool
@@ -409,7 +409,7 @@ class RunContext:
         for s in sorted(subjects):
             for rm in self.inputs.runs[s]:
                 out.append({"id": f"{s}:{rm.source.prefix}", "subject": s, "label": self.inputs.labels[s],
-                            "image": self.images[(s, rm.source.prefix)]})
+                            "images": self.images, "index": self.index[(s, rm.source.prefix)]})
         return out
 
 
@@ -460,6 +460,7 @@ def _read_json_if(path: Path, *also: Path):
 
 
 def run_fold(ctx: RunContext, k: int, assignment: dict) -> dict:
+    from .data import ItemImages
     from .distributed import current
     from .metrics import binary_metrics, format_metrics
     from .train import amp_dtype, predict_proba
@@ -477,7 +478,7 @@ def run_fold(ctx: RunContext, k: int, assignment: dict) -> dict:
     LOG.info("fold %d/%d: %d training, %d test subjects", k + 1, cfg.train.folds, len(train), len(test))
     res = _train(ctx, f"fold-{k + 1}", train, cfg.train.seed * 100 + k + 1, fdir)
     items = ctx.items(test)
-    p_run = predict_proba(ctx.model, [it["image"] for it in items], ctx.device, cfg.train.batch_size,
+    p_run = predict_proba(ctx.model, ItemImages(items), ctx.device, cfg.train.batch_size,
                           amp_dtype(ctx.device, cfg.train.amp))
     probs = _subject_probs(items, p_run)
     y = [ctx.inputs.labels[s] for s in test]
