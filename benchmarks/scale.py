@@ -7,7 +7,7 @@ Participant level
     to one tiny file (little disk), plus one real subject, ``sub-target`` (sub-01 of a
     ``bids_adhd simulate --size demo`` dataset). The same subject also gets a dataset of its own.
     Then, ``--repeats`` times, interleaved: ``bids_adhd DS OUT participant --participant-label target
-    --pipeline fast --nprocs 2`` on both datasets, with ``--skip-bids-validation`` and with the
+    --pipeline P --nprocs 2`` (``--pipeline``, default fast) on both datasets, with ``--skip-bids-validation`` and with the
     validator; fresh output and work dirs each time. Reports wall time and peak RSS (the largest
     process of the tree) per run, the medians and the ratios big / alone.
     ``--reference`` also times, once, what a job cost before: pybids indexing the whole skeleton
@@ -143,20 +143,23 @@ def build_datasets(tmp: Path, n_skeleton: int) -> tuple[Path, Path, int]:
     return big, alone, n_files
 
 
-def participant_runs(tmp: Path, big: Path, alone: Path, repeats: int) -> list[dict]:
+def participant_runs(tmp: Path, big: Path, alone: Path, repeats: int, pipeline: str, save=None) -> list[dict]:
+    """Interleaved runs; ``save(runs)`` after each (a run cut short keeps what was measured)."""
     runs = []
     for rep in range(1, repeats + 1):
         for validate in (False, True):
             for name, ds in (("alone", alone), ("big", big)):
                 tag = f"{name}-{'val' if validate else 'skip'}-{rep}"
                 cmd = [PY, "-m", "bids_adhd", str(ds), str(tmp / f"out-{tag}"), "participant", "--participant-label",
-                       "target", "--pipeline", "fast", "--nprocs", "2", "--work-dir", str(tmp / f"work-{tag}")]
+                       "target", "--pipeline", pipeline, "--nprocs", "2", "--work-dir", str(tmp / f"work-{tag}")]
                 if not validate:
                     cmd.append("--skip-bids-validation")
                 res = measured(cmd, tmp / f"{tag}.log")
                 print(f"  {tag}: exit {res['exit']}, {res['wall_s']} s, {res['peak_rss_mb']} MB "
                       f"(load {res['loadavg_before'][0]})", flush=True)
                 runs.append({"dataset": name, "validation": validate, "repeat": rep, **res})
+                if save is not None:
+                    save(runs)
                 shutil.rmtree(tmp / f"work-{tag}", ignore_errors=True)
                 shutil.rmtree(tmp / f"out-{tag}", ignore_errors=True)
     return runs
@@ -166,14 +169,14 @@ def summarise_participant(runs: list[dict]) -> dict:
     out = {}
     for validate in (False, True):
         key = "with_validation" if validate else "skip_validation"
-        med = {name: statistics.median(r["wall_s"] for r in runs if r["dataset"] == name
-                                       and r["validation"] == validate and r["exit"] == 0)
-               for name in ("alone", "big")}
-        rss = {name: statistics.median(r["peak_rss_mb"] for r in runs if r["dataset"] == name
-                                       and r["validation"] == validate and r["exit"] == 0)
-               for name in ("alone", "big")}
+        ok = {name: [r for r in runs if r["dataset"] == name and r["validation"] == validate and r["exit"] == 0]
+              for name in ("alone", "big")}
+        if not all(ok.values()):
+            continue
+        med = {name: statistics.median(r["wall_s"] for r in ok[name]) for name in ok}
+        rss = {name: statistics.median(r["peak_rss_mb"] for r in ok[name]) for name in ok}
         out[key] = {"median_wall_s": med, "ratio_big_over_alone": round(med["big"] / med["alone"], 3),
-                    "median_peak_rss_mb": rss}
+                    "median_peak_rss_mb": rss, "n_runs": {name: len(v) for name, v in ok.items()}}
     return out
 
 
@@ -281,7 +284,7 @@ def write_markdown(res: dict, path: Path) -> None:
                   f"({p['skeleton_files']} skeleton files)", "",
                   "| validation | median wall alone (s) | median wall in the big dataset (s) | ratio | "
                   "median peak RSS alone / big (MB) |", "| --- | --- | --- | --- | --- |"]
-        for key, s in p["summary"].items():
+        for key, s in p.get("summary", {}).items():
             lines.append(f"| {key.replace('_', ' ')} | {s['median_wall_s']['alone']:.1f} | "
                          f"{s['median_wall_s']['big']:.1f} | {s['ratio_big_over_alone']:.3f} | "
                          f"{s['median_peak_rss_mb']['alone']:.0f} / {s['median_peak_rss_mb']['big']:.0f} |")
@@ -289,7 +292,7 @@ def write_markdown(res: dict, path: Path) -> None:
         lines += ["| run | dataset | validation | exit | wall (s) | peak RSS (MB) | load before |",
                   "| --- | --- | --- | --- | --- | --- | --- |"]
         lines += [f"| {r['repeat']} | {r['dataset']} | {r['validation']} | {r['exit']} | {r['wall_s']} | "
-                  f"{r['peak_rss_mb']} | {r['loadavg_before'][0]} |" for r in p["runs"]]
+                  f"{r['peak_rss_mb']} | {r['loadavg_before'][0]} |" for r in p.get("runs", [])]
         if p.get("reference"):
             ref = p["reference"]
             lines += ["", "What every job paid before (once): pybids index of the whole skeleton "
@@ -315,6 +318,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--skeleton", type=int, default=2000, help="skeleton subjects (default 2000)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--pipeline", default="fast", help="participant-level preset or YAML (default fast); "
+                    "ci/smoke-pipeline.yaml makes the fixed per-job cost a larger share: a stricter ratio")
     ap.add_argument("--reference", action="store_true", help="also time the whole-dataset index and validation once")
     ap.add_argument("--sizes", type=int, nargs="+", default=[200, 2000], help="group-level N values")
     ap.add_argument("--unique", type=int, default=16, help="distinct synthetic subjects the group sets link to")
@@ -339,12 +344,17 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             big, alone, n_files = build_datasets(tmp, args.skeleton)
             print(f"built the skeleton ({n_files} files) in {time.perf_counter() - t0:.0f} s", flush=True)
-            runs = participant_runs(tmp, big, alone, args.repeats)
-            res["participant"] = {"skeleton_subjects": args.skeleton, "skeleton_files": n_files,
-                                  "command_per_run": "bids_adhd DS OUT participant --participant-label target "
-                                                     "--pipeline fast --nprocs 2 [--skip-bids-validation]",
-                                  "runs": runs, "summary": summarise_participant(runs),
-                                  "reference": reference(tmp, big) if args.reference else None}
+            part = res["participant"] = {
+                "skeleton_subjects": args.skeleton, "skeleton_files": n_files, "repeats_asked": args.repeats,
+                "command_per_run": "bids_adhd DS OUT participant --participant-label target "
+                                   f"--pipeline {args.pipeline} --nprocs 2 [--skip-bids-validation]"}
+
+            def save(runs):
+                part.update(runs=runs, summary=summarise_participant(runs))
+                _write(res, args.out)
+
+            participant_runs(tmp, big, alone, args.repeats, args.pipeline, save)
+            part["reference"] = reference(tmp, big) if args.reference else None
         if args.only in (None, "group"):
             from bids_adhd.config import load_pipeline
             from bids_adhd.learn.data import cache_mb
@@ -354,10 +364,14 @@ def main(argv=None) -> int:
                             "channels": len(load_pipeline("paper").model.channels), "cache_mb": cache_mb(),
                             "peak_rss_ratio": round(runs[-1]["peak_rss_mb_self"] / runs[0]["peak_rss_mb_self"], 3)}
     res["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=1) + "\n")
-    write_markdown(res, args.out.with_suffix(".md"))
+    _write(res, args.out)
     return 0
+
+
+def _write(res: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1) + "\n")
+    write_markdown(res, out.with_suffix(".md"))
 
 
 if __name__ == "__main__":

@@ -133,11 +133,14 @@ def _subset_view(bids_dir: Path, subjects: list[str], view: Path) -> Path:
     return view
 
 
+#: errors that only a subset view can raise: a top-level sidecar (``task-rest_bold.json``) whose
+#: data files are all in subjects left out; participants.tsv rows of subjects left out
+_SUBSET_ARTEFACTS = {"SIDECAR_WITHOUT_DATAFILE", "PARTICIPANT_ID_MISMATCH"}
+
+
 def _subset_artefact(issue: dict) -> bool:
-    """An error that only a subset view can raise: a top-level sidecar (``task-rest_bold.json``)
-    whose data files are all in subjects that were left out."""
     where = str(issue.get("location", ""))
-    return issue.get("code") == "SIDECAR_WITHOUT_DATAFILE" and where.count("/") <= 1
+    return issue.get("code") in _SUBSET_ARTEFACTS and where.count("/") <= 1
 
 
 def run_validator(bids_dir: Path, subjects: list[str] | None = None) -> None:

@@ -103,3 +103,58 @@ def test_top_level_sidecar_of_unselected_data_is_no_error(tmp_path, capsys, reco
     code, err = _run(capsys, bids, tmp_path / "out", "--participant-label", "01")
     assert code == 0, err
     assert [r.source.prefix for r in recorded] == ["sub-01"]
+
+
+# --- the group level reads its inputs per batch ------------------------------------------------
+
+@pytest.fixture(scope="module")
+def six_runs(tmp_path_factory):
+    from bids_adhd.config import load_pipeline
+    from bids_adhd.dmri.template import template_grid
+    from bids_adhd.learn.data import find_template_maps, write_synthetic_maps
+
+    tmp = tmp_path_factory.mktemp("stream")
+    cfg = load_pipeline("fast")
+    write_synthetic_maps(tmp / "out", tmp / "bids", n_subjects=6, seed=4, template_cfg=cfg.template)
+    complete, _ = find_template_maps(tmp / "out")
+    return [complete[s][0] for s in sorted(complete)], template_grid(cfg.template)
+
+
+def test_run_images_cache_is_bounded_and_the_rest_is_read_per_access(six_runs, monkeypatch):
+    import torch
+
+    import bids_adhd.learn.data as data
+
+    maps, grid = six_runs
+    truth = [torch.from_numpy(data.load_input(m, ("fa", "md"), grid)) for m in maps]
+    per_run_mib = 2 * 32 ** 3 * 4 / 2 ** 20
+    images = data.RunImages(maps, ("fa", "md"), grid, cache_mib=2.5 * per_run_mib)
+    assert images.cache_num == 2 and len(images) == 6
+    reads = []
+    real = data.load_input
+    monkeypatch.setattr(data, "load_input", lambda m, *a, **k: reads.append(m) or real(m, *a, **k))
+    for i in (0, 1, 4, 4):
+        assert torch.equal(images[i], truth[i])
+    assert reads == [maps[4], maps[4]]                       # cached runs are not read again, the others are
+    monkeypatch.setenv("BIDS_ADHD_CACHE_MB", "0")
+    assert data.RunImages(maps, ("fa",), grid).cache_num == 0
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_batch_loader_and_lazy_sequences_give_the_items_images_in_order(six_runs, workers):
+    import torch
+
+    from bids_adhd.learn.data import ItemImages, RunImages, batch_loader, load_input
+
+    maps, grid = six_runs
+    images = RunImages(maps, ("fa",), grid, cache_mib=0)
+    items = [{"images": images, "index": i, "label": i % 2} for i in range(6)]
+    batches = [[5, 0], [3], [1, 2, 4, 1]]
+    got = list(batch_loader(items, batches, workers))
+    assert [len(b) for b in got] == [2, 1, 4]
+    for batch, loaded in zip(batches, got):
+        for j, x in zip(batch, loaded):
+            assert torch.equal(x, torch.from_numpy(load_input(maps[j], ("fa",), grid)))
+    lazy = ItemImages(items)[2:5]
+    assert isinstance(lazy, ItemImages) and len(lazy) == 3
+    assert torch.equal(torch.stack(list(lazy)), torch.stack([images[2], images[3], images[4]]))
