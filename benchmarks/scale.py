@@ -302,9 +302,10 @@ def write_markdown(res: dict, path: Path) -> None:
         lines.append("")
     g = res.get("group")
     if g:
-        lines += ["## Group level: collect maps + labels, stream every run once (no model)", "",
+        lines += ["## Group level: collect maps + labels, fill the cache, stream batches (no model)", "",
                   f"Paper grid 96³ × {g['channels']} channel(s), batch {g['batch_size']}, "
-                  f"{g['workers']} loader worker(s), cache bound {g['cache_mb']} MiB.", "",
+                  f"{g['workers']} loader worker(s), cache bound {g['cache_mb']} MiB; streamed: every run, at most --max-steps "
+                  "batches (see group.command).", "",
                   "| N | runs | cached | collect (s) | stream (s) | streamed runs | peak RSS (MB) | workers' peak (MB) |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         lines += [f"| {r['n']} | {r['runs']} | {r['cached_runs']} | {r['collect_s']} | {r['stream_s']} | "

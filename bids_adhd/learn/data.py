@@ -37,7 +37,7 @@ Streaming
 ---------
 :class:`RunImages` holds the runs' map paths in a ``monai.data.CacheDataset``
 whose cache is bounded (``BIDS_ADHD_CACHE_MB``, default :data:`CACHE_MB` = 512 MiB:
-145 runs of one 96³ channel, 72 of two, 4,096 of one 32³ channel): the runs beyond the bound
+151 runs of one 96³ channel, 75 of two, 4,096 of one 32³ channel): the runs beyond the bound
 are read from disk for every batch that uses them (:func:`batch_loader`, a
 torch ``DataLoader`` with ``TrainConfig.num_workers`` processes reading
 ahead). Prediction and feature passes read their batches through
