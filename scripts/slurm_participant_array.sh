@@ -13,12 +13,12 @@
 #   SLURM_ARRAY_TASK_ID=3 scripts/slurm_participant_array.sh --dry-run
 #
 # Extra arguments are passed to bids_adhd, e.g. `... slurm_participant_array.sh --pipeline fast`.
-# Validate the dataset once before submitting (bids-validator-deno $BIDS_DIR, or one
-# task without SKIP_VALIDATION); array tasks skip it by default (SKIP_VALIDATION=1),
-# since every task would validate the whole dataset again.
+# Each task indexes and validates only its own subject (plus the top-level files), so a task
+# costs the same in a 2,000-subject dataset as alone, and another subject's problems do not
+# stop it. SKIP_VALIDATION=1 skips even that (e.g. a dataset validated as a whole beforehand).
 #
 # Environment: BIDS_DIR, OUT_DIR, SIF (required); WORK_ROOT (default /tmp/$USER/bids_adhd_work);
-# APPTAINER (default: apptainer, else singularity); SKIP_VALIDATION (1); KEEP_WORK (1: keep
+# APPTAINER (default: apptainer, else singularity); SKIP_VALIDATION (0); KEEP_WORK (1: keep
 # the task's work dir for re-runs; 0: delete it after success).
 #
 #SBATCH --job-name=bids_adhd
@@ -88,7 +88,7 @@ WORK_ROOT=${WORK_ROOT:-/tmp/${USER:-bids_adhd}/bids_adhd_work}
 work="$WORK_ROOT/sub-$label"
 runtime=${APPTAINER:-$(command -v apptainer || command -v singularity || echo apptainer)}
 skip=()
-[ "${SKIP_VALIDATION:-1}" = 1 ] && skip=(--skip-bids-validation)
+[ "${SKIP_VALIDATION:-0}" = 1 ] && skip=(--skip-bids-validation)
 
 cmd=("$runtime" run --containall
      -B "$BIDS_DIR:/data:ro" -B "$OUT_DIR:/out" -B "$work:/work"

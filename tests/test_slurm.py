@@ -226,3 +226,11 @@ def test_slurmgraph_outputs_equal_multiproc(slurm, tmp_path, tiny_bids):
     assert sorted(p.name for p in sl_out.glob("*.html")) == sorted(p.name for p in mp_out.glob("*.html"))
     problems = _compare(mp_out, sl_out)
     assert not problems, "\n".join(problems[:20])
+
+
+def test_array_tasks_validate_their_own_subject_by_default(tmp_path):
+    """A task validates only its subject and the top-level files (cheap): on by default."""
+    bids = _participants(tmp_path / "bids", "participant_id\nsub-01\n")
+    env = {"BIDS_DIR": str(bids), "OUT_DIR": "/o", "SIF": "/a.sif", "SLURM_ARRAY_TASK_ID": "1"}
+    assert "--skip-bids-validation" not in _array(env, "--dry-run").stdout.split()
+    assert "--skip-bids-validation" in _array({**env, "SKIP_VALIDATION": "1"}, "--dry-run").stdout.split()

@@ -33,15 +33,18 @@ template space, so this is a trilinear interpolation in world coordinates,
 with a Gaussian anti-aliasing pre-filter (FWHM = the new voxel size) when
 going to a coarser grid; the mask is resampled linearly and thresholded at 0.5.
 
-MONAI
------
-:func:`make_dataset` wraps the subjects into a ``monai.data.CacheDataset``
-(the loaded arrays are cached; 32³ or 96³ floats per channel) whose random
-transforms are the optional augmentation: ``RandFlipd`` along the
-left-right axis (``TrainConfig.augment_flip``; the brain is roughly
-symmetric and the template is the symmetric MNI 2009a) and a small
-``RandAffined`` (``augment_affine``: ±5° rotations, ±5 % scaling, ±1 voxel
-translations, trilinear, zero padding).
+Streaming
+---------
+:class:`RunImages` holds the runs' map paths in a ``monai.data.CacheDataset``
+whose cache is bounded (``BIDS_ADHD_CACHE_MB``, default :data:`CACHE_MB` = 512 MiB:
+151 runs of one 96³ channel, 75 of two, 4,096 of one 32³ channel): the runs beyond the bound
+are read from disk for every batch that uses them (:func:`batch_loader`, a
+torch ``DataLoader`` with ``TrainConfig.num_workers`` processes reading
+ahead). Prediction and feature passes read their batches through
+:class:`ItemImages`. Nothing holds every subject in memory, so a group level
+of 2,000 subjects needs about the memory of one of 200 (measured:
+``benchmarks/scale.py``). The augmentation (group.py) runs in the main
+process, on each batch, so that its random state stays reproducible.
 
 :func:`write_synthetic_maps` writes template-space maps directly (no
 participant level) for fast tests and benchmarks of the group level.
@@ -50,7 +53,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import re
+from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -59,7 +64,7 @@ import numpy as np
 
 from .. import derivatives as dv
 from ..entities import KEY_ENTITIES
-from ..errors import DataError
+from ..errors import DataError, UsageError
 
 LOG = logging.getLogger("bids_adhd.group")
 
@@ -234,54 +239,109 @@ def grid_of(path: Path) -> tuple[tuple, np.ndarray]:
     return tuple(int(s) for s in img.shape[:3]), np.asarray(img.affine, float)
 
 
-# --- MONAI dataset -------------------------------------------------------------
+# --- MONAI dataset: streamed per batch, bounded cache ---------------------------------
 
-class LoadRunMapsd:
-    """MONAI-style dict transform: ``{"maps": RunMaps, ...}`` → adds ``"image"`` (C, D, H, W)."""
-
-    def __init__(self, channels: Sequence[str], grid: tuple, intensity: str):
-        self.channels, self.grid, self.intensity = tuple(channels), grid, intensity
-
-    def __call__(self, item: dict) -> dict:
-        out = dict(item)
-        out["image"] = load_input(item["maps"], self.channels, self.grid, self.intensity)
-        return out
+#: default memory bound (MiB) of the cache of loaded network inputs; ``BIDS_ADHD_CACHE_MB`` overrides
+CACHE_MB = 512.0
 
 
-def make_transforms(channels, grid, intensity: str, augment_flip: bool = False, augment_affine: bool = False):
-    """(deterministic loading transform, random augmentation transform or None)."""
-    from monai.transforms import Compose, RandAffined, RandFlipd, ToTensord
+def cache_mb() -> float:
+    """The cache bound in MiB: ``$BIDS_ADHD_CACHE_MB`` if set (0: no cache), else :data:`CACHE_MB`."""
+    raw = os.environ.get("BIDS_ADHD_CACHE_MB")
+    if raw in (None, ""):
+        return CACHE_MB
+    try:
+        value = float(raw)
+    except ValueError:
+        raise UsageError(f"BIDS_ADHD_CACHE_MB={raw!r} is not a number of MiB") from None
+    if value < 0:
+        raise UsageError(f"BIDS_ADHD_CACHE_MB must be ≥ 0 (got {raw})")
+    return value
 
-    load = Compose([LoadRunMapsd(channels, grid, intensity), ToTensord(keys=["image"], track_meta=False)])
-    aug = []
-    if augment_flip:
-        aug.append(RandFlipd(keys=["image"], prob=0.5, spatial_axis=0))
-    if augment_affine:
-        aug.append(RandAffined(keys=["image"], prob=0.8, rotate_range=(np.radians(5),) * 3,
-                               scale_range=(0.05,) * 3, translate_range=(1, 1, 1), mode="bilinear",
-                               padding_mode="zeros"))
-    return load, (Compose(aug) if aug else None)
+
+def _load_transform(channels, grid, intensity: str):
+    """``{"maps": RunMaps}`` → ``{"image": (C, D, H, W) float32 tensor}``; deterministic (cacheable)."""
+    from monai.transforms import Compose, MapTransform
+
+    class LoadRunMapsd(MapTransform):
+        def __init__(self):
+            super().__init__(keys=["maps"])
+
+        def __call__(self, item: dict) -> dict:
+            import torch
+            return {"image": torch.from_numpy(load_input(item["maps"], channels, grid, intensity))}
+
+    return Compose([LoadRunMapsd()])
 
 
-def make_dataset(items: list[dict], channels, grid, intensity: str, augment_flip=False, augment_affine=False,
-                 cache: dict | None = None):
-    """A MONAI ``CacheDataset`` of ``items`` (dicts with ``maps``, ``label``, ``id``).
+class RunImages:
+    """The network inputs of a list of runs, read from disk when a batch needs them.
 
-    ``cache`` (id → loaded tensor) lets folds share the loaded arrays.
+    A MONAI ``CacheDataset`` over the runs' map paths: the first runs, as many as fit in
+    ``cache_mb`` MiB, are loaded once and kept (shared by all folds); every other run is
+    read again whenever a batch uses it. Memory grows with the batch and the cache bound,
+    not with the number of subjects.
     """
-    from monai.data import CacheDataset, Dataset
 
-    load, aug = make_transforms(channels, grid, intensity, augment_flip, augment_affine)
-    if cache is not None:
-        loaded = []
-        for it in items:
-            key = it["id"]
-            if key not in cache:
-                cache[key] = load(it)["image"]
-            loaded.append({**it, "image": cache[key]})
-        return Dataset(loaded, transform=aug) if aug else Dataset(loaded)
-    ds = CacheDataset(items, transform=load, progress=False, num_workers=0)
-    return Dataset(list(ds), transform=aug) if aug else ds
+    def __init__(self, maps: Sequence[RunMaps], channels, grid: tuple, intensity: str = "none",
+                 cache_mib: float | None = None, num_workers: int = 0):
+        from monai.data import CacheDataset
+
+        per_item = 4 * len(channels) * int(np.prod(grid[0]))
+        bound = cache_mb() if cache_mib is None else float(cache_mib)
+        self.cache_num = min(len(maps), int(bound * 2 ** 20 // per_item))
+        self.dataset = CacheDataset([{"maps": m} for m in maps], transform=_load_transform(channels, grid, intensity),
+                                    cache_num=self.cache_num, num_workers=max(1, int(num_workers)),
+                                    progress=False, copy_cache=False)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        return self.dataset[int(index)]["image"]
+
+
+def image_of(item: dict):
+    """The input tensor of an item: its ``image``, or entry ``index`` of its ``images`` (:class:`RunImages`)."""
+    return item["image"] if "image" in item else item["images"][item["index"]]
+
+
+class ItemImages(SequenceABC):
+    """The input tensors of ``items`` as a lazy sequence: an image is read when it is indexed, a
+    slice is another lazy sequence. ``predict``/``features`` loops take their batches from it."""
+
+    def __init__(self, items):
+        self.items = list(items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return ItemImages(self.items[index])
+        return image_of(self.items[index])
+
+
+class _ItemsDataset:
+    def __init__(self, items):
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, j: int):
+        return image_of(self.items[j])
+
+
+def batch_loader(items: Sequence[dict], batches: Sequence[Sequence[int]], num_workers: int = 0):
+    """The images of ``items[j] for j in batch``, one list per batch, in order, through a torch
+    ``DataLoader`` with ``num_workers`` processes reading ahead (0: read in this process)."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    return DataLoader(_ItemsDataset(items), batch_sampler=[list(b) for b in batches], collate_fn=list,
+                      num_workers=int(num_workers), generator=torch.Generator().manual_seed(0),
+                      persistent_workers=False)
 
 
 # --- synthetic template-space maps (tests, benchmarks) ----------------------------

@@ -52,6 +52,8 @@ CPU process with ``--device cpu``. ``docs/deploy.md`` has the commands.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import contextlib
 import datetime
 import hashlib
@@ -199,8 +201,11 @@ class Dist:
         return padded[self.rank::self.world], keep[self.rank::self.world]
 
     def map_sharded(self, fn, items) -> list:
-        """``fn(sublist)`` → one row per item, for ``items[rank::W]`` on each rank; all rows, in order, on all."""
-        items = list(items)
+        """``fn(sublist)`` → one row per item, for ``items[rank::W]`` on each rank; all rows, in order, on all.
+
+        A sequence (e.g. the lazy :class:`~bids_adhd.learn.data.ItemImages`) is sliced, not listed: its
+        images are read only by the rank that uses them."""
+        items = items if isinstance(items, Sequence) else list(items)
         if not self.enabled:
             return list(fn(items)) if items else []
         sub = items[self.rank::self.world]

@@ -327,10 +327,10 @@ def _run_group(args, dist, device) -> int:
     # --- data, loaded once (by every rank) ---------------------------------------------
     with dist.phase():
         grid = template_grid(cfg.template)
-        images = _load_images(inputs, cfg, grid)
+        images, index = _load_images(inputs, cfg, grid)
 
     ctx = RunContext(cfg=cfg, device=device, model=model, init=init, info=info, fingerprint=fingerprint,
-                     grid=grid, inputs=inputs, images=images, gdir=gdir, ckpt_root=ckpt_root,
+                     grid=grid, inputs=inputs, images=images, index=index, gdir=gdir, ckpt_root=ckpt_root,
                      resume=resume, progress=progress, column=column, opts=opts, bids_dir=bids_dir,
                      out_root=out_root)
 
@@ -378,12 +378,13 @@ def _assign(inputs: GroupInputs, cfg, opts) -> dict[str, int]:
 def _frozen_features(ctx) -> np.ndarray:
     """(subjects, features): the encoder's pooled features as built (no fine-tuning), runs averaged;
     the permutation test's input (:func:`bids_adhd.learn.groupstats.permutation_test`)."""
+    from .data import ItemImages
     from .train import amp_dtype, pooled_features, restore_state
 
     t0 = time.perf_counter()
     restore_state(ctx.model, ctx.init)
     items = ctx.items(ctx.inputs.subjects)
-    f = pooled_features(ctx.model, [it["image"] for it in items], ctx.device, ctx.cfg.train.batch_size,
+    f = pooled_features(ctx.model, ItemImages(items), ctx.device, ctx.cfg.train.batch_size,
                         amp_dtype(ctx.device, ctx.cfg.train.amp)).numpy()
     subs = [it["subject"] for it in items]
     out = np.stack([f[[i for i, x in enumerate(subs) if x == s]].mean(0) for s in ctx.inputs.subjects])
@@ -482,11 +483,10 @@ def _check_resume_config(gdir: Path, cfg, selection: dict | None = None) -> None
                          "use the same --pipeline/--seed or run without --resume")
 
 
-def _load_images(inputs: GroupInputs, cfg, grid) -> dict:
-    """(subject, run key) → input tensor, loaded once and shared by all folds."""
-    import torch
-
-    from .data import grid_of, load_input, same_grid
+def _load_images(inputs: GroupInputs, cfg, grid):
+    """Every run's input, streamed: a :class:`~bids_adhd.learn.data.RunImages` (bounded cache) shared by
+    all folds, and (subject, run key) → its index there."""
+    from .data import RunImages, grid_of, same_grid
 
     first = inputs.runs[inputs.subjects[0]][0]
     shape, aff = grid_of(first.fa)
@@ -495,15 +495,15 @@ def _load_images(inputs: GroupInputs, cfg, grid) -> dict:
                     "%.3g mm: resampling them (run the participant level with --pipeline %s to avoid this)",
                     "x".join(map(str, shape)), abs(aff[0, 0]), cfg.name, "x".join(map(str, grid[0])),
                     abs(grid[1][0, 0]), cfg.name)
-    images = {}
+    keys = [(s, rm.source.prefix) for s in inputs.subjects for rm in inputs.runs[s]]
+    maps = [rm for s in inputs.subjects for rm in inputs.runs[s]]
     t0 = time.perf_counter()
     intensity = getattr(cfg.model, "intensity", "none")
-    for s in inputs.subjects:
-        for rm in inputs.runs[s]:
-            images[(s, rm.source.prefix)] = torch.from_numpy(load_input(rm, cfg.model.channels, grid, intensity))
-    LOG.info("loaded %d runs of %d subjects (%s, intensity %s) in %.1f s", len(images), len(inputs.subjects),
-             "+".join(cfg.model.channels), intensity, time.perf_counter() - t0)
-    return images
+    images = RunImages(maps, cfg.model.channels, grid, intensity, num_workers=int(cfg.train.num_workers))
+    LOG.info("%d runs of %d subjects (%s, intensity %s): %d cached in memory (loaded in %.1f s), the others "
+             "read per batch", len(maps), len(inputs.subjects), "+".join(cfg.model.channels), intensity,
+             images.cache_num, time.perf_counter() - t0)
+    return images, {k: i for i, k in enumerate(keys)}
 
 
 @dataclass
@@ -516,7 +516,8 @@ class RunContext:
     fingerprint: str
     grid: tuple
     inputs: GroupInputs
-    images: dict
+    images: object                        # RunImages: read per batch
+    index: dict                           # (subject, run key) -> position in images
     gdir: Path
     ckpt_root: Path
     resume: bool
@@ -533,7 +534,7 @@ class RunContext:
         for s in sorted(subjects):
             for rm in self.inputs.runs[s]:
                 out.append({"id": f"{s}:{rm.source.prefix}", "subject": s, "label": self.inputs.labels[s],
-                            "image": self.images[(s, rm.source.prefix)]})
+                            "images": self.images, "index": self.index[(s, rm.source.prefix)]})
         return out
 
 
@@ -586,6 +587,7 @@ def _read_json_if(path: Path, *also: Path):
 
 
 def run_fold(ctx: RunContext, k: int, assignment: dict) -> dict:
+    from .data import ItemImages
     from .distributed import current
     from .metrics import binary_metrics, format_metrics
     from .stats import apply_platt
@@ -604,7 +606,7 @@ def run_fold(ctx: RunContext, k: int, assignment: dict) -> dict:
     LOG.info("fold %d/%d: %d training, %d test subjects", k + 1, cfg.train.folds, len(train), len(test))
     res = _train(ctx, f"fold-{k + 1}", train, cfg.train.seed * 100 + k + 1, fdir)
     items = ctx.items(test)
-    p_run = predict_proba(ctx.model, [it["image"] for it in items], ctx.device, cfg.train.batch_size,
+    p_run = predict_proba(ctx.model, ItemImages(items), ctx.device, cfg.train.batch_size,
                           amp_dtype(ctx.device, cfg.train.amp))
     raw = _subject_probs(items, p_run)
     cal, thr, p_val = _calibration(ctx, res["inner_val"])
@@ -642,13 +644,14 @@ def run_fold(ctx: RunContext, k: int, assignment: dict) -> dict:
 def _calibration(ctx: RunContext, val_subjects) -> tuple[dict | None, float, dict]:
     """(Platt MAP calibration, Youden threshold, raw probabilities) from the trained model's
     predictions of its inner-validation subjects (never the test fold); none: identity and 0.5."""
+    from .data import ItemImages
     from .groupstats import calibrate_fold
     from .train import amp_dtype, predict_proba
 
     if not val_subjects:
         return None, 0.5, {}
     items = ctx.items(val_subjects)
-    p_run = predict_proba(ctx.model, [it["image"] for it in items], ctx.device, ctx.cfg.train.batch_size,
+    p_run = predict_proba(ctx.model, ItemImages(items), ctx.device, ctx.cfg.train.batch_size,
                           amp_dtype(ctx.device, ctx.cfg.train.amp))
     probs = _subject_probs(items, p_run)
     prior = ctx.opts.calibration_prior_sd if ctx.opts is not None else 1.0
@@ -658,11 +661,12 @@ def _calibration(ctx: RunContext, val_subjects) -> tuple[dict | None, float, dic
 
 def _fold_saliency(ctx: RunContext, fdir: Path, items) -> dict | None:
     """The fold model's saliency averaged over its test subjects, written under ``fdir`` (rank 0)."""
+    from .data import ItemImages
     from .saliency import mean_saliency, write_saliency
 
     t0 = time.perf_counter()
     try:
-        sal = mean_saliency(ctx.model, [it["image"] for it in items], ctx.device)
+        sal = mean_saliency(ctx.model, ItemImages(items), ctx.device)
     except Exception as exc:   # saliency is a report item: a failure must not lose the trained fold
         LOG.warning("saliency for %s failed (%s: %s); left out", fdir.name, type(exc).__name__, exc)
         return None

@@ -55,6 +55,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import derivatives as dv
+from ..errors import UsageError
+from .data import ItemImages, batch_loader
 from .distributed import current as current_dist, resolve_device  # noqa: F401 (train.resolve_device)
 
 LOG = logging.getLogger("bids_adhd.group")
@@ -255,6 +257,7 @@ def train_model(model: nn.Module, init: dict, train_set: list[dict], val_set: li
     criterion = nn.CrossEntropyLoss(weight=weights.to(device))
     trainable = [p for p in model.parameters() if p.requires_grad]
     bs = int(t_cfg.batch_size)
+    workers = int(getattr(t_cfg, "num_workers", 0) or 0)
     steps_per_epoch = max(1, math.ceil(len(train_set) / bs))
     total_steps = steps_per_epoch * int(t_cfg.epochs)
     t_start = time.perf_counter()
@@ -287,8 +290,8 @@ def train_model(model: nn.Module, init: dict, train_set: list[dict], val_set: li
         restore_state(model, init)
         torch.manual_seed(seed)
         if norm_mode == "recalibrate":
-            imgs = [it["image"] for it in train_set]
-            recalibrate_norm(model, (torch.stack(imgs[i:i + bs]) for i in range(0, len(imgs), bs)), device)
+            imgs = ItemImages(train_set)
+            recalibrate_norm(model, (torch.stack(list(imgs[i:i + bs])) for i in range(0, len(imgs), bs)), device)
             dist.sync_buffers(model)          # every rank computed the same; take rank 0's bits
 
     def checkpoint(epoch: int, with_opt: bool):
@@ -302,8 +305,8 @@ def train_model(model: nn.Module, init: dict, train_set: list[dict], val_set: li
     # --- stage 1: head on cached features --------------------------------------
     if head_epochs > 0 and not head_done:
         t0 = time.perf_counter()
-        f_tr = pooled_features(model, [it["image"] for it in train_set], device, bs, amp)
-        f_va = pooled_features(model, [it["image"] for it in val_set], device, bs, amp) if val_set else None
+        f_tr = pooled_features(model, ItemImages(train_set), device, bs, amp)
+        f_va = pooled_features(model, ItemImages(val_set), device, bs, amp) if val_set else None
         res = train_head(model.head, f_tr, torch.tensor(y_train), f_va,
                          torch.tensor(y_val) if val_set else None, weights, head_epochs, head_lr,
                          t_cfg.weight_decay, seed, device)
@@ -359,16 +362,18 @@ def train_model(model: nn.Module, init: dict, train_set: list[dict], val_set: li
             if augment is not None and hasattr(augment, "set_random_state"):
                 augment.set_random_state(seed=rank_seed % 2 ** 32)
         losses = []
+        steps = []
         for i in range(0, len(order), bs):
             idx = order[i:i + bs]
             if len(idx) < 2 and norm_mode == "train" and len(order) > 1:
                 idx = idx + [order[0]]                      # BatchNorm needs > 1 sample in train mode
-            idx, keep, denom = _shard_batch(dist, idx, y_train, weights, norm_mode)
+            steps.append(_shard_batch(dist, idx, y_train, weights, norm_mode))
+        # the images are read per batch (workers read ahead); augmentation stays in this process
+        for (idx, keep, denom), loaded in zip(steps, batch_loader(train_set, [s[0] for s in steps], workers)):
             batch = [train_set[j] for j in idx]
             # "is not None", never "if augment": bool(Compose) calls len() -> flatten(), which builds
             # a new Compose whose __init__ reseeds the SAME transforms from entropy (MONAI 1.x)
-            imgs = [augment({"image": it["image"]})["image"] if augment is not None else it["image"]
-                    for it in batch]
+            imgs = [augment({"image": im})["image"] if augment is not None else im for im in loaded]
             x = to_input(torch.stack([torch.as_tensor(im) for im in imgs]).float(), device)
             y = torch.tensor([int(it["label"]) for it in batch], device=device)
             with autocast(device, amp):
@@ -397,7 +402,7 @@ def train_model(model: nn.Module, init: dict, train_set: list[dict], val_set: li
         row = {"stage": "finetune", "epoch": epoch, "train_loss": float(np.mean(losses)),
                "lr": optimizer.param_groups[0]["lr"]}
         if val_set:
-            p = predict_proba(model, [it["image"] for it in val_set], device, bs, amp)
+            p = predict_proba(model, ItemImages(val_set), device, bs, amp)
             row.update(_val_metrics(y_val, p, weights))
         row = dist.broadcast(row)                           # rank 0 decides early stopping for all
         if val_set:

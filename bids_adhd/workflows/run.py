@@ -13,7 +13,7 @@ from pathlib import Path
 from .. import __version__
 from .. import derivatives as dv
 from ..bids import (check_bids_dir, check_output_dir, check_run, check_writable, collect_runs,
-                    ensure_writable_dir, participants_warnings, run_validator)
+                    ensure_writable_dir, participants_warnings, run_validator, select_subjects)
 from ..config import load_pipeline
 from .. import errors
 from ..errors import BidsAppError, DataError, OutputError, UsageError
@@ -74,8 +74,8 @@ def run_participant(args) -> int:
         raise UsageError(f"--nprocs must be ≥ 1 (got {args.nprocs})")
     if args.omp_nthreads is not None and args.omp_nthreads < 1:
         raise UsageError(f"--omp-nthreads must be ≥ 1 (got {args.omp_nthreads})")
-    if not args.skip_bids_validation:
-        run_validator(bids_dir)
+    if not args.skip_bids_validation:   # the selected subjects and the top-level files only
+        run_validator(bids_dir, select_subjects(bids_dir, args.participant_label))
     runs = collect_runs(bids_dir, args.participant_label, args.session_label, args.bids_filter_file)
     for warning in participants_warnings(bids_dir):
         LOG.warning(warning)
