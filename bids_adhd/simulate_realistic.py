@@ -63,7 +63,7 @@ MOTION_LEVEL_SD = 0.5         # per-subject motion level ~ lognormal(0, 0.5)
 MOTION_BASE = {"volumes": 3.0, "rot_deg": 1.0, "shift_mm": 1.0}
 MOTION_CAP = {"rot_deg": 4.0, "shift_mm": 4.0}
 
-DEFAULT_EFFECT_D = 0.5
+DEFAULT_EFFECT_D = 1.0          # oracle AUC ~0.75 at N = 100 (tuning seed 7; docs/simulation.md)
 DEFAULT_CARRIER_FRACTION = 0.5
 DEFAULT_MOTION_RATIO = 1.5
 
