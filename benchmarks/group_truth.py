@@ -18,8 +18,9 @@ AUC = pooled out-of-fold AUC with a 95 % percentile bootstrap CI (2000 resamples
 cpu_s = CPU seconds of that row alone (the shared participant level is reported apart, as
 ``participant_cpu_s``). Everything is cached under --work: subjects already processed and rows
 already scored (for the same subject set) are not redone, so the benchmark continues where it
-stopped. Rows are scored on the subjects whose participant level has finished (``n``); the
-oracle is also given on every simulated subject (``oracle_all``).
+stopped. Rows are scored on the subjects whose participant level has finished (``n``); phenotype,
+oracle and motion from the TRUE simulated motion (``motion_truth_fd``) are also given on every
+simulated subject (``all_simulated``), since they need no participant level.
 
     nice -n 5 python benchmarks/group_truth.py --seed 101 --subjects 100
     nice -n 5 python benchmarks/group_truth.py --seed 202 --subjects 60
@@ -264,16 +265,73 @@ def _probe_yaml(work: Path) -> Path:
     return path
 
 
-def oracle_all(bids: Path) -> dict:
+def truth_mean_fd(bids: Path, s: str) -> float:
+    """Mean framewise displacement (Power: |d trans| + 50 mm x |d rot|) of the TRUE simulated motion."""
+    import csv
+
+    path = bids / "derivatives" / "truth" / f"sub-{s}" / "dwi" / f"sub-{s}_desc-motion_timeseries.tsv"
+    with open(path) as f:
+        m = np.array([[float(r[k]) for k in ("trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z")]
+                      for r in csv.DictReader(f, delimiter="\t")])
+    d = np.abs(np.diff(m, axis=0))
+    return float(np.concatenate([[0.0], d[:, :3].sum(1) + 50.0 * d[:, 3:].sum(1)]).mean())
+
+
+def all_simulated(bids: Path) -> dict:
+    """The rows that need no participant level, on EVERY simulated subject (their own 5 folds, same
+    assignment rule): phenotype, oracle and motion from the true motion (``motion_truth_fd``)."""
     from bids_adhd.simulate_realistic import oracle_scores
 
     tab = table(bids)
-    sc = oracle_scores(bids)
-    subs = sorted(sc)
-    y = [int(tab[s[4:]]["diagnosis"] == "ADHD") for s in subs]
-    auc, ci = bootstrap_auc(y, [sc[s] for s in subs])
-    auc, ci = (auc, ci) if auc >= 0.5 else (1 - auc, [1 - ci[1], 1 - ci[0]])
-    return {"n": len(subs), "auc": auc, "auc_ci95": ci}
+    subs = sorted(tab)
+    y = np.array([int(tab[s]["diagnosis"] == "ADHD") for s in subs])
+    folds = folds_for(subs, list(y))
+    fold_arr = np.array([folds[s] for s in subs])
+    out = {"n": len(subs)}
+    for name, make in (("phenotype", lambda: cv_logreg(phenotype_features(tab, subs), y, fold_arr)),
+                       ("oracle", lambda: np.array([oracle_scores(bids)[f"sub-{s}"] for s in subs])),
+                       ("motion_truth_fd", lambda: cv_logreg(np.array([[truth_mean_fd(bids, s)] for s in subs]),
+                                                             y, fold_arr))):
+        c0 = cpu_self()
+        auc, ci = bootstrap_auc(y, make())
+        if name == "oracle" and auc < 0.5:             # no fitting: AUC in either direction
+            auc, ci = 1 - auc, [1 - ci[1], 1 - ci[0]]
+        out[name] = {"auc": auc, "auc_ci95": ci, "cpu_s": cpu_self() - c0}
+    return out
+
+
+def all_simulated_in_memory(seed: int, n: int) -> dict:
+    """``all_simulated`` without writing the dataset: the same subjects, truth maps and motion computed in
+    memory by the functions that write the truth files (tests/test_simulate_realistic.py checks that the
+    oracle from the files equals the one in memory). For a seed whose dataset is not simulated yet."""
+    from bids_adhd import simulate_realistic as R
+
+    c0 = cpu_self()
+    subs = R.participants(n, seed)
+    labels, laff = R.region_labels()
+    rows, oracle, fd = {}, [], []
+    for s in subs:
+        R.set_anatomy(s, seed, R.Options(), labels, laff)
+        run, _ = R.motion_run(s, seed, R.Options(), R.SITES[s.site].directions + 3)
+        t = R.truth_maps(s, run)
+        oracle.append(R.oracle_score(t["fa"], t["wm"], t["effect"]))
+        m = np.zeros((R.SITES[s.site].directions + 3, 6))
+        for v, (rot, trans) in run.moved.items():
+            m[v] = np.concatenate([trans, rot])
+        d = np.abs(np.diff(m, axis=0))
+        fd.append(float(np.concatenate([[0.0], d[:, :3].sum(1) + 50.0 * d[:, 3:].sum(1)]).mean()))
+        rows[s.label] = {"age": str(s.age), "sex": s.sex, "site": s.site, "diagnosis": s.diagnosis}
+    labs = [s.label for s in subs]
+    y = np.array([int(rows[k]["diagnosis"] == "ADHD") for k in labs])
+    fold_arr = np.array([folds_for(labs, list(y))[k] for k in labs])
+    out = {"n": n, "method": "in memory (dataset not written)", "cpu_s_total": cpu_self() - c0}
+    for name, p in (("phenotype", cv_logreg(phenotype_features(rows, labs), y, fold_arr)),
+                    ("oracle", np.array(oracle)), ("motion_truth_fd", cv_logreg(np.array(fd)[:, None], y, fold_arr))):
+        auc, ci = bootstrap_auc(y, p)
+        if name == "oracle" and auc < 0.5:
+            auc, ci = 1 - auc, [1 - ci[1], 1 - ci[0]]
+        out[name] = {"auc": auc, "auc_ci95": ci}
+    return out
 
 
 def write_results(results: dict) -> None:
@@ -291,11 +349,16 @@ def write_results(results: dict) -> None:
             cells.append(f"{r['auc']:.2f} [{r['auc_ci95'][0]:.2f}, {r['auc_ci95'][1]:.2f}], {r['cpu_s']:.0f} s"
                          if r else "not run")
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
-    for s in seeds:
-        o = results.get("oracle_all", {}).get(s)
-        if o:
-            lines.append(f"\nOracle on all {o['n']} simulated subjects of seed {s}: AUC {o['auc']:.2f} "
-                         f"[{o['auc_ci95'][0]:.2f}, {o['auc_ci95'][1]:.2f}].")
+    lines += ["", "Rows that need no participant level, on every simulated subject (`all_simulated`):", "",
+              "| row | " + " | ".join(f"seed {s} (n={results.get('all_simulated', {}).get(s, {}).get('n', 0)})"
+                                     for s in seeds) + " |", "|---|" + "---|" * len(seeds)]
+    for row in ("phenotype", "oracle", "motion_truth_fd"):
+        cells = []
+        for s in seeds:
+            r = results.get("all_simulated", {}).get(s, {}).get(row)
+            cells.append(f"{r['auc']:.2f} [{r['auc_ci95'][0]:.2f}, {r['auc_ci95'][1]:.2f}], {r['cpu_s']:.0f} s"
+                         if r else "not run")
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
     (RESULTS / "group_truth.md").write_text("\n".join(lines) + "\n")
 
 
@@ -307,15 +370,25 @@ def main() -> None:
     ap.add_argument("--hours", type=float, default=24.0, help="stop starting subjects after this long")
     ap.add_argument("--score-only", action="store_true", help="no participant level: score what is done")
     ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
+    ap.add_argument("--truth-in-memory", action="store_true",
+                    help="only the all_simulated rows, computed in memory without writing the dataset")
     a = ap.parse_args()
+    if a.truth_in_memory:
+        o_mem = all_simulated_in_memory(a.seed, a.subjects)
+
+        def put(results: dict) -> None:
+            results["seeds"] = sorted(set(results["seeds"]) | {a.seed})
+            results.setdefault("all_simulated", {}).setdefault(str(a.seed), o_mem)
+        update_results(put)
+        return
     work = Path(a.work) / f"seed-{a.seed}"
     bids = simulate(work, a.seed, a.subjects)
     key = str(a.seed)
-    o_all = oracle_all(bids)
+    o_all = all_simulated(bids)
 
     def first(results: dict) -> None:
         results["seeds"] = sorted(set(results["seeds"]) | {a.seed})
-        results.setdefault("oracle_all", {})[key] = o_all
+        results.setdefault("all_simulated", {})[key] = o_all
     update_results(first)
     deadline = time.time() + 3600 * a.hours
     cache = load_json(work / "participant_cpu.json", {}) if a.score_only else participant_level(work, bids, deadline)
