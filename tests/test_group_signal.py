@@ -6,8 +6,8 @@ outputs.
 
 SEED is 23: no preset, read-out or bound was chosen on it (the ``fast`` read-out was chosen by CV on
 seed 1, the README/demo quote seeds 1 and 2, the issue's re-run used 11, the one-subject timing 3).
-The bounds (>= 0.80 with the 8 % effect, <= 0.75 without) were set before running this seed; the
-measured values are in docs/group.md. About 70 s per run on 2 idle cores.
+The bounds (>= 0.80 with the 8 % effect, <= 0.75 without) were set before running this seed.
+About 70 s per run on 2 idle cores (measured on seed 1).
 """
 from __future__ import annotations
 
