@@ -355,6 +355,10 @@ class Subject:
     fa_phases: np.ndarray = field(default_factory=lambda: np.zeros(0))
     fa_amplitudes: np.ndarray = field(default_factory=lambda: np.zeros(0))
     directions: int | None = None
+    # hooks of the realistic profile (simulate_realistic.py); None/1.0 = the demo phantom
+    warp: object = None           # callable: subject-head mm (N, 3) -> template mm (N, 3)
+    fa_effect: object = None      # callable: template mm (N, 3) -> (FA factor (N,), effect region (N,) bool)
+    s0_scale: float = 1.0         # site intensity scale of the b0 signal
 
 
 @dataclass
@@ -497,20 +501,33 @@ def tissue_at(p: np.ndarray, subject: Subject, effect: float, tmpl: dict) -> dic
     md = md * subject.md_scale
     if effect and subject.diagnosis == DIAGNOSES[0]:
         fa = np.where(region, fa * (1 - effect), fa)
+    if subject.fa_effect is not None:             # realistic profile: regional variation and effects
+        factor, region = subject.fa_effect(p)
+        fa = fa * factor
     fa = np.where(valid, np.clip(fa, 0, 0.95), 0.0)
     md = np.where(valid, md, 0.0)
     k = fa_to_k(fa)
     ad = md * (1 + 2 * k)
     rd = md * (1 - k)
     s0 = brain * (ww * S0_WM + wg * S0_GM + wc * S0_CSF)
+    if subject.s0_scale != 1.0:
+        s0 = s0 * subject.s0_scale
     return {"brain": brain, "wm": ww, "gm": wg, "csf": wc, "s0": s0, "fa": fa, "md": md,
             "ad": ad, "rd": rd, "e": fibre_direction(p), "effect": region & valid}
+
+
+def _template_voxels(shape, index_to_mni: np.ndarray, subject: Subject, tmpl: dict) -> np.ndarray:
+    """Template voxel coordinates (N, 3) of every voxel of a grid; through the subject's
+    non-linear warp when it has one (realistic profile)."""
+    if subject.warp is None:
+        return _index_points(shape, tmpl["inv_affine"] @ index_to_mni)
+    return _apply(tmpl["inv_affine"], subject.warp(_index_points(shape, index_to_mni)))
 
 
 def _phantom_on_grid(shape, index_to_mni: np.ndarray, subject: Subject, effect: float, tmpl: dict) -> dict:
     """``tissue_at`` for the voxels of a grid (``index_to_mni``: voxel index -> MNI mm) that
     can hold brain; ``index`` lists them (flat, Fortran order), the rest are 0."""
-    vox = _index_points(shape, tmpl["inv_affine"] @ index_to_mni)
+    vox = _template_voxels(shape, index_to_mni, subject, tmpl)
     near = np.rint(vox).astype(np.intp)
     tshape = np.array(tmpl["support"].shape)
     ok = np.all((near >= 0) & (near < tshape), axis=1)
@@ -682,7 +699,7 @@ def _simulate_run(root: Path, truth_root: Path, subject: Subject, run: Run, ses_
 
     # T1w: the template T1 moved by the same head pose, 2 mm grid centred on the head
     t1_aff = grid_affine(protocol.t1_shape, protocol.t1_voxel_mm, centre)
-    vox = _index_points(protocol.t1_shape, tmpl["inv_affine"] @ P_inv @ t1_aff)
+    vox = _template_voxels(protocol.t1_shape, P_inv @ t1_aff, subject, tmpl)
     t1 = 1000.0 * _trilinear(tmpl["t1"], vox)[:, 0]
     t1_rng = np.random.default_rng([seed, _T1NOISE, subject.index, ses_index])
     if noise:
@@ -1083,6 +1100,9 @@ def _write_truth_summary(root, truth, subjects, summaries, protocol, effect, snr
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out_dir", metavar="OUT_DIR",
                         help="where the BIDS dataset goes (must not exist, or be empty)")
+    parser.add_argument("--profile", default="demo", choices=["demo", "realistic"],
+                        help="demo: template anatomy, one strong effect (default); realistic: per-subject "
+                             "warps, age/sex/site, weak heterogeneous effect (docs/simulation.md)")
     parser.add_argument("--subjects", type=int, default=20, metavar="N",
                         help="number of subjects, half ADHD half TD (default 20)")
     parser.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
@@ -1106,9 +1126,16 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nprocs", type=int, default=min(2, os.cpu_count() or 1), metavar="N",
                         help="subjects simulated at once (threads; default: 2 or the CPU count if lower); "
                              "the files do not depend on it")
+    from . import simulate_realistic
+
+    simulate_realistic.add_cli_arguments(parser)
 
 
 def run_cli(args) -> int:
+    if getattr(args, "profile", "demo") == "realistic":
+        from . import simulate_realistic
+
+        return simulate_realistic.run_cli(args)
     out = simulate_dataset(args.out_dir, n_subjects=args.subjects, seed=args.seed, size=args.size,
                            effect=args.effect, snr=args.snr, sessions=args.sessions,
                            directions=args.directions, motion=args.motion,

@@ -71,19 +71,6 @@ def test_resample_between_template_grids():
     np.testing.assert_allclose(inner, 0.4, atol=1e-4)
 
 
-def test_sessions_of_a_subject_share_a_fold(two_sessions):
-    """CV items are runs, folds are subjects: both sessions of a subject are in the same fold."""
-    from bids_adhd.learn.crossval import assign_folds
-
-    out, _, rows = two_sessions
-    complete, _ = find_template_maps(out)
-    subs = sorted(complete)
-    labels = [int(r["diagnosis"] == "ADHD") for r in sorted(rows, key=lambda r: r["participant_id"])]
-    folds = assign_folds(subs, labels, 2, seed=0)
-    for s in subs:
-        assert len({folds[rm.source.subject] for rm in complete[s]}) == 1
-
-
 def test_run_maps_names_match_derivatives():
     src = dv.Source(subject="01", session="02")
     rm = run_maps("/o", src)

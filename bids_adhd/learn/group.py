@@ -605,6 +605,9 @@ def run_fold(ctx: RunContext, k: int, assignment: dict) -> dict:
     train = sorted(s for s, f in assignment.items() if f != k)
     LOG.info("fold %d/%d: %d training, %d test subjects", k + 1, cfg.train.folds, len(train), len(test))
     res = _train(ctx, f"fold-{k + 1}", train, cfg.train.seed * 100 + k + 1, fdir)
+    from .lora import lora_update_rel_norm
+
+    lora_rel = lora_update_rel_norm(ctx.model)      # of the kept (restored best) state; 0: head only
     items = ctx.items(test)
     p_run = predict_proba(ctx.model, ItemImages(items), ctx.device, cfg.train.batch_size,
                           amp_dtype(ctx.device, cfg.train.amp))
@@ -627,7 +630,7 @@ def run_fold(ctx: RunContext, k: int, assignment: dict) -> dict:
         saliency = _fold_saliency(ctx, fdir, items) if ctx.opts is not None and ctx.opts.saliency else None
         out = {"fold": k + 1, "metrics": metrics, "test": test, "inner_train": res["inner_train"],
                "inner_val": res["inner_val"], "best_epoch": res["best_epoch"], "epochs_run": res["epochs_run"],
-               "stopped_early": res["stopped_early"], "seconds": res["seconds"],
+               "lora_update_rel_norm": lora_rel, "stopped_early": res["stopped_early"], "seconds": res["seconds"],
                "peak_memory_mb": res["peak_memory_mb"], "model_id": meta["model_id"],
                "predictions": {s: float(probs[s]) for s in test},
                "predictions_uncalibrated": {s: float(raw[s]) for s in test},
@@ -787,8 +790,8 @@ def summarise_run(ctx: RunContext, folds: list[dict], final: dict, warning: str 
             thr.append(float(f.get("threshold", 0.5)))
     extra = _statistics(ctx, folds, final, subs, y, p, thr, fold_of)
     pooled, stats_timing = extra.pop("pooled"), extra.pop("_timing")
-    per_fold = [{**{k: f["metrics"][k] for k in METRIC_KEYS}, "n": f["metrics"]["n"], "fold": f["fold"]}
-                for f in folds]
+    per_fold = [{**{k: f["metrics"][k] for k in METRIC_KEYS}, "n": f["metrics"]["n"], "fold": f["fold"],
+                 **{k: f.get(k) for k in ("best_epoch", "epochs_run", "lora_update_rel_norm")}} for f in folds]
     order = np.argsort(subs)
     names = ctx.inputs.class_names
     dv.write_tsv(ctx.gdir / "predictions.tsv", {

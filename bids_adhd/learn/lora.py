@@ -315,6 +315,20 @@ def lora_layers(model: nn.Module) -> dict[str, LoRAConv3d]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRAConv3d)}
 
 
+@torch.no_grad()
+def lora_update_rel_norm(model: nn.Module) -> float:
+    """Norm of the LoRA update relative to the adapted base weights, over all LoRA layers together:
+    ``sqrt(sum ||ΔW||²) / sqrt(sum ||W||²)`` (Frobenius; merged layers count their unmerged base).
+    0.0 when the model has no LoRA layer or every update is zero (e.g. B still at its zero init)."""
+    num = den = 0.0
+    for m in lora_layers(model).values():
+        delta = m.delta_weight().float()
+        base = m.base_layer.weight.float() - (delta if m.merged else 0)
+        num += float((delta ** 2).sum())
+        den += float((base ** 2).sum())
+    return math.sqrt(num / den) if den > 0 else 0.0
+
+
 def merge_lora(model: nn.Module) -> int:
     """Merge every LoRAConv3d of ``model``; returns how many."""
     layers = [m for m in lora_layers(model).values() if not m.merged]

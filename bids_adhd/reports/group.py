@@ -91,6 +91,14 @@ def _counts(d: dict) -> str:
     return ", ".join(f"{html.escape(str(v))}: {n}" for v, n in d.items()) or "none"
 
 
+def _kept(fold: dict) -> str:
+    """Which parts of the kept state were trained: 'head only' or 'head + LoRA' with the update norm."""
+    rel = fold.get("lora_update_rel_norm")
+    if rel is None:
+        return "n/a"
+    return "head only (0)" if rel == 0 else f"head + LoRA ({rel:.2e})"
+
+
 def who_html(results: dict) -> str:
     """The report's first section: who was analysed, and who was left out and why."""
     esc = html.escape
@@ -152,7 +160,7 @@ def render_html(results: dict, folds: list[dict], final: dict | None, roc_png: b
     fold_rows = "".join(
         f"<tr><td>{f['fold']}</td><td>{len(f['test'])}</td><td>{len(f['inner_train'])}</td>"
         f"<td>{len(f['inner_val'])}</td><td>{f['best_epoch']}</td><td>{f['epochs_run']}</td>"
-        f"<td>{f['seconds']:.0f}</td><td><code>{esc(f['model_id'])}</code></td></tr>" for f in folds)
+        f"<td>{_kept(f)}</td><td>{f['seconds']:.0f}</td><td><code>{esc(f['model_id'])}</code></td></tr>" for f in folds)
     preds = []
     for f in folds:
         for s in f["test"]:
@@ -194,8 +202,11 @@ Device {esc(t['device'])}; total {t['total_seconds']:.0f} s.</p>
 {stats_html}
 <h2>Training</h2>
 {_img(train_png, 'training curves')}
+<p>Kept state: the one with the lowest inner-validation loss; epoch 0 is the head warm-up on frozen
+features, so "head only" means no LoRA update was kept (the fold is a linear probe on the frozen encoder).
+‖ΔW‖/‖W‖: norm of the kept LoRA update relative to the adapted base weights.</p>
 <table><tr><th>fold</th><th>test</th><th>train</th><th>inner val</th><th>best epoch</th><th>epochs run</th>
-<th>seconds</th><th>adapter model id</th></tr>{fold_rows}</table>
+<th>kept (‖ΔW‖/‖W‖)</th><th>seconds</th><th>adapter model id</th></tr>{fold_rows}</table>
 <p>Final model (all labelled subjects): <code>final/adapter.safetensors</code>, model id
 <code>{esc(results['final']['model_id'])}</code>. Apply it with
 <code>bids_adhd BIDS_DIR OUTPUT_DIR participant --model OUTPUT_DIR/group/final/adapter.safetensors</code>.</p>
