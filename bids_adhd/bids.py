@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import shutil
+import re
 import subprocess
 import sys
 from dataclasses import dataclass, field

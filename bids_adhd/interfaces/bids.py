@@ -1,6 +1,7 @@
 """Nipype interfaces that write BIDS-Derivatives (through ``bids_adhd.derivatives``)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np

@@ -6,6 +6,7 @@ Heavy imports stay inside ``_run_interface`` so that building a workflow is chea
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
