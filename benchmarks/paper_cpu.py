@@ -84,6 +84,21 @@ def summarise(gdir: Path) -> dict:
             "lora_updated": bool(adapters) and all(a["lora_B_tensors_nonzero"] > 0 for a in adapters)}
 
 
+def running_group(work: Path) -> dict | None:
+    """The still-running group process on ``work`` (Linux /proc): pid, CPU seconds, peak RSS so far (VmHWM)."""
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")
+            if b"group" in cmd and str(work / "bids").encode() in cmd:
+                status = dict(line.split(":", 1) for line in (proc / "status").read_text().splitlines() if ":" in line)
+                ticks = (proc / "stat").read_text().rsplit(")", 1)[1].split()[11:13]
+                return {"pid": int(proc.name), "cpu_s_so_far": round(sum(map(int, ticks)) / os.sysconf("SC_CLK_TCK"), 1),
+                        "peak_rss_mb_so_far": round(int(status["VmHWM"].split()[0]) / 1024, 1)}
+        except (OSError, KeyError, ValueError, IndexError):
+            continue
+    return None
+
+
 def collect(preset: str, args) -> dict:
     """What a (possibly unfinished) run of ``preset`` in ``--work`` has written so far."""
     d = Path(args.work) / preset
@@ -101,6 +116,7 @@ def collect(preset: str, args) -> dict:
     return {"preset": preset, "finished": False, "collected_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "pipeline_yaml": yml.read_text() if yml.is_file() else None,
             "loadavg_at_collection": [round(x, 2) for x in os.getloadavg()], "folds_finished": folds,
+            "still_running": running_group(d),
             "log_tail": log[-1500:]}
 
 
