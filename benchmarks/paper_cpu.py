@@ -123,7 +123,8 @@ def collect(preset: str, args) -> dict:
 def save(entry_key: str, entry: dict, out: Path) -> None:
     """Merge one preset's entry into ``out`` under a lock (two presets may run as two processes)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.with_suffix(".lock"), "w") as lock:
+    import tempfile
+    with open(Path(tempfile.gettempdir()) / "bids_adhd_paper_cpu.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         data = json.loads(out.read_text()) if out.is_file() else {}
         data.setdefault("presets", {})[entry_key] = entry
