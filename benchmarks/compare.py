@@ -1,7 +1,7 @@
 """Compare the adaptation baselines on one dataset: metrics, trainable parameters, time, peak memory.
 
 Each baseline is a preset behind the same command (``bids_adhd ... group
---pipeline NAME``): ``paper`` (our flat LoRA), ``peft-lora`` (PEFT's LoRA),
+--pipeline NAME``), all on CT-FM: ``paper-ctfm`` (our flat LoRA), ``peft-lora`` (PEFT's LoRA),
 ``linear-probe`` (head only), ``full-finetune`` (every parameter), ``scratch``
 (random init, everything trains). The presets are the paper's 2 mm / 96³ /
 50-epoch configuration, meant for a GPU. ``--grid fast`` runs each of them
@@ -40,7 +40,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results"
-BASELINES = ("paper", "peft-lora", "linear-probe", "full-finetune", "scratch")
+BASELINES = ("paper-ctfm", "peft-lora", "linear-probe", "full-finetune", "scratch")
 
 
 def fast_variant(baseline: str, dest: Path, folds: int | None) -> Path:

@@ -1,4 +1,4 @@
-"""The paper preset's group level on a GPU: 5-fold CV, >= 60 simulated subjects, 2 mm 96³ grid, bf16.
+"""The paper presets' group level on a GPU (both encoders): 5-fold CV, >= 60 simulated subjects, 2 mm 96³, bf16.
 
 Needs CUDA: without it the script prints why and exits with status 2 (no
 results are written, nothing is faked).
@@ -10,17 +10,20 @@ the command line; ``--synthetic-maps`` writes the template-space maps directly
 on the paper grid instead (``learn.data.write_synthetic_maps``: minutes instead
 of an hour of preprocessing; the same FA/MD/mask files the group level reads).
 
-Then ``bids_adhd BIDS OUT group --pipeline paper --device cuda`` (the paper
-preset: CT-FM + flat LoRA r=8, bf16 autocast, 50 epochs with early stopping;
-pass ``--weights`` for the real CT-FM weights, otherwise the encoder is
-randomly initialised and the results say so). Recorded in
-``benchmarks/results/gpu_group.json``: GPU name, wall time of each step, time
-per epoch (from the per-fold training logs), peak GPU memory (PyTorch's
-``max_memory_allocated`` over each fold), pooled and per-fold metrics,
-trainable parameters, whether the encoder was pre-trained.
+Then, for each of ``--pipelines`` (default ``paper-fmcib`` and ``paper-ctfm``:
+FMCIB + 2D-factorised LoRA and CT-FM + flat LoRA, bf16 autocast, 50 epochs with
+early stopping), ``bids_adhd BIDS OUT group --pipeline P --device cuda`` on the
+same maps; each run's ``OUT/group`` is moved to ``OUT/group-P`` afterwards.
+The weights come from the cache (``bids_adhd fetch-model fmcib|ct-fm``);
+without them the encoder is randomly initialised and the results say so.
+Recorded in ``benchmarks/results/gpu_group.json`` (one entry per pipeline):
+GPU name, wall time of each step, time per epoch (from the per-fold training
+logs), peak GPU memory (PyTorch's ``max_memory_allocated`` over each fold),
+pooled and per-fold metrics, trainable parameters, whether the encoder was
+pre-trained.
 
-    .venv/bin/python benchmarks/gpu_group.py --synthetic-maps            # ~10-20 min on one H100
-    .venv/bin/python benchmarks/gpu_group.py --weights model.safetensors # with CT-FM
+    .venv/bin/python benchmarks/gpu_group.py --synthetic-maps            # both encoders
+    .venv/bin/python benchmarks/gpu_group.py --synthetic-maps --pipelines paper-fmcib
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ import argparse
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -44,10 +48,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--effect", type=float, default=0.08)
     ap.add_argument("--synthetic-maps", action="store_true")
-    ap.add_argument("--weights", default=None)
     ap.add_argument("--nprocs", type=int, default=os.cpu_count() or 4)
     ap.add_argument("--work", default="/tmp/bids_adhd_gpu_group")
-    ap.add_argument("--pipeline", default="paper")
+    ap.add_argument("--pipelines", nargs="+", default=["paper-fmcib", "paper-ctfm"])
     args = ap.parse_args(argv)
     if args.subjects < 60:
         print("note: the issue asks for at least 60 subjects", file=sys.stderr)
@@ -69,7 +72,7 @@ def main(argv=None) -> int:
             from bids_adhd.learn.data import write_synthetic_maps
             t0 = time.perf_counter()
             write_synthetic_maps(out, bids, n_subjects=args.subjects, seed=args.seed, effect=args.effect,
-                                 template_cfg=load_pipeline(args.pipeline).template)
+                                 template_cfg=load_pipeline(args.pipelines[0]).template)
             steps["synthetic_maps_s"] = round(time.perf_counter() - t0, 1)
         else:
             t0 = time.perf_counter()
@@ -80,17 +83,31 @@ def main(argv=None) -> int:
             subprocess.run(py + [str(bids), str(out), "participant", "--pipeline", "default", "--nprocs",
                                  str(args.nprocs), "--skip-bids-validation", "-q"], check=True)
             steps["participant_s"] = round(time.perf_counter() - t0, 1)
-    cmd = py + [str(bids), str(out), "group", "--pipeline", args.pipeline, "--device", "cuda",
-                "--nprocs", str(args.nprocs)]
-    if args.weights:
-        cmd += ["--weights", args.weights]
+    record = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "cuda": torch.version.cuda,
+              "subjects": args.subjects, "synthetic_maps": args.synthetic_maps, "steps": steps, "runs": {}}
+    rc = 0
+    for pipeline in args.pipelines:
+        res = run_group(py, bids, out, pipeline, args.nprocs)
+        record["runs"][pipeline] = res
+        rc = rc or res.get("exit", 0)
+        RESULT.parent.mkdir(parents=True, exist_ok=True)          # after every pipeline
+        RESULT.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {RESULT}")
+    return rc
+
+
+def run_group(py: list, bids: Path, out: Path, pipeline: str, nprocs: int) -> dict:
+    """One group run on the GPU; its results moved to OUT/group-<pipeline>."""
+    cmd = py + [str(bids), str(out), "group", "--pipeline", pipeline, "--device", "cuda", "--nprocs", str(nprocs)]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
-    steps["group_s"] = round(time.perf_counter() - t0, 1)
+    wall = round(time.perf_counter() - t0, 1)
     if proc.returncode != 0:
         print(proc.stderr[-4000:], file=sys.stderr)
-        return proc.returncode
-    gdir = out / "group"
+        return {"command": " ".join(cmd), "exit": proc.returncode, "group_s": wall}
+    gdir = out / f"group-{pipeline}"
+    shutil.rmtree(gdir, ignore_errors=True)
+    (out / "group").rename(gdir)
     m = json.loads((gdir / "metrics.json").read_text())
     epoch_s = []
     for log in sorted(gdir.glob("fold-*/training_log.tsv")):
@@ -98,19 +115,16 @@ def main(argv=None) -> int:
             for row in csv.DictReader(fh, delimiter="\t"):
                 if row["stage"] == "finetune" and row["seconds"] not in ("", "n/a"):
                     epoch_s.append(float(row["seconds"]))
-    res = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "cuda": torch.version.cuda,
-           "pipeline": args.pipeline, "subjects": args.subjects, "synthetic_maps": args.synthetic_maps,
+    res = {"pipeline": pipeline, "exit": 0, "group_s": wall, "foundation": m["model"]["foundation"],
            "amp": m["config"]["train"]["amp"], "grid": m["config"]["template"]["shape"],
-           "steps": steps, "seconds_per_epoch_mean": round(sum(epoch_s) / len(epoch_s), 2) if epoch_s else None,
+           "seconds_per_epoch_mean": round(sum(epoch_s) / len(epoch_s), 2) if epoch_s else None,
            "seconds_per_epoch_all": epoch_s, "peak_gpu_memory_mb": m["timing"].get("peak_memory_mb"),
            "pooled": m["pooled"], "summary": m["summary"], "folds": m["folds"], "pretrained": m["pretrained"],
            "warning": m.get("warning"), "trainable": m["model"]["trainable"], "total": m["model"]["total"],
            "command": " ".join(cmd)}
-    RESULT.parent.mkdir(parents=True, exist_ok=True)
-    RESULT.write_text(json.dumps(res, indent=2) + "\n")
-    print(json.dumps({k: res[k] for k in ("gpu", "seconds_per_epoch_mean", "peak_gpu_memory_mb", "pretrained")}))
-    print(f"pooled AUC {m['pooled']['auc']}; wrote {RESULT}")
-    return 0
+    print(f"{pipeline}: pooled AUC {m['pooled']['auc']}, {res['seconds_per_epoch_mean']} s/epoch, "
+          f"peak {res['peak_gpu_memory_mb']} MB, pretrained {m['pretrained']}")
+    return res
 
 
 if __name__ == "__main__":

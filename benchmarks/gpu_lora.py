@@ -1,10 +1,11 @@
 """GPU benchmark: one training step (forward + backward + AdamW) of the paper
-model with LoRA against full fine-tuning (and the other adaptations).
+models (both encoders: paper-fmcib and paper-ctfm) with their LoRA against full
+fine-tuning (and the other adaptations).
 
-    python benchmarks/gpu_lora.py                      # the paper preset's grid (96^3), batch 4, bf16
-    python benchmarks/gpu_lora.py --modes lora full --shape 96 112 96
+    python benchmarks/gpu_lora.py                      # both presets, their grid (96^3), batch 4, bf16
+    python benchmarks/gpu_lora.py --pipelines paper-fmcib --modes lora full --shape 96 112 96
 
-For each mode it reports the median step time and the peak GPU memory
+For each pipeline and mode it reports the median step time and the peak GPU memory
 (``torch.cuda.max_memory_allocated`` over the timed steps: weights, optimiser
 state, activations) and writes ``benchmarks/results/gpu_lora.json``.
 
@@ -33,19 +34,22 @@ import torch  # noqa: E402
 from bids_adhd.config import load_pipeline  # noqa: E402
 
 MODES = {
-    # name: changes to the paper preset's ModelConfig
+    # name: changes to the preset's ModelConfig ("lora": the preset's own LoRA, flat on CT-FM, kernel2d on FMCIB)
     "lora": {},
     "full": {"adaptation": "full"},
-    "peft-lora": {"adaptation": "peft-lora"},
+    "peft-lora": {"adaptation": "peft-lora", "lora_factorisation": "flat"},
+    "lora-flat": {"lora_factorisation": "flat"},
     "lora-kernel2d": {"lora_factorisation": "kernel2d"},
     "linear-probe": {"adaptation": "linear-probe", "train_norm": False},
 }
+PIPELINES = ("paper-fmcib", "paper-ctfm")
 EX_UNAVAILABLE = 69
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    p.add_argument("--pipelines", nargs="+", default=list(PIPELINES))
+    p.add_argument("--modes", nargs="+", default=["lora", "full", "peft-lora", "linear-probe"], choices=list(MODES))
     p.add_argument("--shape", nargs=3, type=int, default=None, metavar=("X", "Y", "Z"),
                    help="input grid (default: the paper preset's template shape, now 96 96 96)")
     p.add_argument("--batch", type=int, default=4)
@@ -58,16 +62,16 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def build(mode: str):
+def build(mode: str, pipeline: str = "paper-fmcib"):
     from bids_adhd.learn.classifier import build_model
 
-    cfg = dataclasses.replace(load_pipeline("paper").model, pretrained=False, **MODES[mode])
+    cfg = dataclasses.replace(load_pipeline(pipeline).model, pretrained=False, **MODES[mode])
     model, info = build_model(cfg)
     return model, info
 
 
-def bench_mode(mode: str, args, device: torch.device) -> dict:
-    model, info = build(mode)
+def bench_mode(mode: str, args, device: torch.device, pipeline: str = "paper-fmcib") -> dict:
+    model, info = build(mode, pipeline)
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
@@ -108,6 +112,8 @@ def bench_mode(mode: str, args, device: torch.device) -> dict:
             times.append(time.perf_counter() - t0)
     rep = info["parameters"]
     out = {
+        "pipeline": pipeline,
+        "foundation": info["foundation"],
         "mode": mode,
         "adaptation": model_cfg_adaptation(mode),
         "trainable_parameters": rep["trainable"],
@@ -123,6 +129,19 @@ def bench_mode(mode: str, args, device: torch.device) -> dict:
     del model, opt, x, y
     if cuda:
         torch.cuda.empty_cache()
+    return out
+
+
+def lora_vs_full(results: list[dict]) -> dict:
+    """LoRA over full fine-tuning: step time, peak memory, trainable parameters (when both ran)."""
+    by_mode = {r["mode"]: r for r in results if "error" not in r}
+    if "lora" not in by_mode or "full" not in by_mode:
+        return {}
+    lo, fu = by_mode["lora"], by_mode["full"]
+    out = {"lora_over_full_step_time": lo["step_time_s_median"] / fu["step_time_s_median"],
+           "lora_over_full_trainable": lo["trainable_parameters"] / fu["trainable_parameters"]}
+    if "peak_memory_gib" in lo:
+        out["lora_over_full_peak_memory"] = lo["peak_memory_gib"] / fu["peak_memory_gib"]
     return out
 
 
@@ -142,29 +161,21 @@ def main(argv=None) -> int:
             return EX_UNAVAILABLE
         device = torch.device("cuda")
         torch.backends.cudnn.benchmark = True
-    if args.shape is None:
-        args.shape = list(load_pipeline("paper").template.shape)
-
-    results = []
-    for mode in args.modes:
-        try:
-            r = bench_mode(mode, args, device)
-        except torch.cuda.OutOfMemoryError:
-            r = {"mode": mode, "error": "out of GPU memory"}
-            torch.cuda.empty_cache()
-        results.append(r)
-        print(json.dumps(r), flush=True)
-
-    by_mode = {r["mode"]: r for r in results if "error" not in r}
-    summary = {}
-    if "lora" in by_mode and "full" in by_mode:
-        lo, fu = by_mode["lora"], by_mode["full"]
-        summary["lora_over_full_step_time"] = lo["step_time_s_median"] / fu["step_time_s_median"]
-        if "peak_memory_gib" in lo:
-            summary["lora_over_full_peak_memory"] = lo["peak_memory_gib"] / fu["peak_memory_gib"]
-        summary["lora_over_full_trainable"] = lo["trainable_parameters"] / fu["trainable_parameters"]
-    if summary:
-        print(json.dumps(summary))
+    results, summary = [], {}
+    shape_from_preset = args.shape is None
+    for pipeline in args.pipelines:
+        if shape_from_preset:
+            args.shape = list(load_pipeline(pipeline).template.shape)
+        for mode in args.modes:
+            try:
+                r = bench_mode(mode, args, device, pipeline)
+            except torch.cuda.OutOfMemoryError:
+                r = {"pipeline": pipeline, "mode": mode, "error": "out of GPU memory"}
+                torch.cuda.empty_cache()
+            results.append(r)
+            print(json.dumps(r), flush=True)
+        summary[pipeline] = lora_vs_full([r for r in results if r.get("pipeline") == pipeline])
+    print(json.dumps(summary))
     if args.cpu_smoke:
         print("gpu_lora: CPU smoke run done; nothing written", file=sys.stderr)
         return 0
@@ -173,7 +184,8 @@ def main(argv=None) -> int:
 
     record = {
         "benchmark": "gpu_lora",
-        "what": "one training step (forward + backward + AdamW step) of the paper classifier, random init",
+        "what": "one training step (forward + backward + AdamW step) of each paper classifier, random init",
+        "pipelines": args.pipelines,
         "device": torch.cuda.get_device_name(0),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,

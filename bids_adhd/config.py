@@ -102,7 +102,7 @@ class ModelConfig:
     lora_rank: int = 8
     lora_alpha: float = 8.0
     lora_dropout: float = 0.0
-    lora_target: str = r"layers\.\d+\.blocks\.\d+\.conv[12]$"
+    lora_target: str = ""             # regex of the Conv3d names LoRA wraps; "" = the manifest's lora.target
     train_norm: bool = True           # BatchNorm affine parameters trainable
     channels: tuple = ("fa",)         # ("fa",) or ("fa", "md")
     stem_init: str = "average"        # how a 1-channel stem takes >1 channels: average | duplicate

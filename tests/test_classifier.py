@@ -1,6 +1,7 @@
 """The classifier and its adaptations: stem widening, pooling, which parameters
 train for each adaptation, the parameter counts of every preset (the paper's
-1,642,498), and ``bids_adhd model-info``.
+1,642,498 on CT-FM), and ``bids_adhd model-info`` (FMCIB and the ``paper`` preset:
+tests/test_foundation_zoo.py).
 
 Behaviour is tested on a narrow encoder (init_filters=4, 16³ inputs); the
 counts of the real 77.8 M encoder are taken on PyTorch's meta device plus one
@@ -51,8 +52,8 @@ def test_formulas_give_the_paper_numbers():
     assert LORA_FLAT + NORM + HEAD == 1_642_498
 
 
-def test_paper_preset_counts():
-    cfg = load_pipeline("paper").model
+def test_paper_ctfm_preset_counts():
+    cfg = load_pipeline("paper-ctfm").model
     model, info = build_model(cfg, architecture_only=True)
     rep = info["parameters"]
     assert rep["trainable"] == 1_642_498
@@ -81,7 +82,7 @@ def encoder_keys_are_monai_layout(enc) -> bool:
 
 EXPECTED_PRESETS = {
     # name: (trainable, total)
-    "paper": (LORA_FLAT + NORM + HEAD, ENCODER + LORA_FLAT + HEAD),
+    "paper-ctfm": (LORA_FLAT + NORM + HEAD, ENCODER + LORA_FLAT + HEAD),
     # fast: linear head over level 3's 256 averaged features; levels 0-3 trained (LoRA 645,120 +
     # norm 5,760), level 4 never run, its (injected) LoRA frozen
     "fast": (645_120 + 5_760 + 256 * 2 + 2, ENCODER + LORA_FLAT + 256 * 2 + 2),
@@ -98,25 +99,26 @@ def test_every_preset_builds_with_its_counts(preset):
     _, info = build_model(load_pipeline(preset).model, architecture_only=True)
     rep = info["parameters"]
     assert (rep["trainable"], rep["total"]) == EXPECTED_PRESETS[preset]
-    head = EXPECTED_PRESETS[preset][1] - ENCODER - (LORA_FLAT if preset in ("paper", "fast", "default", "peft-lora")
+    head = EXPECTED_PRESETS[preset][1] - ENCODER - (LORA_FLAT if preset in ("paper-ctfm", "fast", "default", "peft-lora")
                                                     else 0)
     assert info["full_finetune_trainable"] == ENCODER + head
 
 
 def test_kernel2d_and_two_channel_variants_count():
-    cfg = dataclasses.replace(load_pipeline("paper").model, lora_factorisation="kernel2d")
+    cfg = dataclasses.replace(load_pipeline("paper-ctfm").model, lora_factorisation="kernel2d")
     _, info = build_model(cfg, architecture_only=True)
     assert info["parameters"]["trainable"] == LORA_K2D + NORM + HEAD == 749_570
-    cfg = dataclasses.replace(load_pipeline("paper").model, channels=("fa", "md"), pooling="multiscale")
+    cfg = dataclasses.replace(load_pipeline("paper-ctfm").model, channels=("fa", "md"), pooling="multiscale")
     _, info = build_model(cfg, architecture_only=True)
     assert info["encoder_parameters"] == ENCODER + 32 * 27           # the stem takes a second channel
     assert info["head_parameters"] == 992 * 128 + 128 + 128 * 2 + 2
 
 
 def test_model_info_json(capsys):
-    assert cli.main(["model-info", "--pipeline", "paper", "--json"]) == 0
+    assert cli.main(["model-info", "--pipeline", "paper-ctfm", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["trainable"] == 1_642_498 and out["encoder"] == ENCODER
+    assert out["full_finetune"] == ENCODER + HEAD and out["foundation"] == "ct-fm"
     assert out["total"] == ENCODER + LORA_FLAT + HEAD
     assert out["ratio_to_full"] == pytest.approx(1_642_498 / (ENCODER + HEAD))
     assert len(out["lora_per_layer"]) == 26

@@ -313,7 +313,7 @@ def test_install_sh_keeps_torch_and_installs_a_working_package(fresh_venv):
     info = _in_venv(fresh_venv, bindir / "bids_adhd", "model-info", "--json")
     assert info.returncode == 0, info.stderr
     report = json.loads(info.stdout)
-    assert report["pipeline"] == "paper" and report["trainable"] == 1_642_498
+    assert report["pipeline"] == "paper" and report["trainable"] == 1_633_514 and report["foundation"] == "fmcib"
     assert (bindir / "bids-validator-deno").exists()
     check = _in_venv(fresh_venv, fresh_venv["py"], "-m", "pip", "check")
     assert check.returncode == 0, check.stdout + check.stderr

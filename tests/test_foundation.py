@@ -262,6 +262,8 @@ def test_fetch_model_downloads_into_the_cache_and_checks_sha256(weights_env, tin
         return str(out)
     monkeypatch.setattr(hub, "hf_hub_download", fake_download)
     monkeypatch.setattr(fd, "_hub_unreachable", lambda: None)
+    # fetch-model checks every key and shape of the download against the manifest's architecture
+    monkeypatch.setattr(fd, "load_manifest", lambda name: copy.deepcopy(tiny_manifest))
     assert cli.main(["fetch-model", "ct-fm"]) == 0
     target = weights_env / "cache" / "ct-fm" / "model.safetensors"
     assert target.is_file() and calls == [("project-lighter/ct_fm_feature_extractor", "model.safetensors", "main")]
@@ -270,7 +272,7 @@ def test_fetch_model_downloads_into_the_cache_and_checks_sha256(weights_env, tin
     # already there: no second download
     assert cli.main(["fetch-model", "ct-fm"]) == 0 and len(calls) == 1
     # a manifest sha256 that the download does not match: exit 65
-    wrong = dict(fd.load_manifest("ct-fm"), sha256="f" * 64)
+    wrong = dict(tiny_manifest, sha256="f" * 64)
     monkeypatch.setattr(fd, "load_manifest", lambda name: wrong)
     assert cli.main(["fetch-model", "ct-fm", "--force"]) == 65
     assert "sha256" in capsys.readouterr().err

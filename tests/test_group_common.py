@@ -22,10 +22,10 @@ def tiny_build_model(cfg, weights=None, **kw):
     from monai.networks.nets.segresnet_ds import SegResEncoder
 
     from bids_adhd.learn.classifier import ADHDClassifier
-    from bids_adhd.learn.lora import inject_lora, parameter_report
+    from bids_adhd.learn.lora import DEFAULT_TARGET, inject_lora, parameter_report
 
     enc = SegResEncoder(spatial_dims=3, init_filters=4, in_channels=len(cfg.channels), blocks_down=(1, 1))
-    names = inject_lora(enc, cfg.lora_target, rank=2, alpha=2.0)
+    names = inject_lora(enc, cfg.lora_target or DEFAULT_TARGET, rank=2, alpha=2.0)
 
     class Slow(ADHDClassifier):
         def forward(self, x):

@@ -29,7 +29,8 @@ import torch.nn as nn
 
 from ..config import ModelConfig
 from ..errors import UsageError
-from .foundation import count_parameters, load_encoder
+from .data import model_frame
+from .foundation import count_parameters, encoder_family, load_encoder, load_manifest, lora_target
 from .lora import NORM_TYPES, inject_lora, parameter_report, set_norm_trainable
 
 LOG = logging.getLogger("bids_adhd.classifier")
@@ -40,7 +41,7 @@ POOLINGS = ("avg", "multiscale", "avgmax", "spatial")
 SPATIAL_GRID = 2
 
 
-def adapt_stem(encoder: nn.Module, in_channels: int, mode: str = "average", attr: str = "conv_init") -> nn.Module:
+def adapt_stem(encoder: nn.Module, in_channels: int, mode: str = "average", attr: str | None = None) -> nn.Module:
     """Give a 1-channel stem convolution ``in_channels`` inputs, in place (after loading weights).
 
     ``average``: each input channel gets the pre-trained kernel divided by
@@ -49,8 +50,10 @@ def adapt_stem(encoder: nn.Module, in_channels: int, mode: str = "average", attr
     ``duplicate``: each channel gets the full kernel (the response to equal
     channels is ``in_channels`` times larger).
     The new weight keeps the old one's dtype, device and ``requires_grad``.
-    Returns the encoder.
+    ``attr``: the stem's attribute (default: the encoder family's, e.g.
+    ``conv_init`` for CT-FM, ``conv1`` for FMCIB). Returns the encoder.
     """
+    attr = attr or encoder_family(encoder).stem
     if mode not in STEM_MODES:
         raise UsageError(f"stem_init must be one of {', '.join(STEM_MODES)} (got {mode!r})")
     old = getattr(encoder, attr)
@@ -74,15 +77,14 @@ def adapt_stem(encoder: nn.Module, in_channels: int, mode: str = "average", attr
     setattr(encoder, attr, new)
     if hasattr(encoder, "in_channels"):
         encoder.in_channels = in_channels
+    if hasattr(encoder, "n_input_channels"):
+        encoder.n_input_channels = in_channels
     return encoder
 
 
 def encoder_feature_channels(encoder: nn.Module) -> list[int]:
-    """Channels of each feature map a SegResEncoder returns (``init_filters · 2^level``)."""
-    try:
-        return [int(encoder.init_filters) * 2 ** i for i in range(len(encoder.blocks_down))]
-    except AttributeError:
-        raise TypeError(f"{type(encoder).__name__} lacks init_filters/blocks_down; pass feature_channels") from None
+    """Channels of each feature map the encoder's family adapter returns (CT-FM: 32 ... 512; FMCIB: 512 ... 4096)."""
+    return encoder_family(encoder).feature_channels(encoder)
 
 
 class ADHDClassifier(nn.Module):
@@ -113,19 +115,29 @@ class ADHDClassifier(nn.Module):
         Channels per level; read from the encoder when not given.
     levels : list of int, optional
         The encoder levels the pooling reads (default: the last for ``avg``,
-        all for the others). A SegResEncoder stops after the deepest one read
+        all for the others). The encoder stops after the deepest one read
         (:meth:`unused_levels` are never run; ``build_model`` freezes them).
+    family : EncoderFamily, optional
+        The adapter that reads the encoder (:func:`~bids_adhd.learn.foundation.encoder_family`;
+        guessed from the encoder when not given).
+    frame : ModelFrame, optional
+        Applied to the input first: the template-grid array in the model's
+        own orientation and value range (:func:`~bids_adhd.learn.data.model_frame`).
+        Everything outside the network (augmentation, saliency, prediction)
+        stays on the template grid.
     """
 
     def __init__(self, encoder: nn.Module, pooling: str = "avg", head_hidden: int = 128, num_classes: int = 2,
                  dropout: float = 0.0, feature_channels: Sequence[int] | None = None, head_norm: bool = False,
-                 levels: Sequence[int] | None = None):
+                 levels: Sequence[int] | None = None, family=None, frame=None):
         super().__init__()
         if pooling not in POOLINGS:
             raise UsageError(f"pooling must be one of {', '.join(POOLINGS)} (got {pooling!r})")
         self.encoder = encoder
         self.pooling = pooling
-        channels = list(feature_channels or encoder_feature_channels(encoder))
+        self.family = family or encoder_family(encoder)
+        self.frame = frame
+        channels = list(feature_channels or self.family.feature_channels(encoder))
         if levels:
             bad = [v for v in levels if not 0 <= int(v) < len(channels)]
             if bad:
@@ -149,6 +161,8 @@ class ADHDClassifier(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The pooled feature vector, shape ``(N, num_features)``."""
+        if self.frame is not None:
+            x = self.frame.apply(x)
         maps = self._encode(x)
         maps = [maps[i] for i in self.levels]
         if self.pooling == "avgmax":
@@ -161,24 +175,12 @@ class ADHDClassifier(nn.Module):
         return torch.cat([m.float().mean(dim=(2, 3, 4)) for m in maps], dim=1)
 
     def _encode(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """The encoder's feature maps; a SegResEncoder stops after level ``depth - 1``."""
-        layers = getattr(self.encoder, "layers", None)
-        if layers is not None and hasattr(self.encoder, "conv_init") and self.depth < len(layers) \
-                and getattr(self.encoder, "head_module", None) is None:
-            outputs = []
-            x = self.encoder.conv_init(x)
-            for level in layers[:self.depth]:
-                x = level["blocks"](x)
-                outputs.append(x)
-                x = level["downsample"](x)
-            return outputs
-        maps = self.encoder(x)
-        return [maps] if isinstance(maps, torch.Tensor) else list(maps)
+        """The encoder's first ``depth`` feature maps (its family adapter; deeper levels are not run)."""
+        return self.family.encode(self.encoder, x, self.depth)
 
     def unused_levels(self) -> list[nn.Module]:
-        """The encoder levels past ``depth`` (a SegResEncoder's ``layers[depth:]``): never run."""
-        layers = getattr(self.encoder, "layers", None)
-        return list(layers[self.depth:]) if layers is not None else []
+        """The encoder levels past ``depth``: never run."""
+        return list(self.family.levels(self.encoder)[self.depth:])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
@@ -197,16 +199,16 @@ def _peft_targets(encoder: nn.Module, target: str) -> list[str]:
     return [n for n, m in encoder.named_modules() if isinstance(m, nn.Conv3d) and pattern.search(n)]
 
 
-def _inject_peft(encoder: nn.Module, cfg: ModelConfig) -> list[str]:
+def _inject_peft(encoder: nn.Module, cfg: ModelConfig, target: str) -> list[str]:
     if cfg.lora_factorisation != "flat":
         raise UsageError("adaptation peft-lora supports lora_factorisation flat only (PEFT's Conv3d LoRA)")
     try:
         from peft import LoraConfig, inject_adapter_in_model
     except ImportError:
         raise UsageError("adaptation peft-lora needs PEFT: pip install 'bids_adhd[peft]'") from None
-    names = _peft_targets(encoder, cfg.lora_target)
+    names = _peft_targets(encoder, target)
     if not names:
-        raise UsageError(f"lora_target {cfg.lora_target!r} matches no Conv3d layer")
+        raise UsageError(f"lora_target {target!r} matches no Conv3d layer")
     dilated = [n for n in names if encoder.get_submodule(n).dilation != (1, 1, 1)]
     if dilated:
         raise UsageError(f"PEFT's Conv3d LoRA ignores dilation; {len(dilated)} target(s) are dilated "
@@ -219,6 +221,24 @@ def _inject_peft(encoder: nn.Module, cfg: ModelConfig) -> list[str]:
     return names
 
 
+def _adapt(encoder: nn.Module, cfg: ModelConfig, target: str) -> list[str]:
+    """Set what trains in ``encoder`` for ``cfg.adaptation``; returns the LoRA-wrapped layer names."""
+    if cfg.adaptation == "lora":
+        return inject_lora(encoder, target, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                           factorisation=cfg.lora_factorisation, train_norm=cfg.train_norm)
+    if cfg.adaptation == "peft-lora":
+        names = _inject_peft(encoder, cfg, target)
+        set_norm_trainable(encoder, cfg.train_norm)
+        return names
+    if cfg.adaptation == "linear-probe":
+        encoder.requires_grad_(False)
+        if cfg.train_norm:
+            LOG.info("linear-probe: train_norm ignored, the encoder (BatchNorm included) stays frozen")
+    else:  # full, scratch
+        encoder.requires_grad_(True)
+    return []
+
+
 def build_model(cfg: ModelConfig, weights=None, *, architecture_only: bool = False,
                 manifest=None) -> tuple[ADHDClassifier, dict]:
     """The classifier ``cfg`` describes, with ``requires_grad`` set for its adaptation.
@@ -226,52 +246,44 @@ def build_model(cfg: ModelConfig, weights=None, *, architecture_only: bool = Fal
     ``weights``: an explicit weights file (else the search of
     :func:`~bids_adhd.learn.foundation.find_weights`).
     ``architecture_only``: build on the ``meta`` device without weights (for
-    counting parameters; such a model cannot run).
+    counting parameters; such a model cannot run). ``manifest`` overrides the
+    packaged ``models/<cfg.foundation>.json`` (tests). The manifest gives the
+    encoder family adapter, the default LoRA target and the input frame.
 
     Returns ``(model, info)``; info holds the encoder info of
     :func:`~bids_adhd.learn.foundation.load_encoder` (``pretrained``,
-    ``weights_path``, ``sha256``, ``warning``, ...), plus ``adaptation``,
-    ``in_channels``, ``lora_layers`` (replaced layer names), ``encoder_parameters``
-    (the base encoder, adapted stem included, LoRA excluded), ``head_parameters``,
+    ``weights_path``, ``sha256``, ``warning``, ...), plus ``family``,
+    ``orientation``, ``adaptation``, ``in_channels``, ``lora_target``,
+    ``lora_layers`` (replaced layer names), ``encoder_parameters`` (the base
+    encoder, adapted stem included, LoRA excluded), ``head_parameters``,
     ``full_finetune_trainable`` and ``parameters`` (:func:`parameter_report`).
     """
+    manifest = dict(manifest) if manifest is not None else load_manifest(cfg.foundation)
+    family, frame = encoder_family(manifest), model_frame(manifest.get("input"))
+    target = lora_target(manifest, cfg.lora_target) if cfg.adaptation in ("lora", "peft-lora") else None
     enc_cfg = cfg
     if cfg.adaptation == "scratch" and cfg.pretrained:
         LOG.info("adaptation scratch: the encoder is randomly initialised (pretrained ignored)")
         enc_cfg = dataclasses.replace(cfg, pretrained=False)
     encoder, info = load_encoder(enc_cfg, weights, manifest=manifest, architecture_only=architecture_only)
     in_channels = len(cfg.channels)
-    ctx = torch.device("meta") if architecture_only else torch.device("cpu")
-    with ctx:
-        adapt_stem(encoder, in_channels, cfg.stem_init)
+    with torch.device("meta") if architecture_only else torch.device("cpu"):
+        adapt_stem(encoder, in_channels, cfg.stem_init, family.stem)
         encoder_parameters = count_parameters(encoder)
-
-        names: list[str] = []
-        if cfg.adaptation == "lora":
-            names = inject_lora(encoder, cfg.lora_target, rank=cfg.lora_rank, alpha=cfg.lora_alpha,
-                                dropout=cfg.lora_dropout, factorisation=cfg.lora_factorisation,
-                                train_norm=cfg.train_norm)
-        elif cfg.adaptation == "peft-lora":
-            names = _inject_peft(encoder, cfg)
-            set_norm_trainable(encoder, cfg.train_norm)
-        elif cfg.adaptation == "linear-probe":
-            encoder.requires_grad_(False)
-            if cfg.train_norm:
-                LOG.info("linear-probe: train_norm ignored, the encoder (BatchNorm included) stays frozen")
-        else:  # full, scratch
-            encoder.requires_grad_(True)
-
+        names = _adapt(encoder, cfg, target)
         model = ADHDClassifier(encoder, pooling=cfg.pooling, head_hidden=cfg.head_hidden,
                                num_classes=cfg.num_classes, dropout=cfg.head_dropout,
-                               head_norm=getattr(cfg, "head_norm", False), levels=cfg.feature_levels)
+                               head_norm=getattr(cfg, "head_norm", False), levels=cfg.feature_levels,
+                               family=family, frame=frame)
         # levels the read-out does not use are never run: nothing in them is trained or counted trainable
+        unused = {id(m) for level in model.unused_levels() for m in level.modules()}
         for level in model.unused_levels():
             level.requires_grad_(False)
-        depth = model.depth
-        names = [n for n in names if not (m := re.search(r"layers\.(\d+)\.", n)) or int(m.group(1)) < depth]
+        names = [n for n in names if id(encoder.get_submodule(n)) not in unused]
     model.freeze_norm_stats = cfg.adaptation == "linear-probe"
     head_parameters = count_parameters(model.head)
-    info.update(adaptation=cfg.adaptation, in_channels=in_channels, lora_layers=names,
+    info.update(family=family.name, orientation="".join(frame.target), adaptation=cfg.adaptation,
+                in_channels=in_channels, lora_target=target, lora_layers=names,
                 encoder_parameters=encoder_parameters, head_parameters=head_parameters,
                 full_finetune_trainable=encoder_parameters + head_parameters,
                 parameters=parameter_report(model))

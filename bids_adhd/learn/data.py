@@ -457,3 +457,61 @@ def write_synthetic_maps(out_root, bids_root, n_subjects: int = 20, seed: int = 
     for r in rows:
         (bids_root / r["participant_id"]).mkdir(exist_ok=True)
     return rows
+
+
+# --- the model's own frame (orientation, value range) ---------------------------------
+
+#: Axis codes of the template grid every map is on (``dmri.template.template_grid``: a positive diagonal affine).
+GRID_AXCODES = ("R", "A", "S")
+
+
+@dataclass(frozen=True)
+class ModelFrame:
+    """How a template-grid array is turned into the array a foundation model reads.
+
+    ``ornt``: nibabel orientation rows ``(target axis, ±1)`` per source axis
+    (:func:`nibabel.orientations.ornt_transform`); ``value_range``: the
+    model's input range, onto which the data module's [0, 1] maps linearly.
+    Built from a manifest's ``input`` by :func:`model_frame`.
+    """
+
+    source: tuple = GRID_AXCODES
+    target: tuple = GRID_AXCODES
+    ornt: tuple = ((0, 1), (1, 1), (2, 1))
+    value_range: tuple = (0.0, 1.0)
+
+    def apply(self, x):
+        """``x`` (``(..., D, H, W)`` on the template grid, numpy or torch) in the model's frame."""
+        nd = x.ndim
+        flips = [nd - 3 + i for i, (_, sign) in enumerate(self.ornt) if sign < 0]
+        perm = list(range(nd - 3)) + [0, 0, 0]
+        for src, (dst, _) in enumerate(self.ornt):
+            perm[nd - 3 + int(dst)] = nd - 3 + src
+        if hasattr(x, "permute"):                      # torch
+            x = x.flip(flips) if flips else x
+            x = x.permute(*perm)
+        else:
+            x = np.flip(x, flips) if flips else x
+            x = np.transpose(x, perm)
+        lo, hi = self.value_range
+        return x if (lo, hi) == (0.0, 1.0) else x * (hi - lo) + lo
+
+
+def model_frame(model_input: dict | None, grid_axcodes=GRID_AXCODES) -> ModelFrame:
+    """The :class:`ModelFrame` of a manifest's ``input`` (its ``orientation``, ``value_range``).
+
+    No ``orientation`` in the manifest: the grid's own (identity).
+    """
+    from nibabel.orientations import axcodes2ornt, ornt_transform
+
+    model_input = model_input or {}
+    target = tuple(str(model_input.get("orientation") or "".join(grid_axcodes)).upper())
+    if len(target) != 3:
+        raise DataError(f"orientation {''.join(target)!r} in the model manifest is not three axis codes")
+    try:
+        ornt = ornt_transform(axcodes2ornt(tuple(grid_axcodes)), axcodes2ornt(target))
+    except Exception:
+        raise DataError(f"orientation {''.join(target)!r} in the model manifest is not valid axis codes "
+                        "(one of R/L, A/P, S/I per axis)") from None
+    lo, hi = (float(v) for v in model_input.get("value_range", (0.0, 1.0)))
+    return ModelFrame(tuple(grid_axcodes), target, tuple((int(a), int(b)) for a, b in ornt), (lo, hi))

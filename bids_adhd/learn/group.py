@@ -293,9 +293,9 @@ def _run_group(args, dist, device) -> int:
         warning = None
         if not info.get("pretrained"):
             if cfg.model.pretrained:
-                warning = ("The foundation encoder is RANDOMLY INITIALISED: no CT-FM weights were found "
-                           "(bids_adhd fetch-model ct-fm, or --weights PATH). These results are NOT those of the "
-                           "pre-trained model.")
+                warning = (f"The foundation encoder is RANDOMLY INITIALISED: no {cfg.model.foundation} weights were "
+                           f"found (bids_adhd fetch-model {cfg.model.foundation}, or --weights PATH). These results "
+                           "are NOT those of the pre-trained model.")
             else:
                 warning = (f"The encoder is randomly initialised on purpose (pipeline {cfg.name}: pretrained: "
                            "false); no pre-training is involved.")

@@ -5,6 +5,10 @@ memory), so it runs anywhere, instantly::
 
     bids_adhd model-info --pipeline paper
     bids_adhd model-info --pipeline peft-lora --json
+
+``full_finetune`` is what full fine-tuning would train (the encoder, its
+adapted stem included, plus the same head); ``full_over_trainable`` is how
+many times fewer parameters the preset trains (the seed's "over 113x").
 """
 from __future__ import annotations
 
@@ -34,6 +38,8 @@ def model_report(pipeline: str = "paper") -> dict:
     return {
         "pipeline": cfg.name,
         "foundation": m.foundation,
+        "family": info["family"],
+        "orientation": info["orientation"],
         "adaptation": m.adaptation,
         "lora_factorisation": m.lora_factorisation if m.adaptation in ("lora", "peft-lora") else None,
         "lora_rank": m.lora_rank if m.adaptation in ("lora", "peft-lora") else None,
@@ -47,8 +53,10 @@ def model_report(pipeline: str = "paper") -> dict:
         "head": info["head_parameters"],
         "lora": rep["lora"],
         "norm": rep["norm"],
+        "full_finetune": full,
         "full_finetune_trainable": full,
         "ratio_to_full": rep["trainable"] / full,
+        "full_over_trainable": full / rep["trainable"],
         "lora_layers": len(info["lora_layers"]),
         "lora_per_layer": lora_per_layer,
     }
@@ -56,7 +64,8 @@ def model_report(pipeline: str = "paper") -> dict:
 
 def format_report(r: dict) -> str:
     lines = [
-        f"pipeline {r['pipeline']}: {r['foundation']} encoder, adaptation {r['adaptation']}"
+        f"pipeline {r['pipeline']}: {r['foundation']} encoder ({r['family']}, input {r['orientation']}), "
+        f"adaptation {r['adaptation']}"
         + (f" ({r['lora_factorisation']}, rank {r['lora_rank']})" if r["lora_rank"] else "")
         + f", {r['in_channels']} input channel(s), {r['pooling']} pooling"
         + (f" of encoder level(s) {', '.join(map(str, r['feature_levels']))} (deeper levels unused)"
@@ -68,7 +77,8 @@ def format_report(r: dict) -> str:
         f"  frozen         {r['frozen']:>12,}",
         f"  total          {r['total']:>12,}",
         f"  encoder        {r['encoder']:>12,}  (without LoRA)",
-        f"  full fine-tuning would train {r['full_finetune_trainable']:,}: ratio {100 * r['ratio_to_full']:.2f} %",
+        f"  full fine-tuning would train {r['full_finetune']:,}: ratio {100 * r['ratio_to_full']:.2f} % "
+        f"({r['full_over_trainable']:.2f}x fewer)",
     ]
     if r["lora_per_layer"]:
         lines.append(f"  LoRA per layer ({r['lora_layers']} layers):")

@@ -167,8 +167,8 @@ def predict_runs(args, runs, out_root) -> list[dict]:
     intensity = getattr(cfg.model, "intensity", "none")
     warning = None
     if not meta.get("pretrained"):
-        warning = ("the model's foundation encoder was randomly initialised (no CT-FM weights when it was trained); "
-                   "treat this prediction as a demonstration only")
+        warning = (f"the model's foundation encoder was randomly initialised (no {meta['foundation']} weights when it "
+                   "was trained); treat this prediction as a demonstration only")
     out = []
     for r in runs:
         rm = run_maps(out_root, r.source)
