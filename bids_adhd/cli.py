@@ -20,7 +20,7 @@ LOG = logging.getLogger("bids_adhd")
 
 # name -> (module, one-line help)
 SUBCOMMANDS = {
-    "simulate": ("bids_adhd.simulate", "write a simulated BIDS dataset with a planted ADHD effect"),
+    "simulate": ("bids_adhd.simulate_cli", "write a simulated BIDS dataset with a planted ADHD effect"),
     "model-info": ("bids_adhd.learn.info", "print the parameter report of a preset"),
     "fetch-model": ("bids_adhd.learn.foundation", "download foundation-model weights into the cache"),
 }

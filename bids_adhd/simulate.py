@@ -1126,16 +1126,9 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nprocs", type=int, default=min(2, os.cpu_count() or 1), metavar="N",
                         help="subjects simulated at once (threads; default: 2 or the CPU count if lower); "
                              "the files do not depend on it")
-    from . import simulate_realistic
-
-    simulate_realistic.add_cli_arguments(parser)
 
 
 def run_cli(args) -> int:
-    if getattr(args, "profile", "demo") == "realistic":
-        from . import simulate_realistic
-
-        return simulate_realistic.run_cli(args)
     out = simulate_dataset(args.out_dir, n_subjects=args.subjects, seed=args.seed, size=args.size,
                            effect=args.effect, snr=args.snr, sessions=args.sessions,
                            directions=args.directions, motion=args.motion,
