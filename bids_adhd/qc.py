@@ -3,9 +3,11 @@
 Defined in ``docs/qc.md``; the sink's QC step calls this module, the HTML report
 (``reports.participant``) only shows its results. In short:
 
-* motion: Power et al. (2012) framewise displacement (FD) of the
-  volume-to-b0 motion parameters, its mean and max, and the number of volumes
-  with FD above ``fd_outlier_mm``;
+* motion: Power et al. (2012) framewise displacement (FD) of the rigid
+  head-motion parameters of the motion step (each volume registered to its
+  leave-one-out model prediction), rotations on a sphere of ``fd_radius_mm``,
+  its mean and max, the number of volumes with FD above ``fd_outlier_mm``, the
+  slice dropouts found and the volumes resampled;
 * SNR: mean of the mean-b0 image inside the brain mask divided by the noise
   σ of a single DWI volume (MP-PCA's σ when given, else estimated from the
   image background assuming Rayleigh-distributed magnitude noise, see

@@ -1,19 +1,7 @@
 """Per-subject QC report: figures (``render_figures``) and one self-contained HTML
 report per subject (``write_report``), showing the numbers of ``bids_adhd.qc``.
 
-The numbers are defined in ``docs/qc.md``; in short:
-
-* motion: Power et al. (2012) framewise displacement (FD) of the
-  volume-to-b0 motion parameters, its mean and max, and the number of volumes
-  with FD above ``fd_outlier_mm``;
-* SNR: mean of the mean-b0 image inside the brain mask divided by the noise
-  σ of a single DWI volume (MP-PCA's σ when given, else estimated from the
-  image background assuming Rayleigh-distributed magnitude noise, see
-  ``background_sigma``);
-* the brain-mask volume, FA/MD summaries in the whole mask and in
-  "white-matter-like" voxels (FA > 0.2), the registration similarity
-  (Pearson correlation of template target and template-space FA inside the
-  template brain mask).
+The numbers and their definitions are in ``bids_adhd.qc`` and ``docs/qc.md``.
 """
 from __future__ import annotations
 
