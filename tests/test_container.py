@@ -459,8 +459,8 @@ def test_participant_level_in_a_read_only_root(tmp_path, tiny_bids):
     assert dv.report_html(out, "01").is_file()
     desc = json.loads((out / "dataset_description.json").read_text())
     assert desc["GeneratedBy"][0]["Container"] == {"Type": "docker", "Tag": dockerfile_env()["BIDS_ADHD_IMAGE"]}
-    # OUTPUT_DIR holds derivatives and the default work dir, nothing else
-    assert sorted(p.name for p in out.iterdir()) == [".bids_adhd_work", "dataset_description.json",
+    # OUTPUT_DIR holds derivatives, their .bidsignore (docs/outputs.md) and the default work dir, nothing else
+    assert sorted(p.name for p in out.iterdir()) == [".bids_adhd_work", ".bidsignore", "dataset_description.json",
                                                       "sub-01", "sub-01.html"]
     assert sorted(p.name for p in home.iterdir()) == ["keep"]
 
