@@ -15,3 +15,13 @@ def tiny_bids(tmp_path_factory):
     from bids_adhd.simulate import simulate_dataset
 
     return simulate_dataset(tmp_path_factory.mktemp("tiny_bids") / "bids", **TINY_BIDS_ARGS, n_jobs=2)
+
+
+@pytest.fixture()
+def weights_env(tmp_path, monkeypatch):
+    """An empty foundation-weights cache and an empty image location, both under tmp_path."""
+    from bids_adhd.learn import foundation as fd
+
+    monkeypatch.setenv(fd.ENV_WEIGHTS_DIR, str(tmp_path / "cache"))
+    monkeypatch.setattr(fd, "IMAGE_MODELS_DIR", tmp_path / "opt")
+    return tmp_path

@@ -31,14 +31,6 @@ def tiny_manifest():
     return m
 
 
-@pytest.fixture()
-def weights_env(tmp_path, monkeypatch):
-    """An empty cache and an empty image location, both under tmp_path."""
-    monkeypatch.setenv(fd.ENV_WEIGHTS_DIR, str(tmp_path / "cache"))
-    monkeypatch.setattr(fd, "IMAGE_MODELS_DIR", tmp_path / "opt")
-    return tmp_path
-
-
 def _checkpoint(manifest, path, prefix="", edit=None, seed=0):
     torch.manual_seed(seed)
     src = fd.build_encoder(manifest)

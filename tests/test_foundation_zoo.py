@@ -43,13 +43,6 @@ def tiny(name: str) -> dict:
     return m
 
 
-@pytest.fixture()
-def weights_env(tmp_path, monkeypatch):
-    monkeypatch.setenv(fd.ENV_WEIGHTS_DIR, str(tmp_path / "cache"))
-    monkeypatch.setattr(fd, "IMAGE_MODELS_DIR", tmp_path / "opt")
-    return tmp_path
-
-
 def trained_like(manifest, seed=0) -> torch.nn.Module:
     """An encoder with random weights and non-default BatchNorm statistics (so loading them is visible)."""
     torch.manual_seed(seed)
