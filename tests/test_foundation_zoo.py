@@ -205,6 +205,23 @@ def test_fetch_model_fmcib_offline_exits_66_and_says_how(weights_env, monkeypatc
     assert "--from FILE" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
+def test_required_weights_refuse_random_init_but_not_pretrained_false(weights_env, monkeypatch):
+    """BIDS_ADHD_REQUIRE_WEIGHTS (set in the images): missing weights are exit 66; 'scratch' still builds."""
+    from bids_adhd.errors import MissingInputError
+
+    manifest = tiny("fmcib")
+    monkeypatch.setenv(fd.ENV_REQUIRE_WEIGHTS, "1")
+    with pytest.raises(MissingInputError) as exc:
+        fd.load_encoder(ModelConfig(foundation="fmcib"), manifest=manifest)
+    assert exc.value.exit_code == 66 and "fetch-model fmcib" in exc.value.message
+    assert fd.ENV_REQUIRE_WEIGHTS in exc.value.message
+    _, info = fd.load_encoder(ModelConfig(foundation="fmcib", pretrained=False), manifest=manifest)
+    assert info["init"] == "random (pretrained: false)"
+    monkeypatch.setenv(fd.ENV_REQUIRE_WEIGHTS, "0")
+    _, info = fd.load_encoder(ModelConfig(foundation="fmcib"), manifest=manifest)
+    assert info["init"] == "random (weights missing)" and info["warning"]
+
+
 # ---------------------------------------------------------------- the frame the network sees
 def _world_coordinate_images(cfg: TemplateConfig):
     """Three maps on the template grid whose values are the voxel's x, y and z in mm (scaled to [0, 1])."""
