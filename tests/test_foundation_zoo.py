@@ -205,6 +205,28 @@ def test_fetch_model_fmcib_offline_exits_66_and_says_how(weights_env, monkeypatc
     assert "--from FILE" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
+def test_fetch_model_records_the_hub_commit_it_resolved(weights_env, monkeypatch):
+    """CT-FM's manifest cannot pin a commit (none verified here): the provenance record keeps the one resolved."""
+    hub = pytest.importorskip("huggingface_hub")
+    from huggingface_hub._local_folder import write_download_metadata
+
+    manifest = tiny("ct-fm")
+    use_manifest(monkeypatch, manifest)
+    commit = "0123456789abcdef0123456789abcdef01234567"
+
+    def fake_download(repo_id, filename, revision=None, local_dir=None, **kwargs):
+        out = fd.Path(local_dir) / filename
+        save_file({k: v.contiguous() for k, v in trained_like(manifest).state_dict().items()}, str(out))
+        write_download_metadata(fd.Path(local_dir), filename, commit, hashlib.sha256(out.read_bytes()).hexdigest())
+        return str(out)
+    monkeypatch.setattr(hub, "hf_hub_download", fake_download)
+    monkeypatch.setattr(fd, "_hub_unreachable", lambda: None)
+    assert cli.main(["fetch-model", "ct-fm"]) == 0
+    record = json.loads(fd.provenance_path(fd.cache_dir("ct-fm") / "model.safetensors").read_text())
+    assert record["origin"] == "huggingface:project-lighter/ct_fm_feature_extractor@main"
+    assert record["revision_resolved"] == commit and record["etag"] == record["sha256"]
+
+
 def test_required_weights_refuse_random_init_but_not_pretrained_false(weights_env, monkeypatch):
     """BIDS_ADHD_REQUIRE_WEIGHTS (set in the images): missing weights are exit 66; 'scratch' still builds."""
     from bids_adhd.errors import MissingInputError
