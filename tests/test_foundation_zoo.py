@@ -66,8 +66,12 @@ def test_manifests_describe_both_models():
     fm, ct = fd.load_manifest("fmcib"), fd.load_manifest("ct-fm")
     assert fm["architecture"]["class"] == "monai.networks.nets.resnet.resnet50"
     assert fm["architecture"]["kwargs"] == {"pretrained": False, "spatial_dims": 3, "n_input_channels": 1,
-                                            "widen_factor": 2, "conv1_t_stride": 2, "feed_forward": False}
-    assert fm["source"]["code_commit"] == "dfff3abc0d3ed6272632e97fb46b111f1e0134a2"
+                                            "widen_factor": 2, "conv1_t_stride": 2, "feed_forward": False,
+                                            "bias_downsample": True}      # as fmcib_model() passes it
+    assert fm["source"]["code_commit"] == "1f1c0c8725c110c9c70cb466467a55e3160760c9"
+    assert fm["source"]["url"] == "https://zenodo.org/records/10528450/files/model_weights.torch?download=1"
+    assert fm["source"]["revision"] == "zenodo:10528450" and ct["source"]["revision"] == "main"
+    assert "NOT PINNED" in ct["source"]["revision_note"] and ct["sha256"] is None
     assert fm["state_dict"]["containers"] == ["trunk_state_dict", "state_dict"]
     assert "model.backbone." in fm["state_dict"]["key_prefixes"]
     for m in (fm, ct):
@@ -199,7 +203,7 @@ def test_ct_fm_safetensors_from_file_recorded_and_loaded(weights_env, monkeypatc
 
 
 def test_fetch_model_fmcib_offline_exits_66_and_says_how(weights_env, monkeypatch, capsys):
-    monkeypatch.setattr(fd, "_host_unreachable", lambda url: "cannot resolve www.dropbox.com")
+    monkeypatch.setattr(fd, "_host_unreachable", lambda url: "cannot resolve zenodo.org")
     assert cli.main(["fetch-model", "fmcib"]) == 66
     err = capsys.readouterr().err
     assert "--from FILE" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
