@@ -661,7 +661,7 @@ def _fetch_hub(args, manifest: Mapping, dest: Path, target: Path) -> dict:
 
 
 def _hub_resolved(dest: Path, filename: str) -> dict:
-    """The commit and ETag (for an LFS/Xet file: its sha256) huggingface_hub recorded for a download into ``dest``."""
+    """The commit and ETag (for an LFS or Xet file, normally its sha256) huggingface_hub recorded for a download into ``dest``."""
     try:
         from huggingface_hub._local_folder import read_download_metadata   # private, hence the guard
         meta = read_download_metadata(dest, filename)
