@@ -1,7 +1,8 @@
 # syntax=docker/dockerfile:1
 # bids_adhd — diffusion-MRI BIDS App, CUDA image.
 #
-#   docker build -t bidsadhd/bids_adhd:0.1.0 --build-arg CTFM_SHA256=<sha256 of model.safetensors> .
+#   docker build -t bidsadhd/bids_adhd:0.1.0 .
+#   (or, pinned: --build-arg CTFM_SHA256=<64 hex> --build-arg FMCIB_SHA256=<64 hex>)
 #   docker run --rm --read-only --gpus all -v /data:/data:ro -v /out:/out \
 #       bidsadhd/bids_adhd:0.1.0 /data /out participant
 #
@@ -23,15 +24,22 @@ FROM ${BASE_IMAGE}
 # The name this image is published under; written into every output's
 # dataset_description.json (GeneratedBy.Container) via BIDS_ADHD_IMAGE.
 ARG BIDS_ADHD_IMAGE=bidsadhd/bids_adhd:0.1.0
-# sha256 of the CT-FM weights file. Empty: models/ct-fm.json's. Neither known: the
-# build stops (use the value `bids_adhd fetch-model ct-fm` prints on a trusted
-# machine, or 'unverified' to record the digest without checking it).
-ARG CTFM_SHA256=""
+# sha256 of each model's weights file as the loader reads it (model.safetensors; for
+# FMCIB the file converted from the published model_weights.torch). Empty: the
+# manifest's (models/<name>.json "sha256"); neither known: the build stops.
+# 'unverified' (the default, because neither manifest has a verified sha256 yet:
+# docs/model.md says why) downloads, converts and loads the file and RECORDS its
+# digests (SHA256SUMS, model.provenance.json: origin, resolved hub commit, sha256 of
+# the download and of the converted file), which the loader then checks on every
+# run. Pin them with the values `bids_adhd fetch-model <name>` prints on a trusted
+# machine.
+ARG CTFM_SHA256=unverified
+ARG FMCIB_SHA256=unverified
 # The interpreter of the base image (conda's, on PATH).
 ARG PYTHON=python
 
 LABEL org.opencontainers.image.title="bids_adhd" \
-      org.opencontainers.image.description="Diffusion-MRI BIDS App: DIPY preprocessing and DTI maps (participant), LoRA-adapted CT-FM ADHD classifier (group)" \
+      org.opencontainers.image.description="Diffusion-MRI BIDS App: DIPY preprocessing and DTI maps (participant), LoRA-adapted CT foundation-model ADHD classifier (group; FMCIB and CT-FM weights included)" \
       org.opencontainers.image.licenses="Apache-2.0" \
       org.opencontainers.image.source="https://github.com/bids-adhd/bids_adhd" \
       org.opencontainers.image.version="0.1.0" \
@@ -56,10 +64,14 @@ RUN PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHON="${PYTHON}" \
     && { [ "${exe}" = /usr/local/bin/bids_adhd ] || ln -s "${exe}" /usr/local/bin/bids_adhd; } \
     && rm -rf /root/.cache
 
-# 2. The CT-FM weights, where the loader finds them with no flag
-#    (bids_adhd.learn.foundation.IMAGE_MODELS_DIR = /opt/bids_adhd/models/<name>/),
-#    checked by sha256 and loaded once into the encoder.
-RUN PYTHON="${PYTHON}" bash /src/docker/fetch-weights.sh ct-fm /opt/bids_adhd/models/ct-fm "${CTFM_SHA256}" \
+# 2. The weights of both foundation models, where the loader finds them with no flag
+#    (bids_adhd.learn.foundation.IMAGE_MODELS_DIR = /opt/bids_adhd/models/<name>/):
+#    FMCIB (the `paper` preset's encoder; its PyTorch checkpoint from Zenodo is read
+#    with torch.load(weights_only=True) and converted to safetensors here, once) and
+#    CT-FM (paper-ctfm and the baselines; safetensors from the Hugging Face hub).
+#    Each is checked or recorded by sha256 and loaded once into its encoder.
+RUN PYTHON="${PYTHON}" bash /src/docker/fetch-weights.sh fmcib /opt/bids_adhd/models/fmcib "${FMCIB_SHA256}" \
+    && PYTHON="${PYTHON}" bash /src/docker/fetch-weights.sh ct-fm /opt/bids_adhd/models/ct-fm "${CTFM_SHA256}" \
     && rm -rf /src /root/.cache /tmp/* \
     && useradd --uid 10001 --user-group --no-create-home --home-dir /tmp \
            --shell /usr/sbin/nologin bidsapp
@@ -70,8 +82,12 @@ RUN PYTHON="${PYTHON}" bash /src/docker/fetch-weights.sh ct-fm /opt/bids_adhd/mo
 #    dir (default OUTPUT_DIR/.bids_adhd_work, or --work-dir). HOME is /tmp too, and
 #    USER/LOGNAME are set (getpass.getuser() needs them for a uid with no passwd
 #    entry), so any other uid (docker run -u "$(id -u):$(id -g)") works the same.
+# BIDS_ADHD_REQUIRE_WEIGHTS: the weights are in the image, so a missing weights file
+# (e.g. a pipeline naming another model) must stop the group level (exit 66) instead of training a randomly initialised
+# encoder with a warning. Presets with `pretrained: false` (scratch) are unaffected.
 ENV BIDS_ADHD_CONTAINER=docker \
     BIDS_ADHD_IMAGE=${BIDS_ADHD_IMAGE} \
+    BIDS_ADHD_REQUIRE_WEIGHTS=1 \
     HOME=/tmp \
     USER=bidsapp \
     LOGNAME=bidsapp \

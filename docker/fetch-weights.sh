@@ -5,22 +5,31 @@
 #
 #   docker/fetch-weights.sh NAME DEST_DIR [SHA256]
 #
-# NAME      manifest name in models/ (ct-fm)
+# NAME      manifest name in models/ (ct-fm, fmcib)
 # DEST_DIR  /opt/bids_adhd/models/NAME in the image
-# SHA256    the expected sha256 of the weights file. Empty: the manifest's
-#           (models/NAME.json "sha256"). If neither is known the build stops,
-#           unless SHA256 is the word 'unverified' (then the digest is only
-#           recorded, in DEST_DIR/SHA256SUMS, and a warning printed).
+# SHA256    the expected sha256 of the weights file the loader reads
+#           (DEST_DIR/model.safetensors; for FMCIB the file converted from the
+#           published PyTorch checkpoint). Empty: the manifest's (models/NAME.json
+#           "sha256"). If neither is known the build stops, unless SHA256 is the
+#           word 'unverified': then the digests are only recorded (DEST_DIR/SHA256SUMS
+#           and model.provenance.json) and a warning printed. A sha256 in the
+#           manifest is enforced by fetch-model whatever SHA256 says.
 #
 # Environment:
-# WEIGHTS_FROM  a local copy of the weights file to use instead of downloading
+# WEIGHTS_FROM  a local copy of the published file (CT-FM: model.safetensors;
+#               FMCIB: model_weights.torch) to use instead of downloading
 #               (air-gapped builds; the tests use it). It is checked the same way.
 # PYTHON        the interpreter that has bids_adhd installed (default: python3)
 #
-# The download is `bids_adhd fetch-model NAME --dest DEST_DIR` (huggingface_hub);
-# its hub cache goes to a temporary HF_HOME that is deleted afterwards. The file
-# is then loaded into the encoder the manifest names (keys, shapes), so a wrong
-# file fails the build, not the first group run.
+# The download and any conversion are `bids_adhd fetch-model NAME --dest DEST_DIR`
+# (huggingface_hub for CT-FM, the manifest's URL for FMCIB, whose PyTorch checkpoint
+# is read with torch.load(weights_only=True) and written as safetensors), or
+# `... --from WEIGHTS_FROM`. Its hub cache goes to a temporary HF_HOME that is
+# deleted afterwards. fetch-model writes DEST_DIR/model.provenance.json: the origin,
+# the commit the hub resolved, the sha256 of the download and of the file the
+# loader reads (which checks it against that record on every run). The file is
+# then loaded into the encoder the manifest names (keys, shapes), so a wrong file
+# fails the build, not the first group run.
 set -euo pipefail
 
 NAME=${1:?usage: fetch-weights.sh NAME DEST_DIR [SHA256]}
@@ -44,8 +53,9 @@ if [ -z "$EXPECTED" ]; then
 fi
 if [ -z "$EXPECTED" ]; then
     log "no sha256 for $NAME: neither the build argument nor models/$NAME.json has one."
-    log "Pass the digest of a trusted download (docker build --build-arg CTFM_SHA256=<64 hex>),"
-    log "or fill in models/$NAME.json's \"sha256\", or accept an unchecked file with CTFM_SHA256=unverified."
+    arg=${NAME^^}
+    log "Pass the digest of a trusted download (docker build --build-arg ${arg//-/}_SHA256=<64 hex>),"
+    log "or fill in models/$NAME.json's \"sha256\", or record an unchecked file's digests with the value 'unverified'."
     exit 65
 fi
 if [ "$EXPECTED" != unverified ] && ! [[ "$EXPECTED" =~ ^[0-9a-fA-F]{64}$ ]]; then
@@ -61,21 +71,24 @@ fi
 mkdir -p "$DEST"
 work=$(mktemp -d "${TMPDIR:-/tmp}/fetch-weights.XXXXXX")
 trap 'rm -rf "$work"' EXIT
+from=()
 if [ -n "${WEIGHTS_FROM:-}" ]; then
     log "using the local file $WEIGHTS_FROM"
-    cp "$WEIGHTS_FROM" "$DEST/$filename"
+    from=(--from "$WEIGHTS_FROM")
 fi
-# downloads (or, with the file in place, only checks its header and the manifest's sha256)
+# downloads (or imports WEIGHTS_FROM), converts a PyTorch checkpoint, writes the provenance record
 HF_HOME="$work/hf" HF_HUB_DISABLE_TELEMETRY=1 HOME="$work" \
-    "$bindir/bids_adhd" fetch-model "$NAME" --dest "$DEST"
-rm -rf "$DEST/.cache"          # huggingface_hub's local_dir metadata
+    "$bindir/bids_adhd" fetch-model "$NAME" --dest "$DEST" ${from[@]+"${from[@]}"}
+rm -rf "$DEST/.cache"          # huggingface_hub's local_dir metadata (copied into model.provenance.json)
+[ -s "$DEST/${filename%%.*}.provenance.json" ] || { log "fetch-model wrote no provenance record"; exit 65; }
 
 actual=$(sha256sum "$DEST/$filename" | awk '{print $1}')
 if [ "$EXPECTED" = unverified ]; then
-    log "WARNING: $NAME weights NOT verified (no sha256 given); their sha256 is $actual"
+    log "WARNING: $NAME weights NOT verified (no sha256 given); their sha256 is $actual, recorded in" \
+        "$DEST/SHA256SUMS and $DEST/${filename%%.*}.provenance.json"
 elif [ "${actual,,}" != "${EXPECTED,,}" ]; then
     log "sha256 mismatch for $DEST/$filename: got $actual, expected $EXPECTED"
-    rm -f "$DEST/$filename"
+    rm -f "$DEST/$filename" "$DEST/${filename%%.*}.provenance.json"
     exit 65
 else
     log "sha256 verified: $actual"

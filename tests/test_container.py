@@ -151,6 +151,8 @@ def test_entrypoint_user_and_runtime_environment():
     assert env["NIPYPE_NO_ET"] == "1" and env["PYTHONDONTWRITEBYTECODE"] == "1"
     assert env.get("USER") and env.get("LOGNAME"), "getpass.getuser() needs USER/LOGNAME for an arbitrary uid"
     assert "BIDS_ADHD_WEIGHTS_DIR" not in env, "leave it unset: the loader then finds the baked-in copy"
+    from bids_adhd.learn.foundation import ENV_REQUIRE_WEIGHTS
+    assert env[ENV_REQUIRE_WEIGHTS] == "1", "the image must refuse a randomly initialised encoder"
     assert json.loads(last("VOLUME")) == ["/tmp"]
     assert last("WORKDIR") == "/tmp"
     labels = _assignments(" ".join(r for i, r in dockerfile_instructions() if i == "LABEL"))
@@ -158,12 +160,16 @@ def test_entrypoint_user_and_runtime_environment():
 
 
 def test_build_steps_use_the_tested_scripts_and_the_loader_location():
-    from bids_adhd.learn.foundation import IMAGE_MODELS_DIR
+    from bids_adhd.learn.foundation import IMAGE_MODELS_DIR, load_manifest, manifest_names
 
     runs = " ".join(rest for ins, rest in dockerfile_instructions() if ins == "RUN")
     assert "bash /src/docker/install.sh /src" in runs
-    assert f"docker/fetch-weights.sh ct-fm {IMAGE_MODELS_DIR}/ct-fm" in runs
-    assert '"${CTFM_SHA256}"' in runs
+    args = dockerfile_args()
+    for name in manifest_names():          # every model of the zoo is baked in, FMCIB (`paper`) included
+        arg = name.upper().replace("-", "") + "_SHA256"
+        assert f'docker/fetch-weights.sh {name} {IMAGE_MODELS_DIR}/{name} "${{{arg}}}"' in runs, name
+        # no manifest pins a verified sha256 yet: the default build records the digests (docs/model.md)
+        assert args[arg] == ("" if load_manifest(name).get("sha256") else "unverified"), (arg, args[arg])
     text = DOCKERFILE.read_text().lower()
     assert "mrtrix" not in text.replace("no mrtrix3", "")
     assert "apt-get" not in text, "nothing from apt is needed at run time"
@@ -182,7 +188,7 @@ def test_dockerignore_lets_in_what_the_copy_lines_need():
     for src in sources:
         assert (ROOT / src).exists(), src
     assert "README.md" in sources, "setup.cfg reads README.md (long_description)"
-    for never in ("**/*.safetensors", "**/__pycache__"):
+    for never in ("**/*.safetensors", "**/*.torch", "**/__pycache__"):
         assert never in lines
 
 
@@ -342,17 +348,60 @@ print(json.dumps(bad))
 
 
 # --------------------------------------------------------------------------- fetch-weights.sh
-def _fetch_weights(dest: Path, sha: str, weights_from: Path | None, tmp: Path):
-    env = {**os.environ, "PYTHON": sys.executable, "TMPDIR": str(tmp)}
+#: Narrow copies of the real architectures (the key layout does not depend on width), so the
+#: script runs in seconds; a sitecustomize.py points bids_adhd's models/ at them in the subprocesses.
+SITECUSTOMIZE = """
+import os
+if os.environ.get("BIDS_ADHD_TEST_MODELS_DIR"):
+    from pathlib import Path
+    import bids_adhd.config as _c
+    _c.models_dir = lambda: Path(os.environ["BIDS_ADHD_TEST_MODELS_DIR"])
+"""
+
+
+def _tiny_models(tmp: Path) -> Path:
+    from bids_adhd.config import models_dir
+
+    d = tmp / "tiny-models"
+    d.mkdir(exist_ok=True)
+    for name, key, value in (("ct-fm", "init_filters", 4), ("fmcib", "widen_factor", 0.125)):
+        m = json.loads((models_dir() / f"{name}.json").read_text())
+        m["architecture"]["kwargs"][key] = value
+        (d / f"{name}.json").write_text(json.dumps(m))
+    (tmp / "site").mkdir(exist_ok=True)
+    (tmp / "site" / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    return d
+
+
+def _fetch_weights(name: str, dest: Path, sha: str, weights_from: Path | None, tmp: Path):
+    env = {**os.environ, "PYTHON": sys.executable, "TMPDIR": str(tmp),
+           "BIDS_ADHD_TEST_MODELS_DIR": str(_tiny_models(tmp)),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp / "site"), os.environ.get("PYTHONPATH")]))}
     if weights_from is not None:
         env["WEIGHTS_FROM"] = str(weights_from)
-    return subprocess.run(["bash", str(ROOT / "docker" / "fetch-weights.sh"), "ct-fm", str(dest), sha],
+    return subprocess.run(["bash", str(ROOT / "docker" / "fetch-weights.sh"), name, str(dest), sha],
                           env=env, capture_output=True, text=True, timeout=600)
 
 
-def _manifest_sha() -> str | None:
-    from bids_adhd.learn.foundation import load_manifest
-    return load_manifest("ct-fm").get("sha256")
+def _published_file(name: str, tmp: Path) -> Path:
+    """The file each model is published as, with its real key layout: CT-FM safetensors, FMCIB's PyTorch checkpoint."""
+    import torch
+    from safetensors.torch import save_file
+    from bids_adhd.learn.foundation import build_encoder
+
+    manifest = json.loads((_tiny_models(tmp) / f"{name}.json").read_text())
+    sd = {k: v.contiguous() for k, v in build_encoder(manifest).state_dict().items()}
+    if name == "fmcib":                      # what fmcib_model() reads: the trunk under trunk_state_dict
+        path = tmp / "model_weights.torch"
+        torch.save({"trunk_state_dict": sd}, path)
+    else:
+        path = tmp / "ct-fm.safetensors"
+        save_file(sd, str(path))
+    return path
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def test_fetch_weights_refuses_a_wrong_or_missing_sha256(tmp_path):
@@ -362,34 +411,44 @@ def test_fetch_weights_refuses_a_wrong_or_missing_sha256(tmp_path):
     small = tmp_path / "small.safetensors"
     save_file({"x": torch.zeros(2)}, str(small))
     dest = tmp_path / "models" / "ct-fm"
-    wrong = _fetch_weights(dest, "0" * 64, small, tmp_path)
+    wrong = _fetch_weights("ct-fm", dest, "0" * 64, small, tmp_path)
     assert wrong.returncode == 65, wrong.stderr
     assert not (dest / "model.safetensors").exists(), "a file that failed its check must not stay"
-    bad = _fetch_weights(dest, "not-a-digest", small, tmp_path)
+    bad = _fetch_weights("ct-fm", dest, "not-a-digest", small, tmp_path)
     assert bad.returncode == 64, bad.stderr
-    if _manifest_sha() is None:
-        none = _fetch_weights(dest, "", small, tmp_path)
-        assert none.returncode == 65 and "no sha256" in none.stderr, none.stderr
+    for name, arg in (("ct-fm", "CTFM_SHA256"), ("fmcib", "FMCIB_SHA256")):
+        if json.loads((_tiny_models(tmp_path) / f"{name}.json").read_text()).get("sha256") is None:
+            none = _fetch_weights(name, tmp_path / "models" / name, "", small, tmp_path)
+            assert none.returncode == 65 and "no sha256" in none.stderr and arg in none.stderr, none.stderr
 
 
-def test_fetch_weights_accepts_the_right_file_and_loads_it(tmp_path):
-    if _manifest_sha():
-        pytest.skip("models/ct-fm.json pins the real file's sha256: only the real weights pass")
-    from safetensors.torch import save_file
-    from bids_adhd.learn.foundation import build_encoder, load_manifest
-
-    encoder = build_encoder(load_manifest("ct-fm"))
-    weights = tmp_path / "ct-fm.safetensors"
-    save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, str(weights))
-    del encoder
-    sha = hashlib.sha256(weights.read_bytes()).hexdigest()
-    dest = tmp_path / "models" / "ct-fm"
-    ok = _fetch_weights(dest, sha, weights, tmp_path)
+@pytest.mark.parametrize("name", ["ct-fm", "fmcib"])
+def test_fetch_weights_accepts_the_right_file_and_loads_it(tmp_path, name):
+    """CT-FM with its digest given (verified); FMCIB 'unverified' (converted, loaded, every digest recorded)."""
+    published = _published_file(name, tmp_path)
+    dest = tmp_path / "models" / name
+    # a safetensors file is copied byte for byte, so its own digest is the loader's file's
+    sha = _sha(published) if name == "ct-fm" else "unverified"
+    ok = _fetch_weights(name, dest, sha, published, tmp_path)
     assert ok.returncode == 0, ok.stderr
-    assert "sha256 verified" in ok.stderr and "parameters loaded" in ok.stderr
-    assert (dest / "SHA256SUMS").read_text().split() == [sha, "model.safetensors"]
+    assert ("sha256 verified" if name == "ct-fm" else "NOT verified") in ok.stderr and "parameters loaded" in ok.stderr
+    loaded = _sha(dest / "model.safetensors")
+    assert (dest / "SHA256SUMS").read_text().split() == [loaded, "model.safetensors"]
+    record = json.loads((dest / "model.provenance.json").read_text())
+    assert record["sha256"] == loaded and record["source_sha256"] == _sha(published)
+    assert record["container"] == ("trunk_state_dict" if name == "fmcib" else "")
     assert not (dest / ".cache").exists()
-    weights.unlink()
+
+
+def test_fetch_weights_refuses_a_checkpoint_that_needs_unpickling(tmp_path):
+    import torch
+
+    evil = tmp_path / "model_weights.torch"
+    torch.save({"trunk_state_dict": {"conv1.weight": torch.zeros(1)}, "opt": Path("/")}, evil)
+    dest = tmp_path / "models" / "fmcib"
+    proc = _fetch_weights("fmcib", dest, "unverified", evil, tmp_path)
+    assert proc.returncode == 65 and "needs full unpickling" in proc.stderr, proc.stderr
+    assert not (dest / "model.safetensors").exists()
 
 
 # --------------------------------------------------------------------------- read-only run
@@ -493,4 +552,6 @@ def test_apptainer_definition():
         assert re.search(rf"\b{var}=/tmp", env), f"{var} not under /tmp in %environment"
     assert re.search(r'exec bids_adhd "\$@"', sections["runscript"])
     assert "bids_adhd --version" in sections["test"]
+    assert "for m in fmcib ct-fm" in sections["test"] and "sha256sum -c SHA256SUMS" in sections["test"]
+    assert "BIDS_ADHD_REQUIRE_WEIGHTS=1" in env
     assert "--containall" in sections["help"] and "--nv" in sections["help"]

@@ -66,8 +66,12 @@ def test_manifests_describe_both_models():
     fm, ct = fd.load_manifest("fmcib"), fd.load_manifest("ct-fm")
     assert fm["architecture"]["class"] == "monai.networks.nets.resnet.resnet50"
     assert fm["architecture"]["kwargs"] == {"pretrained": False, "spatial_dims": 3, "n_input_channels": 1,
-                                            "widen_factor": 2, "conv1_t_stride": 2, "feed_forward": False}
-    assert fm["source"]["code_commit"] == "dfff3abc0d3ed6272632e97fb46b111f1e0134a2"
+                                            "widen_factor": 2, "conv1_t_stride": 2, "feed_forward": False,
+                                            "bias_downsample": True}      # as fmcib_model() passes it
+    assert fm["source"]["code_commit"] == "1f1c0c8725c110c9c70cb466467a55e3160760c9"
+    assert fm["source"]["url"] == "https://zenodo.org/records/10528450/files/model_weights.torch?download=1"
+    assert fm["source"]["revision"] == "zenodo:10528450" and ct["source"]["revision"] == "main"
+    assert "NOT PINNED" in ct["source"]["revision_note"] and ct["sha256"] is None
     assert fm["state_dict"]["containers"] == ["trunk_state_dict", "state_dict"]
     assert "model.backbone." in fm["state_dict"]["key_prefixes"]
     for m in (fm, ct):
@@ -199,10 +203,49 @@ def test_ct_fm_safetensors_from_file_recorded_and_loaded(weights_env, monkeypatc
 
 
 def test_fetch_model_fmcib_offline_exits_66_and_says_how(weights_env, monkeypatch, capsys):
-    monkeypatch.setattr(fd, "_host_unreachable", lambda url: "cannot resolve www.dropbox.com")
+    monkeypatch.setattr(fd, "_host_unreachable", lambda url: "cannot resolve zenodo.org")
     assert cli.main(["fetch-model", "fmcib"]) == 66
     err = capsys.readouterr().err
     assert "--from FILE" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_fetch_model_records_the_hub_commit_it_resolved(weights_env, monkeypatch):
+    """CT-FM's manifest cannot pin a commit (none verified here): the provenance record keeps the one resolved."""
+    hub = pytest.importorskip("huggingface_hub")
+    from huggingface_hub._local_folder import write_download_metadata
+
+    manifest = tiny("ct-fm")
+    use_manifest(monkeypatch, manifest)
+    commit = "0123456789abcdef0123456789abcdef01234567"
+
+    def fake_download(repo_id, filename, revision=None, local_dir=None, **kwargs):
+        out = fd.Path(local_dir) / filename
+        save_file({k: v.contiguous() for k, v in trained_like(manifest).state_dict().items()}, str(out))
+        write_download_metadata(fd.Path(local_dir), filename, commit, hashlib.sha256(out.read_bytes()).hexdigest())
+        return str(out)
+    monkeypatch.setattr(hub, "hf_hub_download", fake_download)
+    monkeypatch.setattr(fd, "_hub_unreachable", lambda: None)
+    assert cli.main(["fetch-model", "ct-fm"]) == 0
+    record = json.loads(fd.provenance_path(fd.cache_dir("ct-fm") / "model.safetensors").read_text())
+    assert record["origin"] == "huggingface:project-lighter/ct_fm_feature_extractor@main"
+    assert record["revision_resolved"] == commit and record["etag"] == record["sha256"]
+
+
+def test_required_weights_refuse_random_init_but_not_pretrained_false(weights_env, monkeypatch):
+    """BIDS_ADHD_REQUIRE_WEIGHTS (set in the images): missing weights are exit 66; 'scratch' still builds."""
+    from bids_adhd.errors import MissingInputError
+
+    manifest = tiny("fmcib")
+    monkeypatch.setenv(fd.ENV_REQUIRE_WEIGHTS, "1")
+    with pytest.raises(MissingInputError) as exc:
+        fd.load_encoder(ModelConfig(foundation="fmcib"), manifest=manifest)
+    assert exc.value.exit_code == 66 and "fetch-model fmcib" in exc.value.message
+    assert fd.ENV_REQUIRE_WEIGHTS in exc.value.message
+    _, info = fd.load_encoder(ModelConfig(foundation="fmcib", pretrained=False), manifest=manifest)
+    assert info["init"] == "random (pretrained: false)"
+    monkeypatch.setenv(fd.ENV_REQUIRE_WEIGHTS, "0")
+    _, info = fd.load_encoder(ModelConfig(foundation="fmcib"), manifest=manifest)
+    assert info["init"] == "random (weights missing)" and info["warning"]
 
 
 # ---------------------------------------------------------------- the frame the network sees

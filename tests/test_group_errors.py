@@ -93,6 +93,16 @@ def test_bad_weights_file_is_65(maps, tmp_path, capsys):
     assert not (out / "group" / "folds.tsv").exists()     # nothing written before the model is known good
 
 
+def test_required_weights_missing_is_66_not_a_random_encoder(maps, tmp_path, capsys, monkeypatch, weights_env):
+    """What the container images set: no weights file anywhere must stop the group level, not warn and train."""
+    monkeypatch.setenv("BIDS_ADHD_REQUIRE_WEIGHTS", "1")
+    bids, out, _ = maps
+    code, err = _run(capsys, bids, out, "--pipeline", str(tiny_pipeline(tmp_path)))
+    assert code == 66 and len(err) == 1, err
+    assert "BIDS_ADHD_REQUIRE_WEIGHTS" in err[0] and "fetch-model ct-fm" in err[0]
+    assert not (out / "group" / "folds.tsv").exists()
+
+
 def test_cuda_without_gpu_is_64(maps, capsys, monkeypatch):
     import torch
 

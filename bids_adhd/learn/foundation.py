@@ -37,6 +37,9 @@ from ..errors import DataError, MissingInputError, OutputError, UsageError
 LOG = logging.getLogger("bids_adhd.foundation")
 
 ENV_WEIGHTS_DIR = "BIDS_ADHD_WEIGHTS_DIR"
+#: Set (to anything but "" or "0") where a randomly initialised encoder must never stand in for the
+#: pre-trained one: the container images set it, so a missing weights file is exit 66, not a warning.
+ENV_REQUIRE_WEIGHTS = "BIDS_ADHD_REQUIRE_WEIGHTS"
 DEFAULT_CACHE_ROOT = Path("~/.cache/bids_adhd/models")
 IMAGE_MODELS_DIR = Path("/opt/bids_adhd/models")
 #: Key prefixes stripped from a checkpoint when the manifest names none.
@@ -381,7 +384,8 @@ def load_encoder(cfg: ModelConfig, weights: str | os.PathLike | None = None, *,
     - otherwise :func:`find_weights`; when nothing is found the encoder is
       RANDOMLY INITIALISED, a prominent WARNING is logged and
       ``info["pretrained"]`` is False with ``info["warning"]`` set: the group
-      level must report this.
+      level must report this. Where ``$BIDS_ADHD_REQUIRE_WEIGHTS`` is set
+      (the container images) it is ``MissingInputError`` (exit 66) instead.
     - ``architecture_only``: build on the ``meta`` device (no memory, no
       weights); for counting parameters.
 
@@ -411,6 +415,8 @@ def load_encoder(cfg: ModelConfig, weights: str | os.PathLike | None = None, *,
     path = find_weights(name, weights)
     if path is None:
         msg = _missing_message(name, manifest)
+        if os.environ.get(ENV_REQUIRE_WEIGHTS, "") not in ("", "0"):
+            raise MissingInputError(f"{msg} ({ENV_REQUIRE_WEIGHTS} is set: a randomly initialised encoder is refused)")
         banner = "!" * 78
         LOG.warning("%s\nWARNING: THE %s ENCODER IS RANDOMLY INITIALISED - results are NOT those of the "
                     "pre-trained model.\n%s\n%s", banner, name.upper(), msg, banner)
@@ -650,7 +656,18 @@ def _fetch_hub(args, manifest: Mapping, dest: Path, target: Path) -> dict:
         reason = " ".join(str(exc).split()).split(". ")[0][:160]
         raise MissingInputError(f"could not download {source['repo_id']}/{filename} "
                                 f"({type(exc).__name__}: {reason}); {where}; expected at {target}") from None
-    return {"origin": f"huggingface:{source['repo_id']}@{revision or 'main'}", "downloaded": str(got)}
+    return {"origin": f"huggingface:{source['repo_id']}@{revision or 'main'}", "downloaded": str(got),
+            **_hub_resolved(dest, filename)}
+
+
+def _hub_resolved(dest: Path, filename: str) -> dict:
+    """The commit and ETag (for an LFS or Xet file, normally its sha256) huggingface_hub recorded for a download into ``dest``."""
+    try:
+        from huggingface_hub._local_folder import read_download_metadata   # private, hence the guard
+        meta = read_download_metadata(dest, filename)
+    except Exception:  # noqa: BLE001 - any failure only means there is nothing to record
+        return {}
+    return {"revision_resolved": meta.commit_hash, "etag": meta.etag} if meta is not None else {}
 
 
 def _fetch_url(args, manifest: Mapping, dest: Path, target: Path) -> dict:
