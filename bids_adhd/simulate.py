@@ -49,6 +49,7 @@ from . import derivatives as _d
 from .dmri.geometry import euler_to_matrix
 from .entities import TEMPLATE_SPACE
 from .errors import OutputError, UsageError
+from .settings import SIMULATOR_PROFILES, SimulateSettings
 
 LOG = logging.getLogger("bids_adhd.simulate")
 
@@ -1100,7 +1101,7 @@ def _write_truth_summary(root, truth, subjects, summaries, protocol, effect, snr
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out_dir", metavar="OUT_DIR",
                         help="where the BIDS dataset goes (must not exist, or be empty)")
-    parser.add_argument("--profile", default="demo", choices=["demo", "realistic"],
+    parser.add_argument("--profile", default="demo", choices=SIMULATOR_PROFILES,
                         help="demo: template anatomy, one strong effect (default); realistic: per-subject "
                              "warps, age/sex/site, weak heterogeneous effect (docs/simulation.md)")
     parser.add_argument("--subjects", type=int, default=20, metavar="N",
@@ -1128,11 +1129,9 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
                              "the files do not depend on it")
 
 
-def run_cli(args) -> int:
-    out = simulate_dataset(args.out_dir, n_subjects=args.subjects, seed=args.seed, size=args.size,
-                           effect=args.effect, snr=args.snr, sessions=args.sessions,
-                           directions=args.directions, motion=args.motion,
-                           eddy=getattr(args, "eddy", True), dropouts=getattr(args, "dropouts", True),
-                           n_jobs=args.nprocs, motion_confound=args.motion_confound)
-    print(out)
-    return 0
+def run(settings: SimulateSettings) -> Path:
+    """The demo profile's dataset described by ``settings`` (built by ``simulate_cli``)."""
+    s = settings
+    return simulate_dataset(s.out_dir, n_subjects=s.subjects, seed=s.seed, size=s.size, effect=s.effect,
+                            snr=s.snr, sessions=s.sessions, directions=s.directions, motion=s.motion,
+                            eddy=s.eddy, dropouts=s.dropouts, n_jobs=s.nprocs, motion_confound=s.motion_confound)
