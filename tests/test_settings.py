@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import subprocess
-from pathlib import Path
 
 import pytest
 
@@ -118,9 +116,3 @@ def test_allowed_values_have_one_message(tmp_path, section, key, value, message)
     path.write_text(f"base: fast\n{section}:\n  {key}: {value}\n")
     with pytest.raises(UsageError, match=message):
         load_pipeline(str(path))
-
-
-def test_no_getattr_args_in_the_library():
-    root = Path(__file__).resolve().parent.parent / "bids_adhd"
-    out = subprocess.run(["grep", "-rn", "getattr(args", str(root)], capture_output=True, text=True).stdout
-    assert [ln for ln in out.splitlines() if not ln.startswith(str(root / "cli.py"))] == []

@@ -258,9 +258,6 @@ def _run_group(settings: GroupSettings, dist, device) -> int:
 
     from ..bids import check_bids_dir
     from ..dmri.template import template_grid
-    from .adapter import encoder_fingerprint
-    from .classifier import build_model
-    from .train import initial_state
 
     t_run = time.perf_counter()
     with dist.phase():          # every rank; an error on any rank stops them all with its exit code
@@ -279,41 +276,13 @@ def _run_group(settings: GroupSettings, dist, device) -> int:
                                 qc_exclude=settings.qc_exclude)
         opts, cfg = _stats_setup(settings, cfg, inputs)
         # --- the model, built once --------------------------------------------------
-        t0 = time.perf_counter()
-        torch.manual_seed(cfg.train.seed)
-        model, info = build_model(cfg.model, weights=settings.weights)
-        fingerprint = encoder_fingerprint(model)
-        model.to(device).to(memory_format=torch.channels_last_3d)
-        if dist.prepare_model(model, cfg):
-            LOG.info("torchrun: the encoder's BatchNorm layers are SyncBatchNorm (statistics of the global batch)")
-        init = initial_state(model)
-        report = info["parameters"]
-        LOG.info("model: %s + %s, %d trainable of %d parameters (built in %.0f s)", cfg.model.foundation,
-                 cfg.model.adaptation, report["trainable"], report["total"], time.perf_counter() - t0)
-        warning = None
-        if not info.get("pretrained"):
-            if cfg.model.pretrained:
-                warning = (f"The foundation encoder is RANDOMLY INITIALISED: no {cfg.model.foundation} weights were "
-                           f"found (bids_adhd fetch-model {cfg.model.foundation}, or --weights PATH). These results "
-                           "are NOT those of the pre-trained model.")
-            else:
-                warning = (f"The encoder is randomly initialised on purpose (pipeline {cfg.name}: pretrained: "
-                           "false); no pre-training is involved.")
-            LOG.warning(warning)
+        model, info, fingerprint, init, warning = _build_model_once(cfg, settings.weights, dist, device)
         # every rank computes the folds from the seed; they must agree (checked below)
         computed = _assign(inputs, cfg, opts)
 
     resume = settings.resume
     progress = not settings.quiet
-    dist.check_same({"subjects": inputs.subjects, "labels": inputs.labels, "encoder": fingerprint,
-                     "folds": computed, "pipeline": cfg.to_dict()},
-                    "set of subjects, labels, pipeline, encoder weights or fold assignment")
-    if dist.enabled:
-        LOG.info("torchrun: subjects, labels, encoder and fold assignment identical on all %d ranks", dist.world)
-        if cfg.train.batch_size < dist.world * (2 if cfg.train.norm_mode == "train" else 1):
-            LOG.warning("torchrun: batch_size %d is too small for %d processes: some get padding only; raise "
-                        "batch_size (it is the global batch) or start fewer processes",
-                        cfg.train.batch_size, dist.world)
+    _check_ranks(dist, cfg, inputs, fingerprint, computed)
     # --- group/ and the folds (rank 0 writes): saved first, reused on resume ------------
     gdir, assignment = dist.on_main(_prepare_group_dir, out_root, cfg, inputs, computed, resume, column,
                                     positive, device, dist.world)
@@ -351,6 +320,52 @@ def _run_group(settings: GroupSettings, dist, device) -> int:
     LOG.info("group level finished in %.0f s; results in %s (report: %s)", time.perf_counter() - t_run, gdir,
              gdir / "report.html")
     return 0
+
+
+def _build_model_once(cfg, weights, dist, device):
+    """(model, info, encoder fingerprint, initial adapter state, random-init warning or None): the
+    classifier, built once per run from the seed, on ``device``; every fold starts from ``init``."""
+    import torch
+
+    from .adapter import encoder_fingerprint
+    from .classifier import build_model
+    from .train import initial_state
+
+    t0 = time.perf_counter()
+    torch.manual_seed(cfg.train.seed)
+    model, info = build_model(cfg.model, weights=weights)
+    fingerprint = encoder_fingerprint(model)
+    model.to(device).to(memory_format=torch.channels_last_3d)
+    if dist.prepare_model(model, cfg):
+        LOG.info("torchrun: the encoder's BatchNorm layers are SyncBatchNorm (statistics of the global batch)")
+    init = initial_state(model)
+    report = info["parameters"]
+    LOG.info("model: %s + %s, %d trainable of %d parameters (built in %.0f s)", cfg.model.foundation,
+             cfg.model.adaptation, report["trainable"], report["total"], time.perf_counter() - t0)
+    warning = None
+    if not info.get("pretrained"):
+        if cfg.model.pretrained:
+            warning = (f"The foundation encoder is RANDOMLY INITIALISED: no {cfg.model.foundation} weights were "
+                       f"found (bids_adhd fetch-model {cfg.model.foundation}, or --weights PATH). These results "
+                       "are NOT those of the pre-trained model.")
+        else:
+            warning = (f"The encoder is randomly initialised on purpose (pipeline {cfg.name}: pretrained: "
+                       "false); no pre-training is involved.")
+        LOG.warning(warning)
+    return model, info, fingerprint, init, warning
+
+
+def _check_ranks(dist, cfg, inputs: GroupInputs, fingerprint: str, computed: dict) -> None:
+    """Under torchrun: every rank has the same subjects, labels, pipeline, encoder and folds."""
+    dist.check_same({"subjects": inputs.subjects, "labels": inputs.labels, "encoder": fingerprint,
+                     "folds": computed, "pipeline": cfg.to_dict()},
+                    "set of subjects, labels, pipeline, encoder weights or fold assignment")
+    if dist.enabled:
+        LOG.info("torchrun: subjects, labels, encoder and fold assignment identical on all %d ranks", dist.world)
+        if cfg.train.batch_size < dist.world * (2 if cfg.train.norm_mode == "train" else 1):
+            LOG.warning("torchrun: batch_size %d is too small for %d processes: some get padding only; raise "
+                        "batch_size (it is the global batch) or start fewer processes",
+                        cfg.train.batch_size, dist.world)
 
 
 def _stats_setup(settings: GroupSettings, cfg, inputs: GroupInputs):
