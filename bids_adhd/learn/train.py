@@ -161,14 +161,21 @@ def predict_proba(model: nn.Module, images, device, batch_size: int = 4, amp=Non
 
 
 @torch.no_grad()
-def _predict_proba(model: nn.Module, images, device, batch_size: int = 4, amp=None) -> np.ndarray:
+def _batched(model: nn.Module, images, device, batch_size: int, amp, head) -> list[torch.Tensor]:
+    """The one inference loop: eval mode, batches of ``batch_size``, autocast; ``head(model, x)``
+    of every batch, as float32 on the CPU."""
     model.eval()
     out = []
     for i in range(0, len(images), batch_size):
         x = torch.stack(list(images[i:i + batch_size]))
         with autocast(device, amp):
-            logits = model(to_input(x, device))
-        out.append(torch.softmax(logits.float(), dim=1)[:, 1].cpu())
+            out.append(head(model, to_input(x, device)).float().cpu())
+    return out
+
+
+def _predict_proba(model: nn.Module, images, device, batch_size: int = 4, amp=None) -> np.ndarray:
+    out = _batched(model, images, device, batch_size, amp,
+                   lambda m, x: torch.softmax(m(x).float(), dim=1)[:, 1])
     return torch.cat(out).numpy() if out else np.zeros(0)
 
 
@@ -181,15 +188,8 @@ def pooled_features(model: nn.Module, images, device, batch_size: int = 4, amp=N
     return _pooled_features(model, images, device, batch_size, amp)
 
 
-@torch.no_grad()
 def _pooled_features(model: nn.Module, images, device, batch_size: int = 4, amp=None) -> torch.Tensor:
-    model.eval()
-    out = []
-    for i in range(0, len(images), batch_size):
-        x = torch.stack(list(images[i:i + batch_size]))
-        with autocast(device, amp):
-            out.append(model.features(to_input(x, device)).float().cpu())
-    return torch.cat(out)
+    return torch.cat(_batched(model, images, device, batch_size, amp, lambda m, x: m.features(x)))
 
 
 def _val_metrics(y, p, weights) -> dict:
