@@ -30,6 +30,14 @@ The loop
    CPU), early stopping after ``patience`` epochs without a lower validation
    loss; the best epoch's state is restored.
 
+The pieces
+----------
+``train_model`` is a short loop over: ``_start_fold`` (reset or resume),
+``_head_stage`` (stage 3), and per epoch ``train_epoch`` (reseeding, batches,
+optimiser steps) and ``validate``; ``EarlyStopping`` keeps the best state (the
+head warm-up's ``train_head`` uses it too, per step), ``FoldState`` is what a
+checkpoint holds, ``TrainingLog`` the history TSV (and TensorBoard).
+
 Checkpoints
 -----------
 After the head stage and after every epoch, ``<ckpt_dir>/last.pt`` is written
