@@ -15,6 +15,8 @@ import sys
 
 from . import __version__
 from .errors import BidsAppError, UsageError
+from .settings import (CV_MODES, DEVICES, NIPYPE_PLUGINS, GroupSettings, ParticipantSettings,
+                       from_namespace)
 
 LOG = logging.getLogger("bids_adhd")
 
@@ -69,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(*_alias("--omp-nthreads"), dest="omp_nthreads", type=int, default=None, metavar="N",
                    help="threads inside one node (BLAS/OpenMP/torch); default: nprocs divided among the series")
     r.add_argument(*_alias("--nipype-plugin"), dest="nipype_plugin", default="MultiProc",
-                   choices=["Linear", "MultiProc", "SLURMGraph"], help="Nipype execution plugin")
+                   choices=NIPYPE_PLUGINS, help="Nipype execution plugin")
     c = p.add_argument_group("configuration")
     c.add_argument("--pipeline", default=None, metavar="NAME|PATH",
                    help="preset name from pipelines/ or a YAML file (default: 'default' for participant, "
@@ -96,10 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "'snr < 10' (metric names: docs/qc.md)")
     gr.add_argument("--folds", type=int, default=None, help="cross-validation folds (default: the preset's)")
     gr.add_argument("--seed", type=int, default=None, help="random seed (default: the preset's)")
-    gr.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    gr.add_argument("--device", default="auto", choices=DEVICES)
     gr.add_argument("--resume", action="store_true", help="continue a killed group run from its checkpoints")
     st = p.add_argument_group("group statistics (docs/group.md)")
-    st.add_argument("--cv", default="stratified", choices=["stratified", "site"],
+    st.add_argument("--cv", default="stratified", choices=CV_MODES,
                     help="stratified k-fold (default) or leave-one-site-out (participants.tsv 'site')")
     st.add_argument("--permutations", type=int, default=None, metavar="N",
                     help="label permutations of the frozen-feature read-out (default 200; 0: no test)")
@@ -137,7 +139,18 @@ def _run_subcommand(name: str, argv: list[str]) -> int:
     return int(module.run_cli(args) or 0)
 
 
-def _participant(args) -> int:
+def participant_settings(args: argparse.Namespace) -> ParticipantSettings:
+    """The participant level's settings from the parsed command line (validated on construction)."""
+    return from_namespace(ParticipantSettings, args, pipeline=args.pipeline or "default",
+                          verbose=int(args.verbose or 0))
+
+
+def group_settings(args: argparse.Namespace) -> GroupSettings:
+    """The group level's settings from the parsed command line (validated on construction)."""
+    return from_namespace(GroupSettings, args, pipeline=args.pipeline or "paper", saliency=not args.no_saliency)
+
+
+def _participant(settings: ParticipantSettings) -> int:
     """The participant workflow, then (``--model``) the prediction of the selected subjects.
 
     The prediction is dispatched here, after the workflow, so that the
@@ -145,13 +158,13 @@ def _participant(args) -> int:
     before any processing."""
     from .workflows.run import run_participant
 
-    if args.model:
+    if settings.model:
         from .learn.predict import check_model_file
-        check_model_file(args.model)
-    code = int(run_participant(args) or 0)
-    if code == 0 and args.model:
+        check_model_file(settings.model)
+    code = int(run_participant(settings) or 0)
+    if code == 0 and settings.model:
         from .learn.predict import predict_participants
-        predict_participants(args)
+        predict_participants(settings)
     return code
 
 
@@ -170,9 +183,10 @@ def main(argv: list[str] | None = None) -> int:
             if int(os.environ.get("WORLD_SIZE") or 1) > 1 and "LOCAL_RANK" in os.environ:
                 raise UsageError("the participant level does not run under torchrun (every rank would process "
                                  "every subject); run it as one process (--nprocs N) or one job per subject")
-            return _participant(args)
+            return _participant(participant_settings(args))
+        settings = group_settings(args)
         from .learn.group import run_group
-        return int(run_group(args) or 0)
+        return int(run_group(settings) or 0)
     except BidsAppError as exc:
         if verbose:
             LOG.exception("error")

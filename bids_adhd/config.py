@@ -19,6 +19,26 @@ import yaml
 from .errors import MissingInputError, UsageError
 
 
+def one_of(option: str, value, allowed) -> None:
+    """UsageError unless ``value`` is one of ``allowed`` (the one message for every such check)."""
+    if value not in allowed:
+        raise UsageError(f"{option} must be one of {', '.join(map(str, allowed))} (got {value!r})")
+
+# The allowed values of the string-valued keys, defined once (checked in __post_init__, listed in the docs).
+DENOISE_METHODS = ("mppca", "patch2self", "none")
+DTI_FITS = ("WLS", "OLS", "NLLS", "RESTORE")
+MOTION_OUTLIER_MODES = ("replace", "keep", "drop-volume")
+ADAPTATIONS = ("lora", "peft-lora", "linear-probe", "full", "scratch")
+LORA_FACTORISATIONS = ("flat", "kernel2d")
+FEATURE_CHANNELS = ("fa", "md")
+STEM_INITS = ("average", "duplicate")
+POOLINGS = ("avg", "multiscale", "avgmax", "spatial")
+INTENSITY_MODES = ("none", "mean", "zscore")
+BALANCE_MODES = ("loss", "sampler", "none")
+AMP_MODES = ("bf16", "fp16", "none")
+NORM_MODES = ("train", "recalibrate", "frozen")
+
+
 @dataclass(frozen=True)
 class PreprocConfig:
     """Participant-level preprocessing (DIPY inside Nipype nodes)."""
@@ -49,18 +69,14 @@ class PreprocConfig:
     fd_radius_mm: float = 50.0        # head radius for Power's framewise displacement
 
     def __post_init__(self):
-        if self.denoise not in ("mppca", "patch2self", "none"):
-            raise UsageError(f"denoise must be one of mppca, patch2self, none (got {self.denoise!r})")
-        if self.dti_fit not in ("WLS", "OLS", "NLLS", "RESTORE"):
-            raise UsageError(f"dti_fit must be one of WLS, OLS, NLLS, RESTORE (got {self.dti_fit!r})")
+        one_of("denoise", self.denoise, DENOISE_METHODS)
+        one_of("dti_fit", self.dti_fit, DTI_FITS)
         if not 1 <= int(self.denoise_stride) <= 2 * int(self.denoise_patch_radius) + 1:
             raise UsageError(f"denoise_stride must be between 1 and the patch width 2 x denoise_patch_radius + 1 "
                              f"(got {self.denoise_stride!r})")
         if int(self.motion_min_samples) < 1000:
             raise UsageError(f"motion_min_samples must be at least 1000 (got {self.motion_min_samples!r})")
-        if self.motion_outliers not in ("replace", "keep", "drop-volume"):
-            raise UsageError("motion_outliers must be one of replace, keep, drop-volume "
-                             f"(got {self.motion_outliers!r})")
+        one_of("motion_outliers", self.motion_outliers, MOTION_OUTLIER_MODES)
         if not 1 <= int(self.motion_rounds) <= 10:
             raise UsageError(f"motion_rounds must be between 1 and 10 (got {self.motion_rounds!r})")
         if int(self.motion_slice_axis) not in (0, 1, 2):
@@ -71,9 +87,8 @@ class PreprocConfig:
 
 @dataclass(frozen=True)
 class TemplateConfig:
-    """The fixed grid in template space that the network reads."""
+    """The fixed grid in template space (MNI152NLin2009aSym, the only one) that the network reads."""
 
-    space: str = "MNI152NLin2009aSym"
     resolution_mm: float = 2.0
     shape: tuple = (96, 96, 96)       # voxels; each divisible by 16 (4 stride-2 stages); 192 mm cube
     syn: bool = False                 # follow the affine with DIPY SyN
@@ -115,23 +130,18 @@ class ModelConfig:
     num_classes: int = 2
 
     def __post_init__(self):
-        if self.adaptation not in ("lora", "peft-lora", "linear-probe", "full", "scratch"):
-            raise UsageError(f"unknown adaptation {self.adaptation!r}")
-        if self.lora_factorisation not in ("flat", "kernel2d"):
-            raise UsageError(f"lora_factorisation must be flat or kernel2d (got {self.lora_factorisation!r})")
+        one_of("adaptation", self.adaptation, ADAPTATIONS)
+        one_of("lora_factorisation", self.lora_factorisation, LORA_FACTORISATIONS)
         if self.lora_rank < 1:
             raise UsageError("lora_rank must be ≥ 1")
-        bad = set(self.channels) - {"fa", "md"}
+        bad = set(self.channels) - set(FEATURE_CHANNELS)
         if bad or not self.channels:
-            raise UsageError(f"channels must be taken from fa, md (got {self.channels})")
-        if self.stem_init not in ("average", "duplicate"):
-            raise UsageError(f"stem_init must be average or duplicate (got {self.stem_init!r})")
+            raise UsageError(f"channels must be taken from {', '.join(FEATURE_CHANNELS)} (got {self.channels})")
+        one_of("stem_init", self.stem_init, STEM_INITS)
         if self.adaptation == "peft-lora" and self.lora_factorisation != "flat":
             raise UsageError("adaptation 'peft-lora' supports only lora_factorisation: flat")
-        if self.pooling not in ("avg", "multiscale", "avgmax", "spatial"):
-            raise UsageError(f"pooling must be avg, multiscale, avgmax or spatial (got {self.pooling!r})")
-        if self.intensity not in ("none", "mean", "zscore"):
-            raise UsageError(f"intensity must be none, mean or zscore (got {self.intensity!r})")
+        one_of("pooling", self.pooling, POOLINGS)
+        one_of("intensity", self.intensity, INTENSITY_MODES)
         levels = list(self.feature_levels)
         if any(not isinstance(v, int) or isinstance(v, bool) or v < 0 for v in levels) \
                 or len(set(levels)) != len(levels):
@@ -164,12 +174,9 @@ class TrainConfig:
     def __post_init__(self):
         if self.folds < 2:
             raise UsageError(f"--folds must be at least 2 (got {self.folds})")
-        if self.balance not in ("loss", "sampler", "none"):
-            raise UsageError(f"balance must be loss, sampler or none (got {self.balance!r})")
-        if self.amp not in ("bf16", "fp16", "none"):
-            raise UsageError(f"amp must be bf16, fp16 or none (got {self.amp!r})")
-        if self.norm_mode not in ("train", "recalibrate", "frozen"):
-            raise UsageError(f"norm_mode must be train, recalibrate or frozen (got {self.norm_mode!r})")
+        one_of("balance", self.balance, BALANCE_MODES)
+        one_of("amp", self.amp, AMP_MODES)
+        one_of("norm_mode", self.norm_mode, NORM_MODES)
         if self.epochs < 0 or self.head_epochs < 0:
             raise UsageError("epochs and head_epochs must be ≥ 0")
 
@@ -186,6 +193,24 @@ class PipelineConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def to_json_dict(self) -> dict:
+        """The configuration as JSON/YAML-safe data (tuples as lists); ``from_dict`` reads it back."""
+        return _json_safe(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str = "pipeline") -> "PipelineConfig":
+        """The one reader of a configuration as data: a preset (after ``base:`` merging), the dict an
+        adapter or ``group/config.json`` stores. Unknown sections or keys are a ``UsageError``; keys
+        that an older version wrote and this one dropped (``_REMOVED_KEYS``) are skipped."""
+        unknown = set(data) - set(_SECTIONS) - {"name", "description"}
+        if unknown:
+            raise UsageError(f"{where}: unknown section(s) {', '.join(sorted(unknown))}")
+        sections = {k: _build(sec, {key: v for key, v in (data.get(k) or {}).items()
+                                    if key not in _REMOVED_KEYS.get(k, ())}, f"{where} [{k}]")
+                    for k, sec in _SECTIONS.items()}
+        return cls(name=str(data.get("name", "default")), description=str(data.get("description") or "").strip(),
+                   **sections)
+
     def replace(self, section: str | None = None, **changes) -> "PipelineConfig":
         """A copy with some keys changed: ``cfg.replace("train", folds=3)``."""
         if section is None:
@@ -196,6 +221,21 @@ class PipelineConfig:
 
 _SECTIONS = {"preproc": PreprocConfig, "template": TemplateConfig,
              "model": ModelConfig, "train": TrainConfig}
+#: keys older versions wrote that nothing read: skipped when read back (an old adapter stays readable)
+_REMOVED_KEYS = {"template": ("space",)}
+
+
+def section_from_dict(section: str, values: Mapping[str, Any]):
+    """One section (``"template"``, ...) from its data, e.g. a Nipype node's dict input."""
+    return _build(_SECTIONS[section], values, f"pipeline [{section}]")
+
+
+def _json_safe(value):
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def _build(cls, values: Mapping[str, Any], where: str):
@@ -285,11 +325,4 @@ def _raw(name_or_path: str, _seen: tuple = ()) -> dict:
 
 def load_pipeline(name_or_path: str = "default") -> PipelineConfig:
     """A preset by name (``pipelines/<name>.yaml``) or a YAML file path."""
-    data = _raw(str(name_or_path))
-    unknown = set(data) - set(_SECTIONS) - {"name", "description"}
-    if unknown:
-        raise UsageError(f"pipeline {name_or_path}: unknown section(s) {', '.join(sorted(unknown))}")
-    kwargs = {k: _build(cls, data.get(k) or {}, f"pipeline {name_or_path} [{k}]")
-              for k, cls in _SECTIONS.items()}
-    return PipelineConfig(name=str(data["name"]), description=str(data.get("description", "")).strip(),
-                          **kwargs)
+    return PipelineConfig.from_dict(_raw(str(name_or_path)), f"pipeline {name_or_path}")

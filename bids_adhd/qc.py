@@ -113,17 +113,33 @@ def qc_metrics(mean_b0, mask, fa, md, params, fd=None, fd_outlier_mm: float = 0.
     vox = _voxel_sizes(voxel_size)
     mask = np.asarray(mask) > 0
     b0 = np.asarray(mean_b0, float)
-    fa = np.asarray(fa, float)
-    md = np.asarray(md, float)
     params = np.asarray(params, float).reshape(-1, 6)
     fd = framewise_displacement(params, fd_radius_mm) if fd is None else np.asarray(fd, float).ravel()
-    fd_valid = np.nan_to_num(fd, nan=0.0)
-    outliers = np.flatnonzero(fd_valid > fd_outlier_mm)
-
     n_mask = int(mask.sum())
     voxel_ml = float(np.prod(vox)) / 1000.0
     signal = float(np.mean(b0[mask])) if n_mask else float("nan")
+    sigma, method, n_bg = _noise(b0, mask, vox, noise_sigma)
+    snr = signal / sigma if sigma and sigma > 0 else None
+    out = {
+        **_motion_qc(params, fd, fd_outlier_mm),
+        "snr": _f(snr),
+        "snr_method": method,
+        "noise_sigma": _f(sigma),
+        "mean_b0_in_mask": _f(signal),
+        "mask_volume_ml": n_mask * voxel_ml,
+        "mask_voxels": n_mask,
+        "voxel_size_mm": [float(v) for v in vox],
+        "registration_similarity": _f(reg_similarity),
+        **_tissue_qc(np.asarray(fa, float), np.asarray(md, float), mask, voxel_ml),
+    }
+    out.update(_motion_step_qc(fd_radius_mm, dropout_slices, resampled))
+    if n_bg is not None:
+        out["noise_background_voxels"] = n_bg
+    return out
 
+
+def _noise(b0, mask, vox, noise_sigma) -> tuple:
+    """(σ, method, background voxels or None): the given σ (its median in the mask), else the background's."""
     sigma, method, n_bg = None, None, None
     if noise_sigma is not None:
         s = np.asarray(noise_sigma, float)
@@ -135,14 +151,14 @@ def qc_metrics(mean_b0, mask, fa, md, params, fd=None, fd_outlier_mm: float = 0.
     if sigma is None:
         sigma, n_bg = background_sigma(b0, mask, vox)
         method = "background-rayleigh" if sigma is not None else "unavailable"
-    snr = signal / sigma if sigma and sigma > 0 else None
+    return sigma, method, n_bg
 
-    fa_in = fa[mask & np.isfinite(fa)]
-    md_in = md[mask & np.isfinite(md)]
-    wm = mask & np.isfinite(fa) & (fa > WM_FA_THRESHOLD)
-    n_nonfinite = int(np.count_nonzero(mask & ~(np.isfinite(fa) & np.isfinite(md))))
 
-    out = {
+def _motion_qc(params, fd, fd_outlier_mm: float) -> dict:
+    """FD summary and outlier volumes, the largest translation and rotation."""
+    fd_valid = np.nan_to_num(fd, nan=0.0)
+    outliers = np.flatnonzero(fd_valid > fd_outlier_mm)
+    return {
         "n_volumes": int(len(fd)),
         "fd_threshold_mm": float(fd_outlier_mm),
         "mean_fd": _f(np.mean(fd_valid)) if len(fd) else None,
@@ -151,14 +167,15 @@ def qc_metrics(mean_b0, mask, fa, md, params, fd=None, fd_outlier_mm: float = 0.
         "outlier_volumes": [int(i) for i in outliers],
         "max_abs_translation_mm": _f(np.abs(params[:, :3]).max()) if len(params) else None,
         "max_abs_rotation_deg": _f(np.degrees(np.abs(params[:, 3:]).max())) if len(params) else None,
-        "snr": _f(snr),
-        "snr_method": method,
-        "noise_sigma": _f(sigma),
-        "mean_b0_in_mask": _f(signal),
-        "mask_volume_ml": n_mask * voxel_ml,
-        "mask_voxels": n_mask,
-        "voxel_size_mm": [float(v) for v in vox],
-        "registration_similarity": _f(reg_similarity),
+    }
+
+
+def _tissue_qc(fa, md, mask, voxel_ml: float) -> dict:
+    """FA and MD summaries in the mask and in its white-matter-like part (FA > WM_FA_THRESHOLD)."""
+    fa_in = fa[mask & np.isfinite(fa)]
+    md_in = md[mask & np.isfinite(md)]
+    wm = mask & np.isfinite(fa) & (fa > WM_FA_THRESHOLD)
+    return {
         "fa_mean": _f(fa_in.mean()) if fa_in.size else None,
         "fa_median": _f(np.median(fa_in)) if fa_in.size else None,
         "fa_mean_wm": _f(fa[wm].mean()) if wm.any() else None,
@@ -167,12 +184,8 @@ def qc_metrics(mean_b0, mask, fa, md, params, fd=None, fd_outlier_mm: float = 0.
         "wm_fa_threshold": WM_FA_THRESHOLD,
         "md_median": _f(np.median(md_in)) if md_in.size else None,
         "md_mean_wm": _f(md[wm].mean()) if wm.any() else None,
-        "n_nonfinite_in_mask": n_nonfinite,
+        "n_nonfinite_in_mask": int(np.count_nonzero(mask & ~(np.isfinite(fa) & np.isfinite(md)))),
     }
-    out.update(_motion_step_qc(fd_radius_mm, dropout_slices, resampled))
-    if n_bg is not None:
-        out["noise_background_voxels"] = n_bg
-    return out
 
 
 def _motion_step_qc(fd_radius_mm, dropout_slices, resampled) -> dict:

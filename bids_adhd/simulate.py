@@ -49,6 +49,7 @@ from . import derivatives as _d
 from .dmri.geometry import euler_to_matrix
 from .entities import TEMPLATE_SPACE
 from .errors import OutputError, UsageError
+from .settings import SIMULATOR_PROFILES, SimulateSettings
 
 LOG = logging.getLogger("bids_adhd.simulate")
 
@@ -618,7 +619,6 @@ def _simulate_run(root: Path, truth_root: Path, subject: Subject, run: Run, ses_
     """Write one subject/session: raw DWI + T1w, and its truth. Returns a summary."""
     tmpl = _template(protocol.voxel_mm)
     noise = bool(snr) and math.isfinite(snr)
-    sigma = S0_WM / snr if noise else 0.0
     bvals, bvecs = b_table(protocol, subject.directions)
     n_vol = len(bvals)
     if not motion:
@@ -626,33 +626,59 @@ def _simulate_run(root: Path, truth_root: Path, subject: Subject, run: Run, ses_
 
     P = pose_matrix(subject, run)
     P_inv = np.linalg.inv(P)
-    R_pose = rotation_matrix(*np.radians(run.rotation_deg))
     centre = _apply(P, np.array([BRAIN_CENTRE_MNI]))[0]
     affine = grid_affine(protocol.shape, protocol.voxel_mm, centre)
-
     # gradient directions: bvec file is in the voxel frame; the scanner (world) frame
     # vector is the affine's rotation part applied to it: here diag(-1, 1, 1) (LAS).
-    vox_to_world = affine[:3, :3] / protocol.voxel_mm
-    g_world = bvecs @ vox_to_world.T
-
+    g_world = bvecs @ (affine[:3, :3] / protocol.voxel_mm).T
     ref = _phantom_on_grid(protocol.shape, P_inv @ affine, subject, effect, tmpl)
-    moved_props = {}
-    for v, (rot, trans) in run.moved.items():
-        M = motion_matrix(rot, trans, centre)
-        moved_props[v] = (_phantom_on_grid(protocol.shape, P_inv @ np.linalg.inv(M) @ affine,
-                                           subject, effect, tmpl),
-                          rotation_matrix(*rot) @ R_pose)
-
     shape = tuple(protocol.shape)
     eddy_p = (eddy_voxel_matrices(seed, subject, ses_index, bvals, g_world, shape, protocol.voxel_mm) if eddy
               else np.repeat(np.eye(4)[None], n_vol, 0))
     area = _full(ref, "brain", shape).sum(axis=(0, 1))
     brain_k = np.flatnonzero(area >= 0.3 * area.max())            # slices well inside the brain
     drops = dropout_slices(seed, subject, ses_index, bvals, brain_k) if dropouts else []
-    rng = np.random.default_rng([seed, _NOISE, subject.index, ses_index])
-    n_vox = ref["n_voxels"]
-    dtype = np.int16 if noise else np.float32
-    data = np.empty((n_vol, n_vox), dtype=dtype)       # volume-major: (V, Z, Y, X) in C order
+    data = _dwi_signal(ref, _moved_phantoms(run, subject, protocol, P_inv, affine, centre, effect, tmpl),
+                       rotation_matrix(*np.radians(run.rotation_deg)), bvals, g_world, eddy_p, drops, shape,
+                       S0_WM / snr if noise else None, np.random.default_rng([seed, _NOISE, subject.index, ses_index]))
+
+    src = _d.Source(subject=subject.label, session=run.session)
+    sub_dir = root / f"sub-{subject.label}" / (f"ses-{run.session}" if run.session else "")
+    _write_raw_dwi(sub_dir / "dwi", src.prefix, data, affine, bvals, bvecs, protocol, noise)
+    t1_aff = _write_t1(sub_dir / "anat", src.prefix, protocol, P_inv, centre, subject, tmpl,
+                       np.random.default_rng([seed, _T1NOISE, subject.index, ses_index]) if noise else None)
+    # --- truth (native DWI space, reference = volume 0) ---
+    tdir = truth_root / f"sub-{subject.label}" / (f"ses-{run.session}" if run.session else "") / "dwi"
+    _write_map_truth(tdir, src.prefix, ref, shape, affine)
+    _d.write_json(tdir / f"{src.prefix}_desc-pose_xfm.json", _pose_truth(P, P_inv, run, subject, affine, t1_aff,
+                                                                     centre))
+    _write_motion_truth(tdir, src.prefix, run, n_vol, centre)
+    _write_artefact_truth(tdir, src.prefix, affine, eddy_p, drops, n_vol, shape)
+    return {"session": run.session, "rotation_deg": run.rotation_deg, "translation_mm": run.translation_mm,
+            "moved_volumes": sorted(run.moved), "n_volumes": n_vol, "dropouts": [[v, k] for v, k, _ in drops],
+            "eddy": bool(eddy),
+            "effect_voxels": int(ref["effect"].sum()), "brain_voxels": int(ref["brain_mask"].sum())}
+
+
+def _moved_phantoms(run: Run, subject: Subject, protocol: Protocol, P_inv, affine, centre, effect: float,
+                    tmpl) -> dict:
+    """Volume → (the phantom seen through that volume's head motion, the head's rotation)."""
+    R_pose = rotation_matrix(*np.radians(run.rotation_deg))
+    out = {}
+    for v, (rot, trans) in run.moved.items():
+        M = motion_matrix(rot, trans, centre)
+        out[v] = (_phantom_on_grid(protocol.shape, P_inv @ np.linalg.inv(M) @ affine, subject, effect, tmpl),
+                  rotation_matrix(*rot) @ R_pose)
+    return out
+
+
+def _dwi_signal(ref: dict, moved_props: dict, R_pose, bvals, g_world, eddy_p, drops, shape, sigma,
+                rng) -> np.ndarray:
+    """(X, Y, Z, V): the tensor signal of every volume, eddy-distorted, with its slice dropouts and
+    Rician noise (``sigma`` None: none, float32; else rounded to int16)."""
+    n_vol, n_vox = len(bvals), ref["n_voxels"]
+    noise = sigma is not None
+    data = np.empty((n_vol, n_vox), dtype=np.int16 if noise else np.float32)   # volume-major: (V, Z, Y, X)
     sig = np.empty(n_vox, np.float32)
     for v in range(n_vol):
         props, R = moved_props.get(v, (ref, R_pose))
@@ -673,14 +699,12 @@ def _simulate_run(root: Path, truth_root: Path, subject: Subject, run: Run, ses_
             data[v] = np.minimum(np.rint(_rician(sig, sigma, rng)), np.iinfo(np.int16).max)
         else:
             data[v] = sig
-    data = data.reshape((n_vol,) + tuple(protocol.shape)[::-1]).T     # (X, Y, Z, V), Fortran order
+    return data.reshape((n_vol,) + tuple(shape)[::-1]).T     # (X, Y, Z, V), Fortran order
 
-    src = _d.Source(subject=subject.label, session=run.session)
-    prefix = src.prefix
-    sub_dir = root / f"sub-{subject.label}"
-    if run.session:
-        sub_dir = sub_dir / f"ses-{run.session}"
-    dwi_dir, anat_dir = sub_dir / "dwi", sub_dir / "anat"
+
+def _write_raw_dwi(dwi_dir: Path, prefix: str, data, affine, bvals, bvecs, protocol: Protocol,
+                   noise: bool) -> None:
+    """The raw DWI series: NIfTI, .bval, .bvec (voxel frame), sidecar."""
     zooms = (protocol.voxel_mm,) * 3 + (protocol.repetition_time,)
     img = _nifti(data, affine, zooms)
     if noise:
@@ -697,13 +721,16 @@ def _simulate_run(root: Path, truth_root: Path, subject: Subject, run: Run, ses_
         "SliceEncodingDirection": "k",
     })
 
-    # T1w: the template T1 moved by the same head pose, 2 mm grid centred on the head
+
+def _write_t1(anat_dir: Path, prefix: str, protocol: Protocol, P_inv, centre, subject: Subject, tmpl,
+              rng) -> np.ndarray:
+    """T1w: the template T1 moved by the same head pose, on a grid centred on the head (``rng``
+    None: no noise). Returns its affine."""
     t1_aff = grid_affine(protocol.t1_shape, protocol.t1_voxel_mm, centre)
     vox = _template_voxels(protocol.t1_shape, P_inv @ t1_aff, subject, tmpl)
     t1 = 1000.0 * _trilinear(tmpl["t1"], vox)[:, 0]
-    t1_rng = np.random.default_rng([seed, _T1NOISE, subject.index, ses_index])
-    if noise:
-        t1 = _rician(t1, 10.0, t1_rng)
+    if rng is not None:
+        t1 = _rician(t1, 10.0, rng)
     t1 = np.minimum(np.rint(t1), 32767).astype(np.int16)
     t1_img = _nifti(t1.reshape(protocol.t1_shape, order="F"), t1_aff)
     t1_img.header.set_slope_inter(1.0, 0.0)
@@ -711,12 +738,11 @@ def _simulate_run(root: Path, truth_root: Path, subject: Subject, run: Run, ses_
     _d.write_json(anat_dir / f"{prefix}_T1w.json", {
         "RepetitionTime": 2.5, "EchoTime": 0.0035, "InversionTime": 1.06, "FlipAngle": 8,
         "MagneticFieldStrength": 3, "Manufacturer": "bids_adhd simulator"})
+    return t1_aff
 
-    # --- truth (native DWI space, reference = volume 0) ---
-    tdir = truth_root / f"sub-{subject.label}"
-    if run.session:
-        tdir = tdir / f"ses-{run.session}"
-    tdir = tdir / "dwi"
+
+def _write_map_truth(tdir: Path, prefix: str, ref: dict, shape, affine) -> None:
+    """The truth tensor maps, brain mask, tissue fractions and effect mask (adds ``ref["brain_mask"]``)."""
     for param in ("fa", "md", "ad", "rd"):
         _d.write_nifti(tdir / f"{prefix}_model-tensor_param-{param}_dwimap.nii.gz",
                        _nifti(_full(ref, param, shape), affine))
@@ -728,7 +754,10 @@ def _simulate_run(root: Path, truth_root: Path, subject: Subject, run: Run, ses_
                        _nifti(_full(ref, f"{label}_fraction", shape), affine))
     _d.write_nifti(tdir / f"{prefix}_desc-effect_mask.nii.gz", _nifti(_full(ref, "effect", shape, np.uint8), affine))
 
-    _d.write_json(tdir / f"{prefix}_desc-pose_xfm.json", {
+
+def _pose_truth(P, P_inv, run: Run, subject: Subject, affine, t1_aff, centre) -> dict:
+    """The head pose of one run (template ↔ scanner), as ``_desc-pose_xfm.json`` holds it."""
+    return {
         "Description": "Head pose: maps template (MNI152NLin2009aSym, mm) points to this run's "
                        "scanner (world, mm) points at the reference volume 0: x_scanner = "
                        "TemplateToScanner @ [x_mni, 1]. TemplateToScanner = [[s*R, t], [0, 1]] with "
@@ -739,8 +768,11 @@ def _simulate_run(root: Path, truth_root: Path, subject: Subject, run: Run, ses_
         "RotationDegrees": run.rotation_deg, "RotationOrder": "R = Rz @ Ry @ Rx",
         "TranslationMm": run.translation_mm, "Scale": subject.size_scale,
         "DwiAffine": affine, "T1wAffine": t1_aff, "HeadCentreScannerMm": centre,
-    })
+    }
 
+
+def _write_motion_truth(tdir: Path, prefix: str, run: Run, n_vol: int, centre) -> None:
+    """The simulated per-volume head motion: ``_desc-motion_timeseries.tsv`` and its sidecar."""
     rows = {k: [] for k in ("trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z")}
     mats = []
     for v in range(n_vol):
@@ -765,11 +797,6 @@ def _simulate_run(root: Path, truth_root: Path, subject: Subject, run: Run, ses_
         "rot_x": {"Units": "rad"}, "rot_y": {"Units": "rad"}, "rot_z": {"Units": "rad"},
         "RotationCentreMm": centre, "MovedVolumes": sorted(run.moved), "Matrices": mats,
     })
-    _write_artefact_truth(tdir, prefix, affine, eddy_p, drops, n_vol, shape)
-    return {"session": run.session, "rotation_deg": run.rotation_deg, "translation_mm": run.translation_mm,
-            "moved_volumes": sorted(run.moved), "n_volumes": n_vol, "dropouts": [[v, k] for v, k, _ in drops],
-            "eddy": bool(eddy),
-            "effect_voxels": int(ref["effect"].sum()), "brain_voxels": int(ref["brain_mask"].sum())}
 
 
 def _write_artefact_truth(tdir: Path, prefix: str, affine, eddy_p, drops, n_vol: int, shape) -> None:
@@ -893,6 +920,35 @@ def effect_region_info() -> dict:
             "fraction_of_wm": n / wm}
 
 
+def _simulate_subject(root: Path, truth: Path, protocol: Protocol, effect: float, snr: float, seed: int,
+                      sessions: int, motion: bool, motion_confound: float, eddy: bool, dropouts: bool,
+                      s: Subject) -> list:
+    """Every session of one subject (``_simulate_run``); their summaries."""
+    runs = []
+    for k in range(sessions):
+        ses = f"{k + 1:02d}" if sessions > 1 else None
+        bvals, _ = b_table(protocol, s.directions)
+        run = _run_params(seed, s, k, ses, len(bvals))
+        if motion_confound and s.diagnosis == DIAGNOSES[0]:
+            f = 1.0 + float(motion_confound)
+            run.moved = {v: (r * f, t * f) for v, (r, t) in run.moved.items()}
+        runs.append(_simulate_run(root, truth, s, run, k, protocol, effect, snr, seed, motion, eddy, dropouts))
+    LOG.debug("sub-%s done (%s)", s.label, s.diagnosis)
+    return runs
+
+
+def _map_subjects(one_subject, subjects: list, n_jobs) -> list:
+    """``one_subject`` of every subject, in order, on ``n_jobs`` threads (the files do not depend on it)."""
+    n_jobs = max(1, min(int(n_jobs or 1), len(subjects)))
+    if n_jobs == 1:
+        return [one_subject(s) for s in _progress(subjects, len(subjects))]
+    # numpy and zlib release the GIL: threads overlap the compute and the gzip writes
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=n_jobs, thread_name_prefix="simulate") as pool:
+        return list(_progress(pool.map(one_subject, subjects), len(subjects)))
+
+
 def simulate_dataset(out_dir, n_subjects=20, seed=0, size="demo", effect=0.08, snr=25.0,
                      sessions=1, directions=None, *, motion=True, eddy=True, dropouts=True, n_jobs=1,
                      motion_confound: float = 0.0) -> Path:
@@ -956,29 +1012,9 @@ def simulate_dataset(out_dir, n_subjects=20, seed=0, size="demo", effect=0.08, s
         for d in {s.directions for s in subjects}:
             b_table(protocol, d)
 
-        def one_subject(s: Subject) -> list:
-            runs = []
-            for k in range(sessions):
-                ses = f"{k + 1:02d}" if sessions > 1 else None
-                bvals, _ = b_table(protocol, s.directions)
-                run = _run_params(seed, s, k, ses, len(bvals))
-                if motion_confound and s.diagnosis == DIAGNOSES[0]:
-                    f = 1.0 + float(motion_confound)
-                    run.moved = {v: (r * f, t * f) for v, (r, t) in run.moved.items()}
-                runs.append(_simulate_run(root, truth, s, run, k, protocol, effect, snr, seed, motion, eddy,
-                                           dropouts))
-            LOG.debug("sub-%s done (%s)", s.label, s.diagnosis)
-            return runs
-
-        n_jobs = max(1, min(int(n_jobs or 1), len(subjects)))
-        if n_jobs == 1:
-            results = [one_subject(s) for s in _progress(subjects, len(subjects))]
-        else:
-            # numpy and zlib release the GIL: threads overlap the compute and the gzip writes
-            from concurrent.futures import ThreadPoolExecutor
-
-            with ThreadPoolExecutor(max_workers=n_jobs, thread_name_prefix="simulate") as pool:
-                results = list(_progress(pool.map(one_subject, subjects), len(subjects)))
+        one = functools.partial(_simulate_subject, root, truth, protocol, effect, snr, seed, sessions, motion,
+                                motion_confound, eddy, dropouts)
+        results = _map_subjects(one, subjects, n_jobs)
         summaries = {s.label: r for s, r in zip(subjects, results)}
         _write_truth_summary(root, truth, subjects, summaries, protocol, effect, snr, seed, sessions,
                              directions, motion, motion_confound, eddy, dropouts)
@@ -1100,7 +1136,7 @@ def _write_truth_summary(root, truth, subjects, summaries, protocol, effect, snr
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out_dir", metavar="OUT_DIR",
                         help="where the BIDS dataset goes (must not exist, or be empty)")
-    parser.add_argument("--profile", default="demo", choices=["demo", "realistic"],
+    parser.add_argument("--profile", default="demo", choices=SIMULATOR_PROFILES,
                         help="demo: template anatomy, one strong effect (default); realistic: per-subject "
                              "warps, age/sex/site, weak heterogeneous effect (docs/simulation.md)")
     parser.add_argument("--subjects", type=int, default=20, metavar="N",
@@ -1128,11 +1164,9 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
                              "the files do not depend on it")
 
 
-def run_cli(args) -> int:
-    out = simulate_dataset(args.out_dir, n_subjects=args.subjects, seed=args.seed, size=args.size,
-                           effect=args.effect, snr=args.snr, sessions=args.sessions,
-                           directions=args.directions, motion=args.motion,
-                           eddy=getattr(args, "eddy", True), dropouts=getattr(args, "dropouts", True),
-                           n_jobs=args.nprocs, motion_confound=args.motion_confound)
-    print(out)
-    return 0
+def run(settings: SimulateSettings) -> Path:
+    """The demo profile's dataset described by ``settings`` (built by ``simulate_cli``)."""
+    s = settings
+    return simulate_dataset(s.out_dir, n_subjects=s.subjects, seed=s.seed, size=s.size, effect=s.effect,
+                            snr=s.snr, sessions=s.sessions, directions=s.directions, motion=s.motion,
+                            eddy=s.eddy, dropouts=s.dropouts, n_jobs=s.nprocs, motion_confound=s.motion_confound)

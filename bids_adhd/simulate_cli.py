@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from . import simulate, simulate_realistic
+from .settings import SimulateSettings, from_namespace
 
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
@@ -16,7 +17,8 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     simulate_realistic.add_cli_arguments(parser)
 
 
-def run_cli(args) -> int:
-    if getattr(args, "profile", "demo") == "realistic":
-        return simulate_realistic.run_cli(args)
-    return simulate.run_cli(args)
+def run_cli(args: argparse.Namespace) -> int:
+    settings = from_namespace(SimulateSettings, args)
+    run = simulate_realistic.run if settings.profile == "realistic" else simulate.run
+    print(run(settings))
+    return 0

@@ -37,6 +37,7 @@ from . import __version__
 from . import derivatives as _d
 from . import simulate as sim
 from .errors import UsageError
+from .settings import SimulateSettings
 
 LOG = logging.getLogger("bids_adhd.simulate")
 
@@ -448,9 +449,10 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
                    help=f"ADHD subjects' motion level relative to TD (default {DEFAULT_MOTION_RATIO}; 1: no confound)")
 
 
-def run_cli(args) -> int:
-    out = simulate_realistic(args.out_dir, n_subjects=args.subjects, seed=args.seed,
-                             opts=Options(args.effect_d, args.carrier_fraction, args.motion_ratio),
-                             n_jobs=args.nprocs)
-    print(out)
-    return 0
+def run(settings: SimulateSettings) -> Path:
+    """The realistic profile's dataset described by ``settings`` (built by ``simulate_cli``)."""
+    s = settings
+    opts = Options(DEFAULT_EFFECT_D if s.effect_d is None else s.effect_d,
+                   DEFAULT_CARRIER_FRACTION if s.carrier_fraction is None else s.carrier_fraction,
+                   DEFAULT_MOTION_RATIO if s.motion_ratio is None else s.motion_ratio)
+    return simulate_realistic(s.out_dir, n_subjects=s.subjects, seed=s.seed, opts=opts, n_jobs=s.nprocs)

@@ -12,6 +12,7 @@ from bids_adhd import derivatives as dv
 from bids_adhd.errors import DataError, MissingInputError, UsageError
 from bids_adhd.learn.adapter import read_adapter, save_adapter
 from bids_adhd.learn.predict import check_model_file, predict_runs
+from bids_adhd.settings import ParticipantSettings
 from test_group_common import synthetic, tiny_build_model, tiny_pipeline
 
 
@@ -34,7 +35,7 @@ def trained(tmp_path_factory):
 
 
 def _args(model, **kw):
-    return types.SimpleNamespace(model=str(model), allow_training_subjects=False, weights=None, device="cpu", **kw)
+    return ParticipantSettings("unused-bids-dir", "unused-output-dir", model=str(model), device="cpu", **kw)
 
 
 def _runs(*subjects):
@@ -95,8 +96,7 @@ def test_predict_new_subjects(trained, tiny):
 def test_leakage_guard(trained, tiny):
     with pytest.raises(UsageError, match="sub-01.*--allow-training-subjects"):
         predict_runs(_args(trained["adapter"]), _runs("01"), trained["out"])
-    args = _args(trained["adapter"])
-    args.allow_training_subjects = True
+    args = _args(trained["adapter"], allow_training_subjects=True)
     rec = predict_runs(args, _runs("01"), trained["out"])[0]
     assert rec["trained_on_this_subject"] is True
 

@@ -272,6 +272,48 @@ def _affine_registration(cfg: TemplateConfig, seed: int):
                               factors=list(cfg.affine_factors), verbosity=0)
 
 
+def _affine_stages(static, static_affine, moving, moving_affine, cfg: TemplateConfig, seed: int):
+    """(template → subject world affine, per-stage parameters): centre of mass, then translation,
+    rigid and affine DIPY MI registrations, each starting from the one before."""
+    from dipy.align.imaffine import transform_centers_of_mass
+    from dipy.align.transforms import (AffineTransform3D, RigidTransform3D,
+                                       TranslationTransform3D)
+
+    com = transform_centers_of_mass(static, static_affine, moving, moving_affine)
+    params: dict[str, Any] = {"centre_of_mass": com.affine[:3, 3].tolist()}
+    current = com.affine
+    fopt = None
+    for name, transform in (("translation", TranslationTransform3D()),
+                            ("rigid", RigidTransform3D()),
+                            ("affine", AffineTransform3D())):
+        affreg = _affine_registration(cfg, seed)
+        amap, xopt, fopt = affreg.optimize(static, moving, transform, None,
+                                           static_grid2world=static_affine,
+                                           moving_grid2world=moving_affine,
+                                           starting_affine=current, ret_metric=True)
+        current = amap.affine
+        params[name] = np.asarray(xopt, float).tolist()
+    affine = np.asarray(current, float)
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-3:
+        raise DataError("registration to the template failed (degenerate transform); check the FA map")
+    params["mutual_information"] = float(-fopt) if fopt is not None else None
+    return affine, params
+
+
+def _syn(static, static_affine, moving, moving_affine, affine, params: dict):
+    """DIPY SyN (local cross-correlation) after ``affine``; records its levels in ``params``."""
+    from dipy.align.imwarp import SymmetricDiffeomorphicRegistration
+    from dipy.align.metrics import CCMetric
+
+    sdr = SymmetricDiffeomorphicRegistration(CCMetric(3, radius=SYN_CC_RADIUS),
+                                             level_iters=list(SYN_LEVEL_ITERS))
+    sdr.verbosity = 0
+    syn_map = sdr.optimize(static, moving, static_grid2world=static_affine,
+                           moving_grid2world=moving_affine, prealign=affine)
+    params["syn_level_iters"] = list(SYN_LEVEL_ITERS)
+    return syn_map
+
+
 def register_to_template(fa, fa_affine, mask=None, cfg: TemplateConfig | None = None,
                          seed: int = 0) -> dict[str, Any]:
     """Affine (and optionally SyN) registration of a native-space FA map to the template.
@@ -305,9 +347,7 @@ def register_to_template(fa, fa_affine, mask=None, cfg: TemplateConfig | None = 
     """
     import time
 
-    from dipy.align.imaffine import AffineMap, transform_centers_of_mass
-    from dipy.align.transforms import (AffineTransform3D, RigidTransform3D,
-                                       TranslationTransform3D)
+    from dipy.align.imaffine import AffineMap
 
     cfg = cfg or TemplateConfig()
     t0 = time.perf_counter()
@@ -315,37 +355,8 @@ def register_to_template(fa, fa_affine, mask=None, cfg: TemplateConfig | None = 
     static_img = fa_target(cfg.registration_mm)
     static = np.asarray(static_img.dataobj, dtype=np.float64)
     static_affine = static_img.affine
-
-    com = transform_centers_of_mass(static, static_affine, moving, moving_affine)
-    params: dict[str, Any] = {"centre_of_mass": com.affine[:3, 3].tolist()}
-    current = com.affine
-    fopt = None
-    for name, transform in (("translation", TranslationTransform3D()),
-                            ("rigid", RigidTransform3D()),
-                            ("affine", AffineTransform3D())):
-        affreg = _affine_registration(cfg, seed)
-        amap, xopt, fopt = affreg.optimize(static, moving, transform, None,
-                                           static_grid2world=static_affine,
-                                           moving_grid2world=moving_affine,
-                                           starting_affine=current, ret_metric=True)
-        current = amap.affine
-        params[name] = np.asarray(xopt, float).tolist()
-    affine = np.asarray(current, float)
-    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-3:
-        raise DataError("registration to the template failed (degenerate transform); check the FA map")
-    params["mutual_information"] = float(-fopt) if fopt is not None else None
-
-    syn_map = None
-    if cfg.syn:
-        from dipy.align.imwarp import SymmetricDiffeomorphicRegistration
-        from dipy.align.metrics import CCMetric
-
-        sdr = SymmetricDiffeomorphicRegistration(CCMetric(3, radius=SYN_CC_RADIUS),
-                                                 level_iters=list(SYN_LEVEL_ITERS))
-        sdr.verbosity = 0
-        syn_map = sdr.optimize(static, moving, static_grid2world=static_affine,
-                               moving_grid2world=moving_affine, prealign=affine)
-        params["syn_level_iters"] = list(SYN_LEVEL_ITERS)
+    affine, params = _affine_stages(static, static_affine, moving, moving_affine, cfg, seed)
+    syn_map = _syn(static, static_affine, moving, moving_affine, affine, params) if cfg.syn else None
 
     shape, grid_affine = template_grid(cfg)
     mapping = AffineMap(affine, domain_grid_shape=shape, domain_grid2world=grid_affine,

@@ -376,11 +376,10 @@ class RegisterTemplate(_Timed):
         import nibabel as nib
 
         from .. import derivatives as dv
-        from ..config import TemplateConfig
+        from ..config import section_from_dict
         from ..dmri import template as tpl
 
-        cfg = TemplateConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                for k, v in self.inputs.template.items()})
+        cfg = section_from_dict("template", self.inputs.template)
         fa, img = _load(self.inputs.in_fa)
         md = _load(self.inputs.in_md)[0]
         mask = _load(self.inputs.in_mask)[0] > 0

@@ -43,6 +43,7 @@ import numpy as np
 from .. import __version__
 from .. import derivatives as dv
 from ..errors import MissingInputError, UsageError
+from ..settings import GroupSettings
 
 LOG = logging.getLogger("bids_adhd.group")
 
@@ -222,29 +223,29 @@ def package_versions() -> dict:
 
 # --- the run -----------------------------------------------------------------------
 
-def resolve_config(args):
+def resolve_config(settings: GroupSettings):
+    """The settings' preset with ``--folds`` and ``--seed`` applied."""
     from ..config import load_pipeline
 
-    cfg = load_pipeline(getattr(args, "pipeline", None) or "paper")
+    cfg = load_pipeline(settings.pipeline)
     changes = {}
-    if getattr(args, "folds", None) is not None:
-        changes["folds"] = int(args.folds)
-    if getattr(args, "seed", None) is not None:
-        if int(args.seed) < 0:
-            raise UsageError(f"--seed must be ≥ 0 (got {args.seed})")
-        changes["seed"] = int(args.seed)
+    if settings.folds is not None:
+        changes["folds"] = int(settings.folds)
+    if settings.seed is not None:
+        changes["seed"] = int(settings.seed)
     if changes:
         cfg = cfg.replace("train", **changes)
     return cfg
 
 
-def run_group(args) -> int:
-    """The group level; under torchrun one process per GPU (see :mod:`bids_adhd.learn.distributed`)."""
+def run_group(settings: GroupSettings) -> int:
+    """The group level of ``settings`` (built by ``cli.py``); under torchrun one process per GPU (see
+    :mod:`bids_adhd.learn.distributed`)."""
     from .distributed import close, leaving, setup
 
-    dist, device = setup(getattr(args, "device", "auto") or "auto")
+    dist, device = setup(settings.device)
     try:
-        return _run_group(args, dist, device)
+        return _run_group(settings, dist, device)
     except BaseException:
         leaving()
         raise
@@ -252,68 +253,36 @@ def run_group(args) -> int:
         close()
 
 
-def _run_group(args, dist, device) -> int:
+def _run_group(settings: GroupSettings, dist, device) -> int:
     import torch
 
     from ..bids import check_bids_dir
     from ..dmri.template import template_grid
-    from .adapter import encoder_fingerprint
-    from .classifier import build_model
-    from .train import initial_state
 
     t_run = time.perf_counter()
     with dist.phase():          # every rank; an error on any rank stops them all with its exit code
-        bids_dir = check_bids_dir(args.bids_dir)
-        out_root = Path(args.output_dir).expanduser().resolve()
+        bids_dir = check_bids_dir(settings.bids_dir)
+        out_root = Path(settings.output_dir).expanduser().resolve()
         if not out_root.is_dir():
-            raise MissingInputError(f"OUTPUT_DIR {args.output_dir} does not exist; run the participant level "
-                                    f"first (bids_adhd {args.bids_dir} {args.output_dir} participant)")
-        cfg = resolve_config(args)
-        if getattr(args, "nprocs", None):
-            torch.set_num_threads(int(args.nprocs))
-        column = getattr(args, "label_column", "diagnosis") or "diagnosis"
-        positive = getattr(args, "positive", None) or ["ADHD"]
-        inputs = collect_inputs(bids_dir, out_root, column, positive, cfg.train.folds,
-                                getattr(args, "participant_label", None), cfg.name,
-                                negative=getattr(args, "negative", None), label_file=getattr(args, "label_file", None),
-                                qc_exclude=getattr(args, "qc_exclude", None) or ())
-        opts, cfg = _stats_setup(args, cfg, inputs)
+            raise MissingInputError(f"OUTPUT_DIR {settings.output_dir} does not exist; run the participant level "
+                                    f"first (bids_adhd {settings.bids_dir} {settings.output_dir} participant)")
+        cfg = resolve_config(settings)
+        if settings.nprocs:
+            torch.set_num_threads(int(settings.nprocs))
+        column = settings.label_column
+        positive = list(settings.positive)
+        inputs = collect_inputs(bids_dir, out_root, column, positive, cfg.train.folds, settings.participant_label,
+                                cfg.name, negative=settings.negative, label_file=settings.label_file,
+                                qc_exclude=settings.qc_exclude)
+        opts, cfg = _stats_setup(settings, cfg, inputs)
         # --- the model, built once --------------------------------------------------
-        t0 = time.perf_counter()
-        torch.manual_seed(cfg.train.seed)
-        model, info = build_model(cfg.model, weights=getattr(args, "weights", None))
-        fingerprint = encoder_fingerprint(model)
-        model.to(device).to(memory_format=torch.channels_last_3d)
-        if dist.prepare_model(model, cfg):
-            LOG.info("torchrun: the encoder's BatchNorm layers are SyncBatchNorm (statistics of the global batch)")
-        init = initial_state(model)
-        report = info["parameters"]
-        LOG.info("model: %s + %s, %d trainable of %d parameters (built in %.0f s)", cfg.model.foundation,
-                 cfg.model.adaptation, report["trainable"], report["total"], time.perf_counter() - t0)
-        warning = None
-        if not info.get("pretrained"):
-            if cfg.model.pretrained:
-                warning = (f"The foundation encoder is RANDOMLY INITIALISED: no {cfg.model.foundation} weights were "
-                           f"found (bids_adhd fetch-model {cfg.model.foundation}, or --weights PATH). These results "
-                           "are NOT those of the pre-trained model.")
-            else:
-                warning = (f"The encoder is randomly initialised on purpose (pipeline {cfg.name}: pretrained: "
-                           "false); no pre-training is involved.")
-            LOG.warning(warning)
+        model, info, fingerprint, init, warning = _build_model_once(cfg, settings.weights, dist, device)
         # every rank computes the folds from the seed; they must agree (checked below)
         computed = _assign(inputs, cfg, opts)
 
-    resume = bool(getattr(args, "resume", False))
-    progress = not getattr(args, "quiet", False)
-    dist.check_same({"subjects": inputs.subjects, "labels": inputs.labels, "encoder": fingerprint,
-                     "folds": computed, "pipeline": cfg.to_dict()},
-                    "set of subjects, labels, pipeline, encoder weights or fold assignment")
-    if dist.enabled:
-        LOG.info("torchrun: subjects, labels, encoder and fold assignment identical on all %d ranks", dist.world)
-        if cfg.train.batch_size < dist.world * (2 if cfg.train.norm_mode == "train" else 1):
-            LOG.warning("torchrun: batch_size %d is too small for %d processes: some get padding only; raise "
-                        "batch_size (it is the global batch) or start fewer processes",
-                        cfg.train.batch_size, dist.world)
+    resume = settings.resume
+    progress = not settings.quiet
+    _check_ranks(dist, cfg, inputs, fingerprint, computed)
     # --- group/ and the folds (rank 0 writes): saved first, reused on resume ------------
     gdir, assignment = dist.on_main(_prepare_group_dir, out_root, cfg, inputs, computed, resume, column,
                                     positive, device, dist.world)
@@ -353,11 +322,57 @@ def _run_group(args, dist, device) -> int:
     return 0
 
 
-def _stats_setup(args, cfg, inputs: GroupInputs):
+def _build_model_once(cfg, weights, dist, device):
+    """(model, info, encoder fingerprint, initial adapter state, random-init warning or None): the
+    classifier, built once per run from the seed, on ``device``; every fold starts from ``init``."""
+    import torch
+
+    from .adapter import encoder_fingerprint
+    from .classifier import build_model
+    from .train import initial_state
+
+    t0 = time.perf_counter()
+    torch.manual_seed(cfg.train.seed)
+    model, info = build_model(cfg.model, weights=weights)
+    fingerprint = encoder_fingerprint(model)
+    model.to(device).to(memory_format=torch.channels_last_3d)
+    if dist.prepare_model(model, cfg):
+        LOG.info("torchrun: the encoder's BatchNorm layers are SyncBatchNorm (statistics of the global batch)")
+    init = initial_state(model)
+    report = info["parameters"]
+    LOG.info("model: %s + %s, %d trainable of %d parameters (built in %.0f s)", cfg.model.foundation,
+             cfg.model.adaptation, report["trainable"], report["total"], time.perf_counter() - t0)
+    warning = None
+    if not info.get("pretrained"):
+        if cfg.model.pretrained:
+            warning = (f"The foundation encoder is RANDOMLY INITIALISED: no {cfg.model.foundation} weights were "
+                       f"found (bids_adhd fetch-model {cfg.model.foundation}, or --weights PATH). These results "
+                       "are NOT those of the pre-trained model.")
+        else:
+            warning = (f"The encoder is randomly initialised on purpose (pipeline {cfg.name}: pretrained: "
+                       "false); no pre-training is involved.")
+        LOG.warning(warning)
+    return model, info, fingerprint, init, warning
+
+
+def _check_ranks(dist, cfg, inputs: GroupInputs, fingerprint: str, computed: dict) -> None:
+    """Under torchrun: every rank has the same subjects, labels, pipeline, encoder and folds."""
+    dist.check_same({"subjects": inputs.subjects, "labels": inputs.labels, "encoder": fingerprint,
+                     "folds": computed, "pipeline": cfg.to_dict()},
+                    "set of subjects, labels, pipeline, encoder weights or fold assignment")
+    if dist.enabled:
+        LOG.info("torchrun: subjects, labels, encoder and fold assignment identical on all %d ranks", dist.world)
+        if cfg.train.batch_size < dist.world * (2 if cfg.train.norm_mode == "train" else 1):
+            LOG.warning("torchrun: batch_size %d is too small for %d processes: some get padding only; raise "
+                        "batch_size (it is the global batch) or start fewer processes",
+                        cfg.train.batch_size, dist.world)
+
+
+def _stats_setup(settings: GroupSettings, cfg, inputs: GroupInputs):
     """(the statistics' options, cfg): with ``--cv site`` the number of folds is the number of sites."""
     from .groupstats import stats_options
 
-    opts = stats_options(args, cfg.train.seed)
+    opts = stats_options(settings, cfg.train.seed)
     if opts.cv == "site":
         cfg = cfg.replace("train", folds=max(1, len({inputs.sites[s] for s in inputs.subjects})))
     return opts, cfg
@@ -475,7 +490,7 @@ def _check_resume_config(gdir: Path, cfg, selection: dict | None = None) -> None
     if changed:
         raise UsageError(f"--resume: {', '.join(changed)} differ(s) from the interrupted run's; use the same "
                          "--label-column/--positive/--negative/--label-file/--qc-exclude or run without --resume")
-    now = json.loads(json.dumps(cfg.to_dict(), default=list))
+    now = cfg.to_json_dict()
     if saved != now:
         diff = sorted(f"{sec}.{k}" for sec in now if isinstance(now[sec], dict)
                       for k in now[sec] if saved.get(sec, {}).get(k) != now[sec][k])
@@ -574,7 +589,7 @@ def _save_adapter(ctx: RunContext, path: Path, subjects, fold: str, threshold: f
                         extra={"calibration": calibration} if calibration else None,
                         base_weights=ctx.info.get("sha256") if ctx.info.get("pretrained") else None,
                         init_seed=cfg.train.seed, fingerprint=ctx.fingerprint,
-                        pipeline=json.loads(json.dumps(cfg.to_dict(), default=list)), grid=ctx.grid,
+                        pipeline=cfg.to_json_dict(), grid=ctx.grid,
                         train_subjects=subjects, class_names=ctx.inputs.class_names,
                         label_column=ctx.column, fold=fold, pretrained=bool(ctx.info.get("pretrained")))
 
@@ -805,7 +820,7 @@ def summarise_run(ctx: RunContext, folds: list[dict], final: dict, warning: str 
         "summary": summarise(per_fold),
         "pretrained": bool(ctx.info.get("pretrained")),
         **({"warning": warning} if warning else {}),
-        "config": json.loads(json.dumps(cfg.to_dict(), default=list)),
+        "config": cfg.to_json_dict(),
         "label_column": ctx.column,
         "class_names": list(ctx.inputs.class_names),
         "n_subjects": len(ctx.inputs.subjects),

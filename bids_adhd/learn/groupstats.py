@@ -21,12 +21,10 @@ from pathlib import Path
 import numpy as np
 
 from .. import derivatives as dv
-from ..errors import UsageError
 from . import stats
 
 LOG = logging.getLogger("bids_adhd.group")
 
-CV_MODES = ("stratified", "site")
 DEFAULT_CONFOUNDS = ("age", "sex", "site", "mean_fd")
 #: confound-only AUC whose 95 % CI lies above this is flagged in the log and the report
 FLAG_AUC = 0.5
@@ -43,19 +41,13 @@ class StatsOptions:
     seed: int = 0
 
 
-def stats_options(args, seed: int) -> StatsOptions:
-    """The statistics' options from the parsed command line (defaults where absent)."""
-    cv = getattr(args, "cv", None) or "stratified"
-    if cv not in CV_MODES:
-        raise UsageError(f"--cv must be one of {', '.join(CV_MODES)} (got {cv!r})")
-    n = getattr(args, "permutations", None)
+def stats_options(settings, seed: int) -> StatsOptions:
+    """The statistics' options from the group level's settings (validated there; defaults where None)."""
+    n = settings.permutations
     n = StatsOptions.permutations if n is None else int(n)
-    if n < 0:
-        raise UsageError(f"--permutations must be ≥ 0 (got {n})")
-    conf = getattr(args, "confounds", None)
+    conf = settings.confounds
     conf = DEFAULT_CONFOUNDS if conf is None else tuple(c for c in conf if c and c.lower() != "none")
-    return StatsOptions(cv=cv, permutations=n, confounds=conf,
-                        saliency=not getattr(args, "no_saliency", False), seed=int(seed))
+    return StatsOptions(cv=settings.cv, permutations=n, confounds=conf, saliency=settings.saliency, seed=int(seed))
 
 
 # --- calibration and threshold, per fold ------------------------------------------------

@@ -5,7 +5,7 @@
 adapter metadata (else ``DataError``, 65). Only the JSON header is read;
 nothing is ever unpickled.
 
-``predict_runs(args, runs, out_root)`` runs after the participant workflow:
+``predict_runs(settings, runs, out_root)`` (a ``ParticipantSettings``) runs after the participant workflow:
 
 1. **leakage guard**: subjects the adapter was trained on are refused
    (``UsageError``, 64) unless ``--allow-training-subjects``;
@@ -24,7 +24,7 @@ nothing is ever unpickled.
    softmax (the two are equal for adapters without calibration metadata);
 5. writes ``<src>_desc-adhd_prediction.json`` beside the run's other outputs.
 
-``predict_participants(args)`` is what ``cli.py`` calls after the participant
+``predict_participants(settings)`` is what ``cli.py`` calls after the participant
 workflow (``participant --model``).
 """
 from __future__ import annotations
@@ -65,15 +65,14 @@ def check_leakage(meta: dict, subjects, allow: bool, model_path="") -> list[str]
 
 
 def pipeline_from_dict(d: dict):
-    """A PipelineConfig from the dict an adapter stores (``PipelineConfig.to_dict()``)."""
-    from ..config import _SECTIONS, PipelineConfig, _build
+    """A PipelineConfig from the dict an adapter stores (``PipelineConfig.to_json_dict()``)."""
+    from ..config import PipelineConfig
 
     try:
-        kwargs = {k: _build(cls, d.get(k) or {}, f"adapter pipeline [{k}]") for k, cls in _SECTIONS.items()}
+        return PipelineConfig.from_dict({"name": "adapter", **d}, "adapter pipeline")
     except UsageError as exc:
         raise DataError(f"the adapter's pipeline configuration does not fit this version of bids_adhd "
                         f"({exc}); use the version that trained it") from None
-    return PipelineConfig(name=str(d.get("name", "adapter")), description=str(d.get("description", "")), **kwargs)
 
 
 def rebuild_model(meta: dict, weights=None, model_path=""):
@@ -107,15 +106,15 @@ def rebuild_model(meta: dict, weights=None, model_path=""):
     return model, cfg, info
 
 
-def predict_participants(args) -> list[dict]:
+def predict_participants(settings) -> list[dict]:
     """``participant --model``: predict the runs the participant level selected (called by ``cli.py``
     after the participant workflow)."""
     from ..bids import check_bids_dir, collect_runs
 
-    bids_dir = check_bids_dir(args.bids_dir)
-    out_root = Path(args.output_dir).expanduser().resolve()
-    runs = collect_runs(bids_dir, args.participant_label, args.session_label, args.bids_filter_file)
-    return predict_runs(args, runs, out_root)
+    bids_dir = check_bids_dir(settings.bids_dir)
+    out_root = Path(settings.output_dir).expanduser().resolve()
+    runs = collect_runs(bids_dir, settings.participant_label, settings.session_label, settings.bids_filter_file)
+    return predict_runs(settings, runs, out_root)
 
 
 def calibration_of(meta: dict) -> dict | None:
@@ -133,8 +132,9 @@ def calibration_of(meta: dict) -> dict | None:
                         "by the group level") from None
 
 
-def predict_runs(args, runs, out_root) -> list[dict]:
-    """Predict every run in ``runs`` with ``args.model``; write one prediction JSON per run."""
+def predict_runs(settings, runs, out_root) -> list[dict]:
+    """Predict every run in ``runs`` with ``settings.model`` (a ``ParticipantSettings``: model, weights,
+    device, allow_training_subjects); write one prediction JSON per run."""
     import torch
 
     from .adapter import load_into, read_adapter
@@ -143,10 +143,10 @@ def predict_runs(args, runs, out_root) -> list[dict]:
     from .train import amp_dtype, predict_proba, resolve_device
 
     out_root = Path(out_root)
-    model_path = Path(args.model).expanduser()
+    model_path = Path(settings.model).expanduser()
     meta = check_model_file(model_path)
     subjects = sorted({r.source.subject for r in runs})
-    overlap = set(check_leakage(meta, subjects, bool(getattr(args, "allow_training_subjects", False)),
+    overlap = set(check_leakage(meta, subjects, settings.allow_training_subjects,
                                 model_path))
     missing = []
     for r in runs:
@@ -156,9 +156,9 @@ def predict_runs(args, runs, out_root) -> list[dict]:
         raise MissingInputError(f"--model: template-space maps missing for prediction ({', '.join(missing[:3])}"
                                 f"{' ...' if len(missing) > 3 else ''}); the participant level did not finish")
     tensors, meta = read_adapter(model_path)
-    model, cfg, info = rebuild_model(meta, getattr(args, "weights", None), model_path)
+    model, cfg, info = rebuild_model(meta, settings.weights, model_path)
     load_into(model, tensors, model_path)
-    device = resolve_device(getattr(args, "device", "auto") or "auto")
+    device = resolve_device(settings.device)
     model.to(device).to(memory_format=torch.channels_last_3d).eval()
     grid = (tuple(meta["grid"]["shape"]), np.asarray(meta["grid"]["affine"], float))
     class_names = list(meta["class_names"])

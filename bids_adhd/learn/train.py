@@ -30,6 +30,14 @@ The loop
    CPU), early stopping after ``patience`` epochs without a lower validation
    loss; the best epoch's state is restored.
 
+The pieces
+----------
+``train_model`` is a short loop over: ``_start_fold`` (reset or resume),
+``_head_stage`` (stage 3), and per epoch ``train_epoch`` (reseeding, batches,
+optimiser steps) and ``validate``; ``EarlyStopping`` keeps the best state (the
+head warm-up's ``train_head`` uses it too, per step), ``FoldState`` is what a
+checkpoint holds, ``TrainingLog`` the history TSV (and TensorBoard).
+
 Checkpoints
 -----------
 After the head stage and after every epoch, ``<ckpt_dir>/last.pt`` is written
@@ -161,14 +169,21 @@ def predict_proba(model: nn.Module, images, device, batch_size: int = 4, amp=Non
 
 
 @torch.no_grad()
-def _predict_proba(model: nn.Module, images, device, batch_size: int = 4, amp=None) -> np.ndarray:
+def _batched(model: nn.Module, images, device, batch_size: int, amp, head) -> list[torch.Tensor]:
+    """The one inference loop: eval mode, batches of ``batch_size``, autocast; ``head(model, x)``
+    of every batch, as float32 on the CPU."""
     model.eval()
     out = []
     for i in range(0, len(images), batch_size):
         x = torch.stack(list(images[i:i + batch_size]))
         with autocast(device, amp):
-            logits = model(to_input(x, device))
-        out.append(torch.softmax(logits.float(), dim=1)[:, 1].cpu())
+            out.append(head(model, to_input(x, device)).float().cpu())
+    return out
+
+
+def _predict_proba(model: nn.Module, images, device, batch_size: int = 4, amp=None) -> np.ndarray:
+    out = _batched(model, images, device, batch_size, amp,
+                   lambda m, x: torch.softmax(m(x).float(), dim=1)[:, 1])
     return torch.cat(out).numpy() if out else np.zeros(0)
 
 
@@ -181,15 +196,8 @@ def pooled_features(model: nn.Module, images, device, batch_size: int = 4, amp=N
     return _pooled_features(model, images, device, batch_size, amp)
 
 
-@torch.no_grad()
 def _pooled_features(model: nn.Module, images, device, batch_size: int = 4, amp=None) -> torch.Tensor:
-    model.eval()
-    out = []
-    for i in range(0, len(images), batch_size):
-        x = torch.stack(list(images[i:i + batch_size]))
-        with autocast(device, amp):
-            out.append(model.features(to_input(x, device)).float().cpu())
-    return torch.cat(out)
+    return torch.cat(_batched(model, images, device, batch_size, amp, lambda m, x: m.features(x)))
 
 
 def _val_metrics(y, p, weights) -> dict:
@@ -225,7 +233,259 @@ def write_history(path: Path, history: list[dict]) -> None:
     dv.write_tsv(path, {k: [h.get(k) for h in history] for k in keys})
 
 
+class EarlyStopping:
+    """The lowest validation loss so far and the state that reached it; stop after ``patience``
+    checks without a decrease of more than ``min_delta``. Used by the fine-tuning (per epoch) and
+    by the head warm-up (per step)."""
+
+    def __init__(self, patience: int, min_delta: float = 1e-6, loss: float = float("inf"), epoch: int = 0,
+                 state: dict | None = None, bad: int = 0):
+        self.patience, self.min_delta = int(patience), float(min_delta)
+        self.loss, self.epoch, self.state, self.bad = float(loss), int(epoch), state, int(bad)
+
+    def update(self, loss: float, epoch: int, state_fn) -> bool:
+        """Record one validation loss; ``state_fn()`` is called (the state copied) only on a new best."""
+        if loss < self.loss - self.min_delta:
+            self.loss, self.epoch, self.state, self.bad = float(loss), int(epoch), state_fn(), 0
+            return True
+        self.bad += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.bad >= self.patience
+
+
+class FoldState:
+    """What ``<ckpt_dir>/last.pt`` holds between epochs: the epoch reached, whether the head stage
+    ran, the history so far and the early-stopping state (its best state included). The payload's
+    keys are the checkpoint format (unchanged: a checkpoint of an older run still resumes)."""
+
+    def __init__(self, patience: int, epoch: int = 0, head_done: bool = False, history=None, stopper=None):
+        self.epoch, self.head_done = int(epoch), bool(head_done)
+        self.history: list[dict] = list(history or [])
+        self.stopper = stopper if stopper is not None else EarlyStopping(patience)
+
+    def payload(self, model_state: dict, epoch: int, optimizer=None, scheduler=None) -> dict:
+        s = self.stopper
+        return {"model": model_state, "epoch": epoch, "bad": s.bad, "head_done": self.head_done,
+                "history": self.history, "best_loss": s.loss, "best_epoch": s.epoch, "best_state": s.state,
+                "optimizer": None if optimizer is None else optimizer.state_dict(),
+                "scheduler": None if scheduler is None else scheduler.state_dict()}
+
+    @classmethod
+    def from_payload(cls, state: dict, patience: int) -> "FoldState":
+        stopper = EarlyStopping(patience, loss=state["best_loss"], epoch=state["best_epoch"],
+                                state=state.get("best_state"), bad=int(state["bad"]))
+        return cls(patience, int(state["epoch"]), bool(state["head_done"]), state["history"], stopper)
+
+
+class TrainingLog:
+    """The fold's history rows: kept in memory by every rank; rank 0 writes them to the TSV log and
+    the fine-tuning rows to TensorBoard (optional)."""
+
+    def __init__(self, path: Path, rows: list[dict], desc: str, tb_dir: Path | None, is_main: bool):
+        self.path, self.rows, self.desc, self.is_main = Path(path), rows, desc, is_main
+        self.writer = _tensorboard(tb_dir) if is_main else None
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        if self.writer is not None and row.get("stage") == "finetune":
+            for k in ("train_loss", "val_loss", "val_auc", "lr"):
+                if row.get(k) is not None:
+                    self.writer.add_scalar(f"{self.desc}/{k}", row[k], row["epoch"])
+
+    def write(self) -> None:
+        if self.is_main:
+            write_history(self.path, self.rows)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
 # --- the fold -----------------------------------------------------------------------
+
+class _Fit:
+    """What one fold's training pieces share: data, loss, optimiser, schedule, precision, ranks."""
+
+    def __init__(self, model: nn.Module, train_set: list[dict], val_set: list[dict], cfg, device, seed: int,
+                 augment=None):
+        self.model, self.train_set, self.val_set, self.device = model, train_set, val_set, device
+        self.t_cfg, self.seed, self.augment, self.dist = cfg.train, int(seed), augment, current_dist()
+        t = self.t_cfg
+        self.norm_mode, self.bs, self.workers = t.norm_mode, int(t.batch_size), int(t.num_workers or 0)
+        self.amp = amp_dtype(device, t.amp)
+        self.y_train = [int(it["label"]) for it in train_set]
+        self.y_val = [int(it["label"]) for it in val_set]
+        self.weights = class_weights(self.y_train) if t.balance == "loss" else torch.ones(2)
+        self.weights_dev = self.weights.to(device)
+        self.criterion = nn.CrossEntropyLoss(weight=self.weights_dev)
+        self.steps_per_epoch = max(1, math.ceil(len(train_set) / self.bs))
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(trainable, lr=t.lr, weight_decay=t.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(
+            self.steps_per_epoch * int(t.warmup_epochs), self.steps_per_epoch * int(t.epochs)))
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp == torch.float16 else None
+
+    def save(self, ckpt: Path, fold: FoldState, epoch: int, with_opt: bool) -> None:
+        from .classifier import adapter_state_dict
+        opt = (self.optimizer, self.scheduler) if with_opt else (None, None)
+        save_checkpoint(ckpt, fold.payload(adapter_state_dict(self.model), epoch, *opt))
+
+
+def _start_fold(fit: _Fit, init: dict, ckpt: Path, resume: bool, desc: str) -> FoldState:
+    """The fold's state: read back from ``ckpt`` (``--resume``), else the model reset to ``init``
+    (and, ``norm_mode: recalibrate``, its normalisation statistics re-estimated)."""
+    patience = int(fit.t_cfg.patience)
+    state = fit.dist.on_main(load_checkpoint, ckpt) if resume else None
+    restore_state(fit.model, init)
+    if state is not None:
+        fit.model.load_state_dict(state["model"], strict=False)
+        fold = FoldState.from_payload(state, patience)
+        if state.get("optimizer") is not None:
+            fit.optimizer.load_state_dict(state["optimizer"])
+            fit.scheduler.load_state_dict(state["scheduler"])
+        LOG.info("%s: resuming after epoch %d (head stage %s)", desc, fold.epoch,
+                 "done" if fold.head_done else "not done")
+        return fold
+    torch.manual_seed(fit.seed)
+    if fit.norm_mode == "recalibrate":
+        imgs, bs = ItemImages(fit.train_set), fit.bs
+        recalibrate_norm(fit.model, (torch.stack(list(imgs[i:i + bs])) for i in range(0, len(imgs), bs)),
+                         fit.device)
+        fit.dist.sync_buffers(fit.model)          # every rank computed the same; take rank 0's bits
+    return FoldState(patience)
+
+
+def _head_stage(fit: _Fit, fold: FoldState, log: TrainingLog, ckpt: Path, desc: str) -> None:
+    """Stage 1: the head alone on the encoder's cached pooled features (``train_head``)."""
+    t_cfg, model, head_lr = fit.t_cfg, fit.model, float(fit.t_cfg.head_lr)
+    t0 = time.perf_counter()
+    f_tr = pooled_features(model, ItemImages(fit.train_set), fit.device, fit.bs, fit.amp)
+    f_va = pooled_features(model, ItemImages(fit.val_set), fit.device, fit.bs, fit.amp) if fit.val_set else None
+    res = train_head(model.head, f_tr, torch.tensor(fit.y_train), f_va,
+                     torch.tensor(fit.y_val) if fit.val_set else None, fit.weights, int(t_cfg.head_epochs),
+                     head_lr, t_cfg.weight_decay, fit.seed, fit.device)
+    fold.head_done = True
+    fit.dist.sync_state(model)                    # every rank trained the same head; take rank 0's bits
+    log.add({"stage": "head", "epoch": 0, "train_loss": res["train_loss"], "lr": head_lr,
+             "seconds": time.perf_counter() - t0, **res["val"]})
+    LOG.info("%s: head warm-up %d steps (best %d): train loss %.3f, val loss %s, val AUC %s", desc,
+             res["steps"], res["best_step"], res["train_loss"], _fmt(res["val"].get("val_loss")),
+             _fmt(res["val"].get("val_auc")))
+    s = fold.stopper
+    s.loss = res["val"].get("val_loss", float("inf")) if fit.val_set else float("inf")
+    s.epoch, s.state = 0, _state(model)
+    with fit.dist.phase():                        # rank 0 writes; the others wait (and stop if it fails)
+        if fit.dist.is_main:
+            log.write()
+            fit.save(ckpt, fold, 0, with_opt=False)
+
+
+def _epoch_batches(fit: _Fit, epoch: int) -> list[tuple]:
+    """This epoch's batches, after reseeding every random source from ``(seed, epoch)`` (a resumed
+    fold replays an uninterrupted one's shuffles, augmentations and dropout)."""
+    seed, augment, dist = fit.seed, fit.augment, fit.dist
+    g = torch.Generator().manual_seed(seed * 1000 + epoch)
+    torch.manual_seed(seed * 1000 + epoch)
+    if augment is not None and hasattr(augment, "set_random_state"):
+        # MONAI random transforms draw from their own numpy RandomState (seeded from
+        # entropy at import), not from torch: reseed it too, or augmentations differ
+        # between two runs and between a resumed and an uninterrupted fold
+        augment.set_random_state(seed=seed * 1000 + epoch)
+    n = len(fit.train_set)
+    if fit.t_cfg.balance == "sampler":
+        w = class_weights(fit.y_train)[torch.tensor(fit.y_train)]
+        order = torch.multinomial(w, n, replacement=True, generator=g).tolist()
+    else:
+        order = torch.randperm(n, generator=g).tolist()
+    set_mode(fit.model, True, fit.norm_mode)
+    if dist.enabled and dist.rank:
+        # dropout and augmentation: other random draws on each rank (rank 0 keeps a single process's)
+        rank_seed = seed * 1000 + epoch + 100_003 * dist.rank
+        torch.manual_seed(rank_seed)
+        if augment is not None and hasattr(augment, "set_random_state"):
+            augment.set_random_state(seed=rank_seed % 2 ** 32)
+    steps = []
+    for i in range(0, len(order), fit.bs):
+        idx = order[i:i + fit.bs]
+        if len(idx) < 2 and fit.norm_mode == "train" and len(order) > 1:
+            idx = idx + [order[0]]                      # BatchNorm needs > 1 sample in train mode
+        steps.append(_shard_batch(dist, idx, fit.y_train, fit.weights, fit.norm_mode))
+    return steps
+
+
+def _step(fit: _Fit, net: nn.Module, x: torch.Tensor, y: torch.Tensor, keep, denom) -> torch.Tensor:
+    """One optimiser and scheduler step; returns the batch's loss as reported (this rank's share)."""
+    with autocast(fit.device, fit.amp):
+        logits = net(x)
+    if keep is None:
+        loss = fit.criterion(logits.float(), y)
+        reported = loss
+    else:
+        w = fit.weights_dev[y] * torch.tensor(keep, device=fit.device)
+        reported = (F.cross_entropy(logits.float(), y, reduction="none") * w).sum() / denom
+        loss = reported * fit.dist.world              # DDP averages the gradients over the ranks
+    fit.optimizer.zero_grad(set_to_none=True)
+    if fit.scaler is not None:
+        fit.scaler.scale(loss).backward()
+        fit.scaler.step(fit.optimizer)
+        fit.scaler.update()
+    else:
+        loss.backward()
+        fit.optimizer.step()
+    fit.scheduler.step()
+    return reported
+
+
+def train_epoch(fit: _Fit, net: nn.Module, epoch: int, bar) -> float:
+    """One fine-tuning epoch over the training subjects; the mean loss of the global batches."""
+    steps = _epoch_batches(fit, epoch)
+    losses = []
+    # the images are read per batch (workers read ahead); augmentation stays in this process
+    for (idx, keep, denom), loaded in zip(steps, batch_loader(fit.train_set, [s[0] for s in steps], fit.workers)):
+        batch = [fit.train_set[j] for j in idx]
+        # "is not None", never "if augment": bool(Compose) calls len() -> flatten(), which builds
+        # a new Compose whose __init__ reseeds the SAME transforms from entropy (MONAI 1.x)
+        imgs = [fit.augment({"image": im})["image"] if fit.augment is not None else im for im in loaded]
+        x = to_input(torch.stack([torch.as_tensor(im) for im in imgs]).float(), fit.device)
+        y = torch.tensor([int(it["label"]) for it in batch], device=fit.device)
+        losses.append(float(_step(fit, net, x, y, keep, denom).detach()))
+        bar.update(1)
+        bar.set_postfix(loss=f"{np.mean(losses) * fit.dist.world:.3f}")   # with ranks: an estimate
+    losses = fit.dist.all_sum(losses)                   # the global batches' losses
+    fit.dist.sync_buffers(fit.model)                    # BatchNorm statistics: rank 0's
+    return float(np.mean(losses))
+
+
+def validate(fit: _Fit) -> dict:
+    """``val_loss`` (class-weighted), ``val_auc``, ``val_accuracy`` of the inner-validation subjects."""
+    p = predict_proba(fit.model, ItemImages(fit.val_set), fit.device, fit.bs, fit.amp)
+    return _val_metrics(fit.y_val, p, fit.weights)
+
+
+def _fine_tune_epoch(fit: _Fit, fold: FoldState, log: TrainingLog, net: nn.Module, epoch_of: tuple, bar,
+                     ckpt: Path, desc: str) -> bool:
+    """One epoch: train, validate, early-stopping update (rank 0 decides for all), history row,
+    checkpoint (rank 0 writes). True: stop early."""
+    (epoch, epochs), dist, val_set = epoch_of, fit.dist, fit.val_set
+    t0 = time.perf_counter()
+    row = {"stage": "finetune", "epoch": epoch, "train_loss": train_epoch(fit, net, epoch, bar),
+           "lr": fit.optimizer.param_groups[0]["lr"]}
+    row = dist.broadcast({**row, **validate(fit)} if val_set else row)
+    if val_set:
+        fold.stopper.update(row["val_loss"], epoch, lambda: _state(fit.model))
+    row["seconds"] = time.perf_counter() - t0
+    log.add(row)
+    LOG.info("%s epoch %d/%d: train loss %.3f, val loss %s, val AUC %s (%.0f s)", desc, epoch, epochs,
+             row["train_loss"], _fmt(row.get("val_loss")), _fmt(row.get("val_auc")), row["seconds"])
+    with dist.phase():
+        if dist.is_main:
+            log.write()
+            fit.save(ckpt, fold, epoch, with_opt=True)
+    return bool(val_set) and fold.stopper.should_stop
+
 
 def train_model(model: nn.Module, init: dict, train_set: list[dict], val_set: list[dict], cfg, device,
                 *, ckpt_dir: Path, log_path: Path, seed: int, resume: bool = False, progress: bool = True,
@@ -244,199 +504,40 @@ def train_model(model: nn.Module, init: dict, train_set: list[dict], val_set: li
     """
     from tqdm import tqdm
 
-    dist = current_dist()
-    t_cfg = cfg.train
-    norm_mode = getattr(t_cfg, "norm_mode", "train")
-    head_epochs = int(getattr(t_cfg, "head_epochs", 0))
-    head_lr = float(getattr(t_cfg, "head_lr", 1e-2))
-    amp = amp_dtype(device, t_cfg.amp)
-    ckpt = Path(ckpt_dir) / "last.pt"
-    y_train = [int(it["label"]) for it in train_set]
-    y_val = [int(it["label"]) for it in val_set]
-    weights = class_weights(y_train) if t_cfg.balance == "loss" else torch.ones(2)
-    criterion = nn.CrossEntropyLoss(weight=weights.to(device))
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    bs = int(t_cfg.batch_size)
-    workers = int(getattr(t_cfg, "num_workers", 0) or 0)
-    steps_per_epoch = max(1, math.ceil(len(train_set) / bs))
-    total_steps = steps_per_epoch * int(t_cfg.epochs)
     t_start = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-
-    state = dist.on_main(load_checkpoint, ckpt) if resume else None
-    history: list[dict] = []
-    best = {"loss": float("inf"), "epoch": 0, "state": None}
-    start_epoch, bad = 0, 0
-    head_done = False
-
-    optimizer = torch.optim.AdamW(trainable, lr=t_cfg.lr, weight_decay=t_cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(steps_per_epoch * int(t_cfg.warmup_epochs), total_steps))
-    scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
-
-    if state is not None:
-        restore_state(model, init)
-        model.load_state_dict(state["model"], strict=False)
-        history = list(state["history"])
-        best = {"loss": state["best_loss"], "epoch": state["best_epoch"], "state": state.get("best_state")}
-        start_epoch, bad, head_done = int(state["epoch"]), int(state["bad"]), bool(state["head_done"])
-        if state.get("optimizer") is not None:
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-        LOG.info("%s: resuming after epoch %d (head stage %s)", desc, start_epoch,
-                 "done" if head_done else "not done")
-    else:
-        restore_state(model, init)
-        torch.manual_seed(seed)
-        if norm_mode == "recalibrate":
-            imgs = ItemImages(train_set)
-            recalibrate_norm(model, (torch.stack(list(imgs[i:i + bs])) for i in range(0, len(imgs), bs)), device)
-            dist.sync_buffers(model)          # every rank computed the same; take rank 0's bits
-
-    def checkpoint(epoch: int, with_opt: bool):
-        from .classifier import adapter_state_dict
-        save_checkpoint(ckpt, {"model": adapter_state_dict(model), "epoch": epoch, "bad": bad,
-                               "head_done": head_done, "history": history, "best_loss": best["loss"],
-                               "best_epoch": best["epoch"], "best_state": best["state"],
-                               "optimizer": optimizer.state_dict() if with_opt else None,
-                               "scheduler": scheduler.state_dict() if with_opt else None})
-
-    # --- stage 1: head on cached features --------------------------------------
-    if head_epochs > 0 and not head_done:
-        t0 = time.perf_counter()
-        f_tr = pooled_features(model, ItemImages(train_set), device, bs, amp)
-        f_va = pooled_features(model, ItemImages(val_set), device, bs, amp) if val_set else None
-        res = train_head(model.head, f_tr, torch.tensor(y_train), f_va,
-                         torch.tensor(y_val) if val_set else None, weights, head_epochs, head_lr,
-                         t_cfg.weight_decay, seed, device)
-        head_done = True
-        dist.sync_state(model)                # every rank trained the same head; take rank 0's bits
-        history.append({"stage": "head", "epoch": 0, "train_loss": res["train_loss"], "lr": head_lr,
-                        "seconds": time.perf_counter() - t0, **res["val"]})
-        LOG.info("%s: head warm-up %d steps (best %d): train loss %.3f, val loss %s, val AUC %s", desc,
-                 res["steps"], res["best_step"], res["train_loss"], _fmt(res["val"].get("val_loss")),
-                 _fmt(res["val"].get("val_auc")))
-        best = {"loss": res["val"].get("val_loss", float("inf")) if val_set else float("inf"), "epoch": 0,
-                "state": _state(model)}
-        with dist.phase():                    # rank 0 writes; the others wait (and stop if it fails)
-            if dist.is_main:
-                write_history(log_path, history)
-                checkpoint(0, with_opt=False)
-
-    # --- stage 2: fine-tuning ----------------------------------------------------
-    epochs = int(t_cfg.epochs)
+    fit = _Fit(model, train_set, val_set, cfg, device, seed, augment)
+    dist, ckpt = fit.dist, Path(ckpt_dir) / "last.pt"
+    fold = _start_fold(fit, init, ckpt, resume, desc)
+    log = TrainingLog(log_path, fold.history, desc, tb_dir, dist.is_main)
+    if int(cfg.train.head_epochs) > 0 and not fold.head_done:
+        _head_stage(fit, fold, log, ckpt, desc)
     # resumed after the checkpoint of the epoch that stopped the run early (killed before the
     # fold's outputs were written): it stays stopped, as the uninterrupted run did
-    stopped_before = bool(val_set) and start_epoch > 0 and bad >= int(t_cfg.patience)
-    if stopped_before:
-        epochs = start_epoch
-    bar = tqdm(total=(epochs - start_epoch) * steps_per_epoch, desc=desc, file=sys.stderr,
+    start = epoch = fold.epoch
+    stopped = bool(val_set) and start > 0 and fold.stopper.should_stop
+    epochs = start if stopped else int(cfg.train.epochs)
+    bar = tqdm(total=(epochs - start) * fit.steps_per_epoch, desc=desc, file=sys.stderr,
                disable=not progress or not dist.is_main, leave=False, dynamic_ncols=True, unit="step")
-    writer = _tensorboard(tb_dir) if dist.is_main else None
-    stopped = stopped_before
-    epoch = start_epoch
     # several processes: DDP for the fine-tuning (it starts from rank 0's state); the loss of
     # each rank is its share of the global batch's weighted mean (see _shard_batch)
-    net = dist.wrap(model) if epochs > start_epoch else model
-    weights_dev = weights.to(device)
-    for epoch in range(start_epoch + 1, epochs + 1):
-        t0 = time.perf_counter()
-        g = torch.Generator().manual_seed(int(seed) * 1000 + epoch)
-        torch.manual_seed(int(seed) * 1000 + epoch)
-        if augment is not None and hasattr(augment, "set_random_state"):
-            # MONAI random transforms draw from their own numpy RandomState (seeded from
-            # entropy at import), not from torch: reseed it too, or augmentations differ
-            # between two runs and between a resumed and an uninterrupted fold
-            augment.set_random_state(seed=int(seed) * 1000 + epoch)
-        if t_cfg.balance == "sampler":
-            w = class_weights(y_train)[torch.tensor(y_train)]
-            order = torch.multinomial(w, len(train_set), replacement=True, generator=g).tolist()
-        else:
-            order = torch.randperm(len(train_set), generator=g).tolist()
-        set_mode(model, True, norm_mode)
-        if dist.enabled and dist.rank:
-            # dropout and augmentation: other random draws on each rank (rank 0 keeps a single process's)
-            rank_seed = int(seed) * 1000 + epoch + 100_003 * dist.rank
-            torch.manual_seed(rank_seed)
-            if augment is not None and hasattr(augment, "set_random_state"):
-                augment.set_random_state(seed=rank_seed % 2 ** 32)
-        losses = []
-        steps = []
-        for i in range(0, len(order), bs):
-            idx = order[i:i + bs]
-            if len(idx) < 2 and norm_mode == "train" and len(order) > 1:
-                idx = idx + [order[0]]                      # BatchNorm needs > 1 sample in train mode
-            steps.append(_shard_batch(dist, idx, y_train, weights, norm_mode))
-        # the images are read per batch (workers read ahead); augmentation stays in this process
-        for (idx, keep, denom), loaded in zip(steps, batch_loader(train_set, [s[0] for s in steps], workers)):
-            batch = [train_set[j] for j in idx]
-            # "is not None", never "if augment": bool(Compose) calls len() -> flatten(), which builds
-            # a new Compose whose __init__ reseeds the SAME transforms from entropy (MONAI 1.x)
-            imgs = [augment({"image": im})["image"] if augment is not None else im for im in loaded]
-            x = to_input(torch.stack([torch.as_tensor(im) for im in imgs]).float(), device)
-            y = torch.tensor([int(it["label"]) for it in batch], device=device)
-            with autocast(device, amp):
-                logits = net(x)
-            if keep is None:
-                loss = criterion(logits.float(), y)
-                reported = loss
-            else:
-                w = weights_dev[y] * torch.tensor(keep, device=device)
-                reported = (F.cross_entropy(logits.float(), y, reduction="none") * w).sum() / denom
-                loss = reported * dist.world              # DDP averages the gradients over the ranks
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
-            scheduler.step()
-            losses.append(float(reported.detach()))
-            bar.update(1)
-            bar.set_postfix(loss=f"{np.mean(losses) * dist.world:.3f}")   # with ranks: an estimate
-        losses = dist.all_sum(losses)                       # the global batches' losses
-        dist.sync_buffers(model)                            # BatchNorm statistics: rank 0's
-        row = {"stage": "finetune", "epoch": epoch, "train_loss": float(np.mean(losses)),
-               "lr": optimizer.param_groups[0]["lr"]}
-        if val_set:
-            p = predict_proba(model, ItemImages(val_set), device, bs, amp)
-            row.update(_val_metrics(y_val, p, weights))
-        row = dist.broadcast(row)                           # rank 0 decides early stopping for all
-        if val_set:
-            if row["val_loss"] < best["loss"] - 1e-6:
-                best = {"loss": row["val_loss"], "epoch": epoch, "state": _state(model)}
-                bad = 0
-            else:
-                bad += 1
-        row["seconds"] = time.perf_counter() - t0
-        history.append(row)
-        LOG.info("%s epoch %d/%d: train loss %.3f, val loss %s, val AUC %s (%.0f s)", desc, epoch, epochs,
-                 row["train_loss"], _fmt(row.get("val_loss")), _fmt(row.get("val_auc")), row["seconds"])
-        if writer is not None:
-            for k in ("train_loss", "val_loss", "val_auc", "lr"):
-                if row.get(k) is not None:
-                    writer.add_scalar(f"{desc}/{k}", row[k], epoch)
-        with dist.phase():
-            if dist.is_main:
-                write_history(log_path, history)
-                checkpoint(epoch, with_opt=True)
-        if val_set and bad >= int(t_cfg.patience):
-            LOG.info("%s: early stop after epoch %d (best epoch %d)", desc, epoch, best["epoch"])
+    net = dist.wrap(model) if epochs > start else model
+    for epoch in range(start + 1, epochs + 1):
+        if _fine_tune_epoch(fit, fold, log, net, (epoch, epochs), bar, ckpt, desc):
+            LOG.info("%s: early stop after epoch %d (best epoch %d)", desc, epoch, fold.stopper.epoch)
             stopped = True
             break
     bar.close()
     if net is not model:
         dist.release(net)
         del net
-    if writer is not None:
-        writer.close()
-    if val_set and best["state"] is not None:
-        model.load_state_dict(best["state"], strict=False)
+    log.close()
+    best = fold.stopper
+    if val_set and best.state is not None:
+        model.load_state_dict(best.state, strict=False)
     peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None
-    return {"history": history, "best_epoch": best["epoch"] if val_set else epoch, "epochs_run": epoch,
+    return {"history": fold.history, "best_epoch": best.epoch if val_set else epoch, "epochs_run": epoch,
             "stopped_early": stopped, "seconds": time.perf_counter() - t_start, "peak_memory_mb": peak}
 
 
@@ -489,8 +590,7 @@ def train_head(head: nn.Module, f_tr: torch.Tensor, y_tr: torch.Tensor, f_va, y_
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     f_tr, y_tr = f_tr.to(device), y_tr.to(device)
     w = weights.to(device)
-    best = (float("inf"), 0, None)
-    patience, since = 50, 0
+    stopper = EarlyStopping(patience=50)
     loss = torch.tensor(float("nan"))
     step = 0
     for step in range(1, steps + 1):
@@ -506,21 +606,18 @@ def train_head(head: nn.Module, f_tr: torch.Tensor, y_tr: torch.Tensor, f_va, y_
             head.eval()
             with torch.no_grad():
                 vl = float(F.cross_entropy(head(f_va.to(device)), y_va.to(device), weight=w))
-            if vl < best[0] - 1e-6:
-                best = (vl, step, {k: v.detach().clone() for k, v in head.state_dict().items()})
-                since = 0
-            else:
-                since += 1
-                if since >= patience:
-                    break
+            stopper.update(vl, step, lambda: {k: v.detach().clone() for k, v in head.state_dict().items()})
+            if stopper.should_stop:
+                break
     head.eval()
     val = {}
-    if best[2] is not None:
-        head.load_state_dict(best[2])
+    if stopper.state is not None:
+        head.load_state_dict(stopper.state)
     if f_va is not None and len(f_va):
         with torch.no_grad():
             p = torch.softmax(head(f_va.to(device)), 1)[:, 1].cpu().numpy()
         val = _val_metrics(y_va.numpy(), p, weights)
     with torch.no_grad():
         tl = float(F.cross_entropy(head(f_tr), y_tr, weight=w))
-    return {"steps": step, "best_step": best[1] if best[2] is not None else step, "train_loss": tl, "val": val}
+    return {"steps": step, "best_step": stopper.epoch if stopper.state is not None else step, "train_loss": tl,
+            "val": val}

@@ -17,6 +17,7 @@ from ..bids import (check_bids_dir, check_output_dir, check_run, check_writable,
 from ..config import load_pipeline
 from .. import errors
 from ..errors import BidsAppError, DataError, OutputError, UsageError
+from ..settings import ParticipantSettings
 
 LOG = logging.getLogger("bids_adhd.participant")
 _THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS")
@@ -60,29 +61,27 @@ class _StepTimer:
                          "done" if status == "end" else "FAILED", sec)
 
 
-def run_participant(args) -> int:
+def run_participant(settings: ParticipantSettings) -> int:
+    """The participant level of ``settings`` (built by ``cli.py``, validated on construction)."""
     t0 = time.perf_counter()
-    bids_dir = check_bids_dir(args.bids_dir)
-    out_root = check_output_dir(args.output_dir, bids_dir)
-    if args.work_dir:
-        work = Path(args.work_dir).expanduser().resolve()
+    s = settings
+    bids_dir = check_bids_dir(s.bids_dir)
+    out_root = check_output_dir(s.output_dir, bids_dir)
+    if s.work_dir:
+        work = Path(s.work_dir).expanduser().resolve()
         if work == bids_dir or bids_dir in work.parents:
-            raise UsageError(f"--work-dir {args.work_dir} is inside BIDS_DIR; the input dataset stays read only")
+            raise UsageError(f"--work-dir {s.work_dir} is inside BIDS_DIR; the input dataset stays read only")
         check_writable(work, "--work-dir")
-    cfg = load_pipeline(args.pipeline or "default")
-    if args.nprocs is not None and args.nprocs < 1:
-        raise UsageError(f"--nprocs must be ≥ 1 (got {args.nprocs})")
-    if args.omp_nthreads is not None and args.omp_nthreads < 1:
-        raise UsageError(f"--omp-nthreads must be ≥ 1 (got {args.omp_nthreads})")
-    if not args.skip_bids_validation:   # the selected subjects and the top-level files only
-        run_validator(bids_dir, select_subjects(bids_dir, args.participant_label))
-    runs = collect_runs(bids_dir, args.participant_label, args.session_label, args.bids_filter_file)
+    cfg = load_pipeline(s.pipeline)
+    if not s.skip_bids_validation:   # the selected subjects and the top-level files only
+        run_validator(bids_dir, select_subjects(bids_dir, s.participant_label))
+    runs = collect_runs(bids_dir, s.participant_label, s.session_label, s.bids_filter_file)
     for warning in participants_warnings(bids_dir):
         LOG.warning(warning)
     if out_root.is_dir():  # a killed run's hidden temporaries of the selected runs
         for tmp in dv.remove_stale_temps(out_root, [r.source for r in runs]):
             LOG.info("removed %s, left by an interrupted run", tmp)
-    chash = config_hash(cfg.to_dict())
+    chash = config_hash(cfg.to_json_dict())
     todo = [r for r in runs if not is_done(out_root, r, chash)]
     for r in runs:
         if r not in todo:
@@ -93,7 +92,7 @@ def run_participant(args) -> int:
             summary = check_run(r, cfg.preproc.b0_threshold)
             LOG.info("%s: %s volumes, %d b0, shells %s, voxels %s mm", r.source.prefix, summary["shape"],
                      summary["n_b0"], summary["shells"], tuple(round(z, 2) for z in summary["zooms"]))
-        _run_workflow(args, cfg, bids_dir, out_root, todo, chash)
+        _run_workflow(s, cfg, bids_dir, out_root, todo, chash)
     LOG.info("participant level finished in %.1f s; outputs in %s", time.perf_counter() - t0, out_root)
     return 0
 
@@ -117,20 +116,20 @@ def _configure_nipype(work_dir: Path, verbose: int) -> None:
     nipype_logging.update_logging(nipype_config)
 
 
-def _run_workflow(args, cfg, bids_dir, out_root, runs, chash) -> None:
+def _run_workflow(settings: ParticipantSettings, cfg, bids_dir, out_root, runs, chash) -> None:
     from .participant import init_participant_wf
 
-    nprocs = args.nprocs or os.cpu_count() or 1
-    nthreads = args.omp_nthreads or max(1, nprocs // max(1, len(runs)))
+    nprocs = settings.nprocs or os.cpu_count() or 1
+    nthreads = settings.omp_nthreads or max(1, nprocs // max(1, len(runs)))
     nthreads = min(nthreads, nprocs)
     for var in _THREAD_VARS:
         os.environ[var] = str(nthreads)
     ensure_writable_dir(out_root, "OUTPUT_DIR")
     dv.ensure_dataset_description(out_root, bids_dir)
     dv.ensure_bidsignore(out_root)
-    work_dir = ensure_writable_dir(Path(args.work_dir).expanduser().resolve() if args.work_dir
+    work_dir = ensure_writable_dir(Path(settings.work_dir).expanduser().resolve() if settings.work_dir
                                    else out_root / ".bids_adhd_work", "--work-dir")
-    _configure_nipype(work_dir, int(getattr(args, "verbose", 0) or 0))
+    _configure_nipype(work_dir, settings.verbose)
     run_id = new_run_id()
     subjects = sorted({r.source.subject for r in runs})
     for subject in subjects:
@@ -138,19 +137,19 @@ def _run_workflow(args, cfg, bids_dir, out_root, runs, chash) -> None:
     wf = init_participant_wf(runs, cfg, bids_dir, out_root, work_dir, chash, nthreads=nthreads, run_id=run_id)
     timer = _StepTimer()
     LOG.info("running %d series with %s (%d processes, %d threads per node); work dir %s",
-             len(runs), args.nipype_plugin, nprocs, nthreads, work_dir)
+             len(runs), settings.nipype_plugin, nprocs, nthreads, work_dir)
     plugin_args = {"status_callback": timer}
     slurm_tag = None
-    if args.nipype_plugin == "MultiProc":
+    if settings.nipype_plugin == "MultiProc":
         plugin_args.update(n_procs=nprocs, raise_insufficient=False)
-    elif args.nipype_plugin == "SLURMGraph":
+    elif settings.nipype_plugin == "SLURMGraph":
         from .slurm import slurm_plugin_args
         # graph plugins ignore status_callback (and warn if given); they need sbatch_args
         slurm_tag, plugin_args = slurm_plugin_args(nthreads)
     logs = [dv.log_dir(out_root, s, run_id) for s in subjects]
     error = None
     try:
-        wf.run(plugin=args.nipype_plugin, plugin_args=plugin_args)
+        wf.run(plugin=settings.nipype_plugin, plugin_args=plugin_args)
         if slurm_tag is not None:
             from .slurm import wait_for_jobs
             wait_for_jobs(slurm_tag)  # SLURMGraph returns right after sbatch
@@ -184,7 +183,7 @@ def write_pipeline_yaml(out_root: Path, subject: str, run_id: str, cfg) -> Path:
     """The resolved pipeline configuration, as YAML, in the subject's ``log/<run-id>/``."""
     import yaml
 
-    resolved = json.loads(json.dumps(cfg.to_dict(), default=list))  # tuples → lists
+    resolved = cfg.to_json_dict()
     text = (f"# bids_adhd {__version__}: the resolved pipeline of participant run {run_id}\n"
             + yaml.safe_dump(resolved, sort_keys=False))
     return dv.write_text(dv.pipeline_yaml(out_root, subject, run_id), text)
