@@ -88,3 +88,26 @@ def test_bad_arguments():
         unring(np.zeros(5))
     with pytest.raises(ValueError):
         unring(np.zeros((4, 4, 4)), slice_axis=3)
+
+
+def test_torch_path_on_cpu_device_matches_numpy_path():
+    """The GPU path (torch), run on the CPU device: same search, other FFT library -> float rounding."""
+    pytest.importorskip("torch")
+    from bids_adhd.dmri.gibbs import _resolve_device
+
+    for shape, dtype, tol in (((24, 20, 5, 3), np.float32, 1e-5), ((25, 21, 5, 3), np.float32, 1e-5),
+                              ((24, 20, 5, 3), np.float64, 1e-12)):
+        data = ringing_phantom(shape=shape, dtype=dtype)
+        ref = unring(data, device="numpy")
+        out = unring(data, device="cpu", slices_per_item=4)
+        assert out.dtype == dtype and out.shape == data.shape
+        rel = np.abs(out.astype(float) - ref) / float(ref.max() - ref.min())
+        assert rel.max() < 1e-3 and (rel > tol).mean() < 1e-3
+    vol = data[..., 0]
+    assert np.allclose(unring(vol, slice_axis=0, device="cpu"), unring(vol, slice_axis=0), rtol=0, atol=1e-9)
+    assert np.allclose(unring(vol[:, :, 2], device="cpu"), unring(vol[:, :, 2]), rtol=0, atol=1e-9)
+    assert _resolve_device("cuda", exact=True) == "numpy"                  # exact: DIPY's numpy path only
+    assert _resolve_device("cpu", exact=False) == "cpu"
+    import torch
+
+    assert _resolve_device(None, exact=False) == ("cuda" if torch.cuda.is_available() else "numpy")

@@ -45,6 +45,8 @@ array); the output is float32 for integer input, otherwise the input dtype.
 """
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import scipy.fft as _fft
 
@@ -267,7 +269,81 @@ def _unring_stack(stack, n_points, G0, G1, exact=True):
     return np.abs(_fft.ifft2(comb, axes=axes))
 
 
-def unring(data, slice_axis=2, n_points=3, nprocs=1, *, exact=False, slices_per_item=None):
+def _tv_torch(x, P):
+    """:class:`_TV` on a torch tensor: ``min`` of the right and left circular sums, same summation order."""
+    import torch
+
+    d = torch.abs(x - torch.roll(x, -1, dims=-1))
+    ptv = d.clone()
+    ntv = torch.roll(d, 1, dims=-1)
+    for n in range(1, P):
+        ptv += torch.roll(d, -n, dims=-1)
+        ntv += torch.roll(d, n + 1, dims=-1)
+    return torch.minimum(ptv, ntv)
+
+
+def _unring_1d_torch(t, n_points):
+    """``_unring_1d(exact=False)`` on a torch tensor (any device): real FFTs, the same search and update."""
+    import torch
+
+    N = t.shape[-1]
+    ssamp = np.linspace(0.02, 0.9, num=45, dtype=np.promote_types(np.dtype(str(t.dtype)[6:]), np.float32))
+    c = torch.fft.rfft(t, dim=-1)
+    k = torch.from_numpy(_fft.fftfreq(N, 1 / (2.0j * np.pi))[:c.shape[-1]]).to(c.dtype).to(t.device)
+    tvp = _tv_torch(t, n_points)
+    best = [[tvp, t, torch.zeros(t.shape, dtype=torch.uint8, device=t.device)],
+            [tvp.clone(), t, torch.zeros(t.shape, dtype=torch.uint8, device=t.device)]]
+    for j, s in enumerate(ssamp, 1):
+        ks = k * float(s)
+        for sign, b in zip((1, -1), best):
+            prod = c * torch.exp(ks if sign > 0 else -ks)
+            r = torch.fft.irfft(prod, n=N, dim=-1)
+            if N % 2 == 0:                              # Nyquist term, as _Shifter
+                nyq = prod[..., -1].imag / N
+                img = torch.sqrt(r * r + (nyq * nyq)[..., None])
+            else:
+                img = torch.abs(r)
+            tvs = _tv_torch(img, n_points)
+            m = b[0] > tvs
+            b[1] = torch.where(m, img, b[1])
+            b[2] = torch.where(m, torch.full_like(b[2], j), b[2])
+            b[0] = torch.minimum(b[0], tvs)
+    table = torch.from_numpy(np.concatenate((np.zeros(1, ssamp.dtype), ssamp))).to(t.device)
+    sp, sn = table[best[0][2].long()], table[best[1][2].long()]
+    isp, isn = best[0][1], best[1][1]
+    tot = sp + sn
+    val = (isp - isn) / tot * sn + isn
+    return torch.where(tot != 0, val, t)
+
+
+def _unring_stack_torch(stack, n_points, G0, G1, device):
+    """:func:`_unring_stack` (real-FFT mode) with torch on ``device``; numpy in and out."""
+    import torch
+
+    t = torch.from_numpy(np.ascontiguousarray(stack)).to(device)
+    img_c1 = _unring_1d_torch(t, n_points)
+    img_c0 = _unring_1d_torch(t.transpose(1, 2).contiguous(), n_points).transpose(1, 2)
+    dims = (-2, -1)
+    C1 = torch.fft.fftshift(torch.fft.fft2(img_c1, dim=dims), dim=dims)
+    C0 = torch.fft.fftshift(torch.fft.fft2(img_c0, dim=dims), dim=dims)
+    g0, g1 = (torch.from_numpy(g).to(device) for g in (G0, G1))
+    return torch.abs(torch.fft.ifft2(C1 * g1 + C0 * g0, dim=dims)).cpu().numpy()
+
+
+def _resolve_device(device, exact):
+    """None: "cuda" when torch sees a CUDA device, else the numpy path ("numpy"); exact=True: numpy."""
+    if exact or device == "numpy":
+        return "numpy"
+    if device is None:
+        try:
+            import torch
+        except ImportError:                             # pragma: no cover - torch is a dependency
+            return "numpy"
+        return "cuda" if torch.cuda.is_available() else "numpy"
+    return str(device)
+
+
+def unring(data, slice_axis=2, n_points=3, nprocs=1, *, exact=False, device=None, slices_per_item=None):
     """Suppress Gibbs ringing slice by slice; same result as DIPY's ``gibbs_removal``.
 
     Parameters
@@ -284,6 +360,12 @@ def unring(data, slice_axis=2, n_points=3, nprocs=1, *, exact=False, slices_per_
         True: DIPY's complex FFTs, bit for bit DIPY's result. False (default):
         real FFTs, the same quantity rounded differently (the module
         docstring has the measured difference).
+    device : None | "numpy" | torch device string
+        Where the real-FFT search runs. None (default): on the GPU when torch
+        sees CUDA, else the numpy path; "cpu", "cuda", ...: torch on that
+        device (the same operations; FFT libraries differ, so the result
+        agrees with the numpy path within float rounding, tested on the
+        torch CPU device). ``exact=True`` always runs the numpy path.
     slices_per_item : int, optional
         Slices per work item (default: about 200k voxels per item).
 
@@ -309,6 +391,14 @@ def unring(data, slice_axis=2, n_points=3, nprocs=1, *, exact=False, slices_per_
     inishape = vol.shape
     vol = np.ascontiguousarray(vol).reshape((-1,) + inishape[-2:])
     G0, G1 = _weights(vol.shape[-2:])
+    device = _resolve_device(device, exact)
+    if device != "numpy":
+        # one stack of ~256 slices at a time on the device (vectorised there)
+        per = slices_per_item or max(1, 2**22 // int(np.prod(vol.shape[-2:])))
+        with single_threaded_blas() if device == "cpu" else contextlib.nullcontext():
+            out = np.concatenate([_unring_stack_torch(vol[i0:i0 + per], n_points, G0, G1, device)
+                                  for i0 in range(0, vol.shape[0], per)]).astype(arr.dtype, copy=False)
+        return _restore_axes(out.reshape(inishape), nd, slice_axis)
     per = slices_per_item or max(1, _TARGET_ELEMENTS // int(np.prod(vol.shape[-2:])))
     nprocs = resolve_nprocs(nprocs)
     # at least a few items per worker so that the threads stay busy to the end
@@ -321,7 +411,10 @@ def unring(data, slice_axis=2, n_points=3, nprocs=1, *, exact=False, slices_per_
 
     with single_threaded_blas():
         thread_map(work, starts, nprocs)
-    out = out.reshape(inishape)
+    return _restore_axes(out.reshape(inishape), nd, slice_axis)
+
+
+def _restore_axes(out, nd, slice_axis):
     if nd == 2:
         return out[0]
     if nd == 3:
