@@ -27,13 +27,24 @@ Agreement (all in the final brain mask unless said otherwise):
   chain vs the simulator's true FA.
 * Motion parameters vs the simulator's truth.
 
-Times: wall and CPU (user + sys, this process and its children). The machine
-may be shared: each MRtrix3 step runs right after our matching step, the load
-averages around each step are recorded, and the CPU-time ratio is reported
-next to the wall-time ratio.
+Times: wall and CPU (user + sys, this process and its children) and peak
+memory (RSS, sampled every 0.1 s) per step; ``ours_total_s`` is the whole
+subject (every step, motion correction and mask included), ``step_ratios``
+each of our steps over its MRtrix3 counterpart in the same run (wall and
+CPU). The machine may be shared: each MRtrix3 step runs right after our
+matching step, the load averages around each step are recorded, and the
+CPU-time ratio is reported next to the wall-time ratio. Like the pipeline
+(one step per process), the script frees each step's input once the next
+step has its output, keeping only small crops for the DIPY checks, so a
+step's peak RSS is that step's, not the sum of the chain's arrays.
 
-Run (from the repository root; ~1 h on 2 cores for hbn):
+Output: ``--out``/participant.{json,md} for ``--size hbn``,
+participant_demo.{json,md} for ``--size demo``.
+
+Run (from the repository root, on an idle machine; ~1 h on 2 cores for hbn,
+a few minutes for demo):
     .venv/bin/python benchmarks/participant.py --size hbn --nprocs 2
+    .venv/bin/python benchmarks/participant.py --size demo --nprocs 2 --work /tmp/bench_demo
 """
 from __future__ import annotations
 
