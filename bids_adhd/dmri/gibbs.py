@@ -137,6 +137,39 @@ class _TV:
         return np.minimum(ptv, ntv, out=out)
 
 
+class _TV0:
+    """:class:`_TV` for lines along axis 0 of an (N, lines) array: the same sums in the same order, but
+    every operation (the circular wrap included) runs on whole contiguous rows."""
+
+    def __init__(self, shape, dtype, n_points):
+        self.P, self.N = n_points, shape[0]
+        self.d, self.q, self.ptv, self.ntv = (np.empty(shape, dtype) for _ in range(4))
+
+    def __call__(self, x, out=None):
+        d, q, p, n = self.d, self.q, self.ptv, self.ntv
+        out = np.empty_like(p) if out is None else out
+        np.subtract(x[:-1], x[1:], out=d[:-1])
+        np.subtract(x[-1], x[0], out=d[-1])
+        np.abs(d, out=d)
+        if self.P != 3 or self.N < 4:
+            np.copyto(p, d)
+            np.copyto(n, np.roll(d, 1, axis=0))
+            for k in range(1, self.P):
+                p += np.roll(d, -k, axis=0)
+                n += np.roll(d, k + 1, axis=0)
+            return np.minimum(p, n, out=out)
+        np.add(d[:-1], d[1:], out=q[:-1])
+        np.add(d[-1], d[0], out=q[-1])
+        np.add(q[:-2], d[2:], out=p[:-2])                       # (d[i] + d[i+1]) + d[i+2]
+        np.add(q[-2], d[0], out=p[-2])
+        np.add(q[-1], d[1], out=p[-1])
+        np.add(q[1:-2], d[:-3], out=n[3:])                      # (d[i-2] + d[i-1]) + d[i-3]
+        np.add(q[-2], d[-3], out=n[0])
+        np.add(q[-1], d[-2], out=n[1])
+        np.add(q[0], d[-1], out=n[2])
+        return np.minimum(p, n, out=out)
+
+
 def _select(dst, src, m):
     """``dst[m] = src[m]`` as bit operations (``m``: all-ones/zero unsigned mask)."""
     di = dst.view(m.dtype)
@@ -157,16 +190,18 @@ class _Shifter:
     ``sqrt(irfft(y)^2 + (b / N)^2)``: the same quantity, rounded differently.
     """
 
-    def __init__(self, xs, exact):
-        self.exact = exact
-        self.N = N = xs.shape[-1]
+    def __init__(self, xs, exact, axis=-1):
+        self.exact, self.axis = exact, axis
+        self.N = N = xs.shape[axis]
         k = _fft.fftfreq(N, 1 / (2.0j * np.pi))
         if exact:
-            self.c = _fft.fft(xs, axis=-1)
+            self.c = _fft.fft(xs, axis=axis)
         else:
-            self.c = _fft.rfft(xs, axis=-1)
-            k = k[:self.c.shape[-1]]                   # DIPY's k; Nyquist bin: -i pi
+            self.c = _fft.rfft(xs, axis=axis)
+            k = k[:self.c.shape[axis]]                 # DIPY's k; Nyquist bin: -i pi
         self.k = k.astype(self.c.dtype, copy=False)
+        if axis == 0:                                  # lines along axis 0 (the (N, lines) layout)
+            self.k = self.k[:, None]
         self.prod = np.empty_like(self.c)
         self.nyq = (not exact) and N % 2 == 0
         self.dtype = np.result_type(np.abs(self.c[..., :1]))
@@ -175,11 +210,11 @@ class _Shifter:
         """``ifft(c e)`` (exact) or ``(irfft(c e), (b / N)^2 per line or None)``."""
         np.multiply(self.c, np.exp(ks) if sign > 0 else np.exp(-ks), out=self.prod)
         if self.exact:
-            return _fft.ifft(self.prod, axis=-1, overwrite_x=True), None
-        r = _fft.irfft(self.prod, n=self.N, axis=-1)
+            return _fft.ifft(self.prod, axis=self.axis, overwrite_x=True), None
+        r = _fft.irfft(self.prod, n=self.N, axis=self.axis)
         if not self.nyq:
             return r, None
-        b = self.prod[..., -1].imag / self.N
+        b = (self.prod[-1] if self.axis == 0 else self.prod[..., -1]).imag / self.N
         return r, b * b
 
     def __call__(self, ks, sign, out):
@@ -187,7 +222,7 @@ class _Shifter:
         if b2 is None:
             return np.abs(r, out=out)
         np.multiply(r, r, out=out)
-        out += b2[..., None]
+        out += b2[None, :] if self.axis == 0 else b2[..., None]
         return np.sqrt(out, out=out)
 
 
@@ -204,6 +239,12 @@ def _unring_1d(x, n_points, exact=True):
     """
     dtype_float = np.promote_types(x.real.dtype, np.float32)
     ssamp = np.linspace(0.02, 0.9, num=45, dtype=dtype_float)
+    if not exact and x.dtype == dtype_float and np.isfinite(x).all():
+        # (N, lines) layout: every operation, the circular wraps included, on contiguous rows
+        xt = np.ascontiguousarray(x.reshape(-1, x.shape[-1]).T)
+        tvf0 = _TV0(xt.shape, xt.dtype, n_points)
+        out = _unring_1d_paired(xt, tvf0, tvf0(xt), _Shifter(xt, False, axis=0), ssamp)
+        return np.ascontiguousarray(out.T).reshape(x.shape)
     xs = x.copy()
     tvf = _TV(xs.shape, xs.dtype, n_points)
     tvp = tvf(xs)
@@ -215,8 +256,6 @@ def _unring_1d(x, n_points, exact=True):
     tvs = np.empty_like(tvp)
     mask = np.empty(xs.shape, dtype=bool)
     fast = bool(np.isfinite(xs).all()) and img.dtype == xs.dtype == dtype_float
-    if fast and not exact:
-        return _unring_1d_paired(xs, tvf, tvp, shifter, ssamp)
     if fast:
         uint = np.dtype(f"u{xs.dtype.itemsize}")
         mbits = np.empty(xs.shape, dtype=uint)
@@ -276,7 +315,7 @@ class _Best:
 
 
 def _unring_1d_paired(xs, tvf, tv0, shifter, ssamp):
-    """The ``exact=False`` search with 49 shifted images per line instead of DIPY's 90.
+    """The ``exact=False`` search with 49 shifted images per line instead of DIPY's 90; lines along axis 0.
 
     The band-limited (trigonometric) interpolant satisfies ``x(n - s) = x((n -
     1) + (1 - s))`` exactly, also for DIPY's Nyquist phase (``e^{-i pi (1 -
@@ -305,9 +344,9 @@ def _unring_1d_paired(xs, tvf, tv0, shifter, ssamp):
             neg.update(img, tvs, n + 1 - jneg, strict=False)    # visited with decreasing jneg
     table = np.concatenate((np.zeros(1, dtype=ssamp.dtype), ssamp))
     jn = np.where(neg.code > 0, n + 1 - neg.code.astype(np.intp), 0)
-    take = neg.tv < np.roll(tv0, -1, axis=-1)                   # strictly better than no shift
-    sn = np.roll(np.where(take, table[jn], 0), 1, axis=-1).astype(ssamp.dtype)
-    isn = np.where(np.roll(take, 1, axis=-1), np.roll(neg.img, 1, axis=-1), xs)
+    take = neg.tv < np.roll(tv0, -1, axis=0)                   # strictly better than no shift
+    sn = np.roll(np.where(take, table[jn], 0), 1, axis=0).astype(ssamp.dtype)
+    isn = np.where(np.roll(take, 1, axis=0), np.roll(neg.img, 1, axis=0), xs)
     return _interpolate(xs, pos.img, isn, table[pos.code], sn)
 
 
@@ -393,10 +432,19 @@ def _unring_stack_torch(stack, n_points, G0, G1, device):
 
 
 def _resolve_device(device, exact):
-    """None: "cuda" when torch sees a CUDA device, else the numpy path ("numpy"); exact=True: numpy."""
+    """None: "cuda" when torch sees a CUDA device, else the numpy path ("numpy"); exact=True: numpy.
+
+    Without torch already imported and without an NVIDIA device node, torch is not imported just
+    to look (its import costs ~2 s of CPU in a fresh process, e.g. a Nipype node).
+    """
+    import os
+    import sys
+
     if exact or device == "numpy":
         return "numpy"
     if device is None:
+        if "torch" not in sys.modules and not os.path.exists("/dev/nvidia0"):
+            return "numpy"
         try:
             import torch
         except ImportError:                             # pragma: no cover - torch is a dependency
