@@ -694,7 +694,7 @@ def markdown(r):
         L += [f"* machine load during our matched steps: mean {lo['load_mean']:.1f} (others "
               f"{100 * lo.get('others_cpu_share', float('nan')):.0f} % of the CPUs); during the MRtrix3 chain: "
               f"mean {lm['load_mean']:.1f} (others {100 * lm.get('others_cpu_share', float('nan')):.0f} %)"]
-    L += [f"* ours total incl. motion correction and mask: {r['ours_total_s']:.1f} s wall "
+    L += [f"* ours, whole subject (steps {', '.join(r.get('ours_total_steps', []))}): {r['ours_total_s']:.1f} s wall "
           f"({r['ours_total_cpu_s']:.1f} s CPU); peak RSS {r['ours_peak_rss_mb']:.0f} MB"]
     L += _ratio_lines(r)
     if "fa_corr" in r:
