@@ -27,13 +27,24 @@ Agreement (all in the final brain mask unless said otherwise):
   chain vs the simulator's true FA.
 * Motion parameters vs the simulator's truth.
 
-Times: wall and CPU (user + sys, this process and its children). The machine
-may be shared: each MRtrix3 step runs right after our matching step, the load
-averages around each step are recorded, and the CPU-time ratio is reported
-next to the wall-time ratio.
+Times: wall and CPU (user + sys, this process and its children) and peak
+memory (RSS, sampled every 0.1 s) per step; ``ours_total_s`` is the whole
+subject (every step, motion correction and mask included), ``step_ratios``
+each of our steps over its MRtrix3 counterpart in the same run (wall and
+CPU). The machine may be shared: each MRtrix3 step runs right after our
+matching step, the load averages around each step are recorded, and the
+CPU-time ratio is reported next to the wall-time ratio. Like the pipeline
+(one step per process), the script frees each step's input once the next
+step has its output, keeping only small crops for the DIPY checks, so a
+step's peak RSS is that step's, not the sum of the chain's arrays.
 
-Run (from the repository root; ~1 h on 2 cores for hbn):
+Output: ``--out``/participant.{json,md} for ``--size hbn``,
+participant_demo.{json,md} for ``--size demo``.
+
+Run (from the repository root, on an idle machine; ~1 h on 2 cores for hbn,
+a few minutes for demo):
     .venv/bin/python benchmarks/participant.py --size hbn --nprocs 2
+    .venv/bin/python benchmarks/participant.py --size demo --nprocs 2 --work /tmp/bench_demo
 """
 from __future__ import annotations
 
@@ -286,8 +297,9 @@ def write_fsl(bvals, bvecs, stem):
     return f"{stem}.bvec", f"{stem}.bval"
 
 
-def dipy_checks(raw, den_input_dtype, unring_input, block, gibbs_vols, gibbs_slices):
-    """Our MP-PCA and unringing vs DIPY's functions on the same input (sub-block / few slices)."""
+def dipy_checks(sub, den_input_dtype, gsub):
+    """Our MP-PCA and unringing vs DIPY's functions on the same input: ``sub`` a raw sub-block (all
+    volumes), ``gsub`` whole slices of a few denoised volumes (the unringing input)."""
     import warnings
 
     from dipy.denoise.gibbs import gibbs_removal
@@ -298,7 +310,6 @@ def dipy_checks(raw, den_input_dtype, unring_input, block, gibbs_vols, gibbs_sli
     from bids_adhd.dmri.gibbs import unring
 
     out = {}
-    sub = np.ascontiguousarray(raw[block])
     rng = float(np.ptp(sub))
     with threadpool_limits(limits=1), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -327,22 +338,28 @@ def dipy_checks(raw, den_input_dtype, unring_input, block, gibbs_vols, gibbs_sli
         "single_thread_seconds": {"dipy_float32": t_dipy32, "ours_float32": t_ours32,
                                   "dipy_float64": t_dipy64, "ours_float64": t_ours64},
     }
-    gsub = np.ascontiguousarray(unring_input[:, :, gibbs_slices][..., gibbs_vols])
     t = time.perf_counter()
     ref = gibbs_removal(gsub.copy(), slice_axis=2, num_processes=1, inplace=False)
     t_dipy = time.perf_counter() - t
     t = time.perf_counter()
-    ours = unring(gsub, slice_axis=2, nprocs=1)
+    ours = unring(gsub, slice_axis=2, nprocs=1)                 # the pipeline's default (real FFTs)
     t_ours = time.perf_counter() - t
-    out["gibbs"] = {"shape": list(gsub.shape), "max_abs_diff": float(np.abs(ours - ref).max()),
+    t = time.perf_counter()
+    exact = unring(gsub, slice_axis=2, nprocs=1, exact=True)
+    t_exact = time.perf_counter() - t
+    grng = float(np.ptp(ref))
+    out["gibbs"] = {"shape": list(gsub.shape), "data_range": grng, "max_abs_diff": float(np.abs(ours - ref).max()),
+                    "max_abs_diff_rel_range": float(np.abs(ours - ref).max() / grng),
+                    "median_abs_diff": float(np.median(np.abs(ours - ref))),
                     "bit_identical": bool(np.array_equal(ours, ref)),
-                    "single_thread_seconds": {"dipy": t_dipy, "ours": t_ours}}
+                    "exact_mode_bit_identical": bool(np.array_equal(exact, ref)),
+                    "single_thread_seconds": {"dipy": t_dipy, "ours": t_ours, "ours_exact": t_exact}}
     return out
 
 
 # --- main ------------------------------------------------------------------------------------
 
-def main(argv=None):
+def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", default="hbn", choices=["demo", "hbn"])
     ap.add_argument("--seed", type=int, default=0)
@@ -353,28 +370,17 @@ def main(argv=None):
     ap.add_argument("--reuse", action="store_true", help="reuse the simulated dataset in --work")
     ap.add_argument("--skip-motion", action="store_true", help="(debug) skip motion correction")
     ap.add_argument("--skip-masked-dwidenoise", action="store_true")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
 
-    from scipy.ndimage import binary_dilation
 
-    from bids_adhd.config import PreprocConfig
-    from bids_adhd.dmri.denoise import mppca
-    from bids_adhd.dmri.dti import fit_dti
-    from bids_adhd.dmri.gibbs import unring
-    from bids_adhd.dmri.mask import brain_mask
-    from bids_adhd.dmri.motion import correct_motion
+def prepare(args, cfg, result):
+    """Simulate (or reuse) the dataset; load sub-01 as the pipeline does. Returns a dict of inputs."""
+    import nibabel as nib
+
     from bids_adhd.simulate import simulate_dataset
 
-    cfg = PreprocConfig()
     work = Path(args.work)
     bids = work / "bids"
-    result = {"size": args.size, "seed": args.seed, "nprocs": args.nprocs, "device": args.device,
-              "config": {k: getattr(cfg, k) for k in ("denoise_patch_radius", "gibbs_slice_axis", "gibbs_n_points",
-                                                       "motion_level_iters", "motion_factors", "motion_sigmas",
-                                                       "b0_threshold", "mask_median_radius", "mask_numpass",
-                                                       "dti_fit", "dti_bmax")},
-              "command": " ".join([".venv/bin/python", "benchmarks/participant.py"] + (argv or sys.argv[1:])),
-              "machine": machine_info(), "code": code_info()}
     if not (args.reuse and bids.is_dir()):
         if work.exists():
             shutil.rmtree(work)
@@ -387,186 +393,243 @@ def main(argv=None):
         shutil.rmtree(tmp)
     tmp.mkdir()
     dwi = bids / "sub-01" / "dwi" / "sub-01_dwi.nii.gz"
-    import nibabel as nib
-
     img = nib.load(str(dwi))
-    affine = img.affine
-    raw = np.asarray(img.get_fdata(dtype=np.float32))          # as the pipeline loads it
+    raw = np.asarray(img.get_fdata(dtype=np.float32, caching="unchanged"))   # as the pipeline loads it
     bvals = np.loadtxt(str(dwi).replace(".nii.gz", ".bval"), ndmin=1)
     bvecs = np.loadtxt(str(dwi).replace(".nii.gz", ".bvec"), ndmin=2).T
     result["data"] = {"file": str(dwi.relative_to(work)), "shape": list(raw.shape), "dtype_on_disk":
                       str(img.get_data_dtype()), "voxel_mm": [float(z) for z in img.header.get_zooms()[:3]],
                       "bvals": sorted({int(b) for b in bvals}), "n_b0": int((bvals <= cfg.b0_threshold).sum())}
     print(f"data {raw.shape} {result['data']}", flush=True)
-    n = args.nprocs
-    ours = {}
+    cx, cy, cz = (s // 2 for s in raw.shape[:3])
+    return {"bids": bids, "tmp": tmp, "dwi": dwi, "affine": img.affine, "raw": raw, "bvals": bvals,
+            "bvecs": bvecs, "block": (slice(cx - 12, cx + 12), slice(cy - 12, cy + 12), slice(cz - 8, cz + 8)),
+            "gibbs_vols": [0, 1, len(bvals) // 2, -1], "gibbs_slices": slice(cz - 2, cz + 2)}
 
-    # --- ours ------------------------------------------------------------------------------------
+
+def run_chains(args, cfg, d, ours, mr):
+    """Our steps and MRtrix3's, each MRtrix3 step right after our matching one (both see about the same
+    load). Arrays the pipeline would not hold any more are freed (the pipeline runs one step per process):
+    what the agreement checks need later is kept as small crops or written to disk."""
+    from scipy.ndimage import binary_dilation
+
+    from bids_adhd.dmri.denoise import mppca
+    from bids_adhd.dmri.dti import fit_dti
+    from bids_adhd.dmri.gibbs import unring
+    from bids_adhd.dmri.mask import brain_mask
+    from bids_adhd.dmri.motion import correct_motion
+
+    n, tmp, affine, bvals, bvecs = args.nprocs, d["tmp"], d["affine"], d["bvals"], d["bvecs"]
+    have_mr = shutil.which("dwidenoise") is not None
+    nt = ["-nthreads", str(n), "-quiet", "-force"]
+    fsl = (str(d["dwi"]).replace(".nii.gz", ".bvec"), str(d["dwi"]).replace(".nii.gz", ".bval"))
+    raw = d.pop("raw")
+
     def premask():
         m, _ = brain_mask(raw, bvals, cfg.b0_threshold, cfg.mask_median_radius, cfg.mask_numpass)
         return binary_dilation(m, iterations=cfg.denoise_patch_radius + 2)
 
-    mr = {}
-    have_mr = shutil.which("dwidenoise") is not None
-    nt = ["-nthreads", str(n), "-quiet", "-force"]
-    fsl = (str(dwi).replace(".nii.gz", ".bvec"), str(dwi).replace(".nii.gz", ".bval"))
-    raw_nii = str(dwi)
-    # Each MRtrix3 step runs right after our matching step, so that both see
-    # about the same machine load (the machine may be shared).
     pm = timed("premask", premask, ours)
     pm_nii = save(pm, affine, tmp / "premask.nii.gz", np.uint8)
     den = timed("denoise", lambda: mppca(raw, mask=pm, patch_radius=cfg.denoise_patch_radius, nprocs=n,
                                          device=args.device, suppress_warning=True), ours)
-    ours["denoise"]["patches"] = mppca.last_stats["patches"]
-    ours["denoise"]["precision"] = mppca.last_stats["precision"]
-    ours["denoise"]["premask_voxels"] = int(pm.sum())
+    ours["denoise"].update(patches=mppca.last_stats["patches"], precision=mppca.last_stats["precision"],
+                           premask_voxels=int(pm.sum()))
+    d["raw_block"] = np.ascontiguousarray(raw[d["block"]])
+    del raw
     if have_mr:
-        run_cmd("dwidenoise", ["dwidenoise", raw_nii, str(tmp / "mr_den.mif")] + nt, mr)
+        run_cmd("dwidenoise", ["dwidenoise", str(d["dwi"]), str(tmp / "mr_den.mif")] + nt, mr)
         if not args.skip_masked_dwidenoise:
-            run_cmd("dwidenoise_masked", ["dwidenoise", raw_nii, str(tmp / "mr_den_m.mif"), "-mask", pm_nii] + nt,
-                    mr)
+            run_cmd("dwidenoise_masked", ["dwidenoise", str(d["dwi"]), str(tmp / "mr_den_m.mif"), "-mask", pm_nii]
+                    + nt, mr)
     unr = timed("unring", lambda: unring(den, slice_axis=cfg.gibbs_slice_axis, n_points=cfg.gibbs_n_points,
                                          nprocs=n), ours)
+    d["den_gibbs"] = np.ascontiguousarray(den[:, :, d["gibbs_slices"]][..., d["gibbs_vols"]])
+    del den
     if have_mr:
         run_cmd("mrdegibbs", ["mrdegibbs", str(tmp / "mr_den.mif"), str(tmp / "mr_deg.mif"), "-axes", "0,1"] + nt,
                 mr)
+    low = bvals <= cfg.dti_bmax
+    d["unr_low"] = save(unr[..., low], affine, tmp / "unrung_low.nii")
     if args.skip_motion:
         mc = {"data": unr, "bvecs": bvecs, "params": np.zeros((len(bvals), 6))}
     else:
         mc = timed("motion", lambda: correct_motion(unr, affine, bvals, bvecs, cfg.b0_threshold,
                                                     cfg.motion_level_iters, cfg.motion_factors,
                                                     cfg.motion_sigmas, nprocs=n), ours)
+    del unr
     mask, _ = timed("mask", lambda: brain_mask(mc["data"], bvals, cfg.b0_threshold, cfg.mask_median_radius,
                                                 cfg.mask_numpass), ours)
-    mask_nii = save(mask, affine, tmp / "mask.nii.gz", np.uint8)
+    d["mask"], d["mask_nii"] = mask, save(mask, affine, tmp / "mask.nii.gz", np.uint8)
     dti = timed("dti", lambda: fit_dti(mc["data"], bvals, mc["bvecs"], mask=mask, method=cfg.dti_fit,
                                        bmax=cfg.dti_bmax, b0_threshold=cfg.b0_threshold, nprocs=n), ours)
-    low = bvals <= cfg.dti_bmax
-    shells = ",".join(str(int(b)) for b in sorted({int(round(b)) for b in bvals[low]}))
+    d["fa"], d["motion_params"] = dti["fa"], mc["params"]
+    del mc, dti
     if have_mr:
+        shells = ",".join(str(int(b)) for b in sorted({int(round(b)) for b in bvals[low]}))
         run_cmd("dwiextract", ["dwiextract", str(tmp / "mr_deg.mif"), str(tmp / "mr_low.mif"), "-fslgrad", *fsl,
                                "-shells", shells] + nt, mr)
-        run_cmd("dwi2tensor", ["dwi2tensor", str(tmp / "mr_low.mif"), str(tmp / "mr_dt.mif"), "-mask", mask_nii]
-                + nt, mr)
+        run_cmd("dwi2tensor", ["dwi2tensor", str(tmp / "mr_low.mif"), str(tmp / "mr_dt.mif"), "-mask",
+                               d["mask_nii"]] + nt, mr)
         run_cmd("tensor2metric", ["tensor2metric", str(tmp / "mr_dt.mif"), "-fa", str(tmp / "mr_fa.nii"),
-                                  "-adc", str(tmp / "mr_md.nii"), "-mask", mask_nii] + nt, mr)
+                                  "-adc", str(tmp / "mr_md.nii"), "-mask", d["mask_nii"]] + nt, mr)
+    return have_mr
+
+
+STEP_PAIRS = {"denoise_vs_dwidenoise": ("denoise", "dwidenoise"),
+              "denoise_vs_dwidenoise_masked": ("denoise", "dwidenoise_masked"),
+              "unring_vs_mrdegibbs": ("unring", "mrdegibbs"),
+              "dti_vs_dwiextract_dwi2tensor_tensor2metric": ("dti", ("dwiextract", "dwi2tensor", "tensor2metric"))}
+
+
+def summarise_times(result, ours, mr):
+    """Chain sums, whole-subject sums, peak memory and the ours/MRtrix3 ratios (wall and CPU)."""
     matched = ["premask", "denoise", "unring", "dti"]
     result["ours_steps"] = ours
+    result["ours_matched_steps"] = matched
     result["ours_s"] = sum(ours[k]["wall_s"] for k in matched)
     result["ours_cpu_s"] = sum(ours[k]["cpu_s"] for k in matched)
-    result["ours_total_s"] = sum(v["wall_s"] for v in ours.values())
+    result["ours_total_s"] = sum(v["wall_s"] for v in ours.values())          # the whole subject, all steps
     result["ours_total_cpu_s"] = sum(v["cpu_s"] for v in ours.values())
+    result["ours_total_steps"] = list(ours)
     result["ours_peak_rss_mb"] = max(v["peak_rss_mb"] for v in ours.values())
-    result["ours_matched_steps"] = matched
-    print(f"ours matched {result['ours_s']:.1f} s, total {result['ours_total_s']:.1f} s", flush=True)
-
-    unr_low = save(unr[..., low], affine, tmp / "unrung_low.nii")
-    low_fsl = write_fsl(bvals[low], bvecs[low], str(tmp / "low"))
-    if have_mr:
-        chain = ["dwidenoise", "mrdegibbs", "dwiextract", "dwi2tensor", "tensor2metric"]
-        result["mrtrix3_steps"] = mr
-        result["mrtrix3_chain"] = chain
-        result["mrtrix3_s"] = sum(mr[k]["wall_s"] for k in chain)
-        result["mrtrix3_cpu_s"] = sum(mr[k]["cpu_s"] for k in chain)
-        result["ratio"] = result["ours_s"] / result["mrtrix3_s"]
-        result["ratio_cpu"] = result["ours_cpu_s"] / result["mrtrix3_cpu_s"]
-        if "dwidenoise_masked" in mr:
-            ms = result["mrtrix3_s"] - mr["dwidenoise"]["wall_s"] + mr["dwidenoise_masked"]["wall_s"]
-            mc_cpu = result["mrtrix3_cpu_s"] - mr["dwidenoise"]["cpu_s"] + mr["dwidenoise_masked"]["cpu_s"]
-            result["mrtrix3_masked_s"] = ms
-            result["mrtrix3_masked_cpu_s"] = mc_cpu
-            result["ratio_vs_masked"] = result["ours_s"] / ms
-            result["ratio_cpu_vs_masked"] = result["ours_cpu_s"] / mc_cpu
-        result["mrtrix3_peak_rss_mb"] = max(v["peak_rss_mb"] for v in mr.values())
-        result["machine_load"] = {"ours_matched_steps": load_summary([ours[k] for k in matched]),
-                                  "mrtrix3_chain": load_summary([mr[k] for k in chain])}
-
-        # FA agreement on identical input (our unrung data, b <= bmax, same mask)
-        agree = {}
-        ext = {}
-        run_cmd("ols_fit", ["dwi2tensor", unr_low, str(tmp / "ols_dt.mif"), "-fslgrad", *low_fsl, "-ols", "-iter",
-                            "0", "-mask", mask_nii] + nt, ext)
-        run_cmd("ols_fa", ["tensor2metric", str(tmp / "ols_dt.mif"), "-fa", str(tmp / "ols_fa.nii")] + nt, ext)
-        run_cmd("wls_fit", ["dwi2tensor", unr_low, str(tmp / "wls_dt.mif"), "-fslgrad", *low_fsl, "-mask", mask_nii]
-                + nt, ext)
-        run_cmd("wls_fa", ["tensor2metric", str(tmp / "wls_dt.mif"), "-fa", str(tmp / "wls_fa.nii")] + nt, ext)
-        dipy_ols = fit_dti(unr, bvals, bvecs, mask=mask, method="OLS", bmax=cfg.dti_bmax, nprocs=n)
-        dipy_wls = fit_dti(unr, bvals, bvecs, mask=mask, method="WLS", bmax=cfg.dti_bmax, nprocs=n)["fa"]
-        mr_ols = np.nan_to_num(load(tmp / "ols_fa.nii"))
-        mr_wls = np.nan_to_num(load(tmp / "wls_fa.nii"))
-        mr_chain = np.nan_to_num(load(tmp / "mr_fa.nii"))
-        agree["ols_identical_input"] = fa_agreement(dipy_ols["fa"], mr_ols, mask)
-        # DIPY clips eigenvalues at its min_diffusivity (FA then in [0, 1]); MRtrix3
-        # keeps negative eigenvalues (FA can exceed 1): compare where DIPY's OLS
-        # tensor is positive definite, i.e. where the two FA definitions coincide
-        pd = mask & (dipy_ols["evals"][..., 2] > 1e-8)
-        agree["ols_identical_input_positive_definite"] = fa_agreement(dipy_ols["fa"], mr_ols, pd)
-        agree["ols_identical_input_positive_definite"]["n_excluded_non_positive_definite"] = int(
-            mask.sum() - pd.sum())
-        agree["defaults_identical_input_dipy_wls_vs_mrtrix_iwls"] = fa_agreement(dipy_wls, mr_wls, mask)
-        agree["chains_ours_vs_mrtrix3"] = fa_agreement(dti["fa"], mr_chain, mask)
-        truth = bids / "derivatives" / "truth" / "sub-01" / "dwi" / "sub-01_model-tensor_param-fa_dwimap.nii.gz"
-        if truth.exists():
-            tfa = load(truth)
-            agree["ours_chain_vs_truth"] = fa_agreement(dti["fa"], tfa, mask)
-            agree["mrtrix3_chain_vs_truth"] = fa_agreement(mr_chain, tfa, mask)
-            agree["ours_without_motion_correction_vs_truth"] = fa_agreement(dipy_wls, tfa, mask)
-        result["fa_agreement"] = agree
-        result["fa_comparison_commands"] = {k: v["command"] for k, v in ext.items()}
-        # headline: the exact comparison (OLS, identical input, positive-definite voxels)
-        head = agree["ols_identical_input_positive_definite"]
-        result["fa_corr"] = head["corr"]
-        result["fa_max_abs_diff"] = head["max_abs_diff"]
-        result["fa_median_abs_diff"] = head["median_abs_diff"]
-        result["fa_headline_comparison"] = ("dwi2tensor -ols -iter 0 vs DIPY OLS, identical input (our unrung "
-                                            "data, b <= bmax), in the final mask where DIPY's tensor is positive "
-                                            "definite; all mask voxels under fa_agreement.ols_identical_input")
-    else:
+    result["ours_peak_rss_step"] = max(ours, key=lambda k: ours[k]["peak_rss_mb"])
+    print(f"ours matched {result['ours_s']:.1f} s, total {result['ours_total_s']:.1f} s, peak "
+          f"{result['ours_peak_rss_mb']:.0f} MB ({result['ours_peak_rss_step']})", flush=True)
+    if not mr:
         result["mrtrix3_s"] = None
         result["ratio"] = None
+        return
+    chain = ["dwidenoise", "mrdegibbs", "dwiextract", "dwi2tensor", "tensor2metric"]
+    result.update(mrtrix3_steps=mr, mrtrix3_chain=chain, mrtrix3_s=sum(mr[k]["wall_s"] for k in chain),
+                  mrtrix3_cpu_s=sum(mr[k]["cpu_s"] for k in chain))
+    result["ratio"] = result["ours_s"] / result["mrtrix3_s"]
+    result["ratio_cpu"] = result["ours_cpu_s"] / result["mrtrix3_cpu_s"]
+    if "dwidenoise_masked" in mr:
+        ms = result["mrtrix3_s"] - mr["dwidenoise"]["wall_s"] + mr["dwidenoise_masked"]["wall_s"]
+        mc_cpu = result["mrtrix3_cpu_s"] - mr["dwidenoise"]["cpu_s"] + mr["dwidenoise_masked"]["cpu_s"]
+        result.update(mrtrix3_masked_s=ms, mrtrix3_masked_cpu_s=mc_cpu, ratio_vs_masked=result["ours_s"] / ms,
+                      ratio_cpu_vs_masked=result["ours_cpu_s"] / mc_cpu)
+    steps = {}
+    for name, (a, b) in STEP_PAIRS.items():
+        bs = b if isinstance(b, tuple) else (b,)
+        if a in ours and all(k in mr for k in bs):
+            w, c = sum(mr[k]["wall_s"] for k in bs), sum(mr[k]["cpu_s"] for k in bs)
+            steps[name] = {"ratio": ours[a]["wall_s"] / w, "ratio_cpu": ours[a]["cpu_s"] / c}
+    result["step_ratios"] = steps
+    result["mrtrix3_peak_rss_mb"] = max(v["peak_rss_mb"] for v in mr.values())
+    result["machine_load"] = {"ours_matched_steps": load_summary([ours[k] for k in matched]),
+                              "mrtrix3_chain": load_summary([mr[k] for k in chain])}
 
-    # --- motion vs truth ------------------------------------------------------------------------
-    tsv = bids / "derivatives" / "truth" / "sub-01" / "dwi" / "sub-01_desc-motion_timeseries.tsv"
-    if tsv.exists() and not args.skip_motion:
-        import csv
 
-        with open(tsv) as fh:
-            rows = list(csv.DictReader(fh, delimiter="\t"))
-        cols = ["trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z"]
-        true = np.array([[float(r[c]) for c in cols] for r in rows])
-        err = mc["params"] - true
-        b0 = bvals <= cfg.b0_threshold
-        moved = np.abs(true).sum(1) > 0
-        result["motion_vs_truth"] = {
-            "n_volumes": int(len(true)), "n_moved": int(moved.sum()),
-            "max_abs_trans_err_mm": float(np.abs(err[:, :3]).max()),
-            "median_abs_trans_err_mm": float(np.median(np.abs(err[:, :3]))),
-            "max_abs_rot_err_deg": float(np.degrees(np.abs(err[:, 3:])).max()),
-            "median_abs_rot_err_deg": float(np.degrees(np.median(np.abs(err[:, 3:])))),
-            "b0_max_abs_trans_err_mm": float(np.abs(err[b0, :3]).max()),
-            "b0_max_abs_rot_err_deg": float(np.degrees(np.abs(err[b0, 3:])).max()),
-            "moved_max_abs_trans_err_mm": float(np.abs(err[moved, :3]).max()) if moved.any() else None,
-            "moved_max_abs_rot_err_deg": float(np.degrees(np.abs(err[moved, 3:])).max()) if moved.any() else None,
-            "true_max_abs_trans_mm": float(np.abs(true[:, :3]).max()),
-            "true_max_abs_rot_deg": float(np.degrees(np.abs(true[:, 3:])).max()),
-        }
+def compare_fa(args, cfg, d, result):
+    """FA agreement: identical input (our unrung data, b <= bmax, same mask) and the two chains."""
+    from bids_adhd.dmri.dti import fit_dti
 
-    # --- DIPY reference agreement ---------------------------------------------------------------
-    cx, cy, cz = (s // 2 for s in raw.shape[:3])
-    block = (slice(cx - 12, cx + 12), slice(cy - 12, cy + 12), slice(cz - 8, cz + 8))
-    result["dipy_agreement"] = dipy_checks(raw, np.float32, den, block, gibbs_vols=[0, 1, len(bvals) // 2, -1],
-                                           gibbs_slices=slice(cz - 2, cz + 2))
-    result["dipy_agreement"]["mppca"]["block"] = [[s.start, s.stop] for s in block]
+    tmp, mask, mask_nii, nt = d["tmp"], d["mask"], d["mask_nii"], ["-nthreads", str(args.nprocs), "-quiet", "-force"]
+    low = d["bvals"] <= cfg.dti_bmax
+    low_fsl = write_fsl(d["bvals"][low], d["bvecs"][low], str(tmp / "low"))
+    agree, ext = {}, {}
+    run_cmd("ols_fit", ["dwi2tensor", d["unr_low"], str(tmp / "ols_dt.mif"), "-fslgrad", *low_fsl, "-ols", "-iter",
+                        "0", "-mask", mask_nii] + nt, ext)
+    run_cmd("ols_fa", ["tensor2metric", str(tmp / "ols_dt.mif"), "-fa", str(tmp / "ols_fa.nii")] + nt, ext)
+    run_cmd("wls_fit", ["dwi2tensor", d["unr_low"], str(tmp / "wls_dt.mif"), "-fslgrad", *low_fsl, "-mask",
+                        mask_nii] + nt, ext)
+    run_cmd("wls_fa", ["tensor2metric", str(tmp / "wls_dt.mif"), "-fa", str(tmp / "wls_fa.nii")] + nt, ext)
+    unr_low = load(d["unr_low"])
+    kw = dict(mask=mask, bmax=cfg.dti_bmax, nprocs=args.nprocs)
+    dipy_ols = fit_dti(unr_low, d["bvals"][low], d["bvecs"][low], method="OLS", **kw)
+    dipy_wls = fit_dti(unr_low, d["bvals"][low], d["bvecs"][low], method="WLS", **kw)["fa"]
+    del unr_low
+    mr_ols, mr_wls, mr_chain = (np.nan_to_num(load(tmp / f)) for f in ("ols_fa.nii", "wls_fa.nii", "mr_fa.nii"))
+    agree["ols_identical_input"] = fa_agreement(dipy_ols["fa"], mr_ols, mask)
+    # DIPY clips eigenvalues at its min_diffusivity (FA then in [0, 1]); MRtrix3 keeps negative
+    # eigenvalues (FA can exceed 1): compare where DIPY's OLS tensor is positive definite
+    pd = mask & (dipy_ols["evals"][..., 2] > 1e-8)
+    agree["ols_identical_input_positive_definite"] = fa_agreement(dipy_ols["fa"], mr_ols, pd)
+    agree["ols_identical_input_positive_definite"]["n_excluded_non_positive_definite"] = int(mask.sum() - pd.sum())
+    agree["defaults_identical_input_dipy_wls_vs_mrtrix_iwls"] = fa_agreement(dipy_wls, mr_wls, mask)
+    agree["chains_ours_vs_mrtrix3"] = fa_agreement(d["fa"], mr_chain, mask)
+    truth = d["bids"] / "derivatives" / "truth" / "sub-01" / "dwi" / "sub-01_model-tensor_param-fa_dwimap.nii.gz"
+    if truth.exists():
+        tfa = load(truth)
+        agree["ours_chain_vs_truth"] = fa_agreement(d["fa"], tfa, mask)
+        agree["mrtrix3_chain_vs_truth"] = fa_agreement(mr_chain, tfa, mask)
+        agree["ours_without_motion_correction_vs_truth"] = fa_agreement(dipy_wls, tfa, mask)
+    result["fa_agreement"] = agree
+    result["fa_comparison_commands"] = {k: v["command"] for k, v in ext.items()}
+    head = agree["ols_identical_input_positive_definite"]           # headline: the exact comparison
+    result.update(fa_corr=head["corr"], fa_max_abs_diff=head["max_abs_diff"],
+                  fa_median_abs_diff=head["median_abs_diff"],
+                  fa_headline_comparison="dwi2tensor -ols -iter 0 vs DIPY OLS, identical input (our unrung data, "
+                  "b <= bmax), in the final mask where DIPY's tensor is positive definite; all mask voxels under "
+                  "fa_agreement.ols_identical_input")
+
+
+def motion_vs_truth(cfg, d):
+    """Our motion parameters against the simulator's, or None without a truth file."""
+    import csv
+
+    tsv = d["bids"] / "derivatives" / "truth" / "sub-01" / "dwi" / "sub-01_desc-motion_timeseries.tsv"
+    if not tsv.exists():
+        return None
+    with open(tsv) as fh:
+        rows = list(csv.DictReader(fh, delimiter="\t"))
+    cols = ["trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z"]
+    true = np.array([[float(r[c]) for c in cols] for r in rows])
+    err = d["motion_params"] - true
+    b0 = d["bvals"] <= cfg.b0_threshold
+    moved = np.abs(true).sum(1) > 0
+    return {
+        "n_volumes": int(len(true)), "n_moved": int(moved.sum()),
+        "max_abs_trans_err_mm": float(np.abs(err[:, :3]).max()),
+        "median_abs_trans_err_mm": float(np.median(np.abs(err[:, :3]))),
+        "max_abs_rot_err_deg": float(np.degrees(np.abs(err[:, 3:])).max()),
+        "median_abs_rot_err_deg": float(np.degrees(np.median(np.abs(err[:, 3:])))),
+        "b0_max_abs_trans_err_mm": float(np.abs(err[b0, :3]).max()),
+        "b0_max_abs_rot_err_deg": float(np.degrees(np.abs(err[b0, 3:])).max()),
+        "moved_max_abs_trans_err_mm": float(np.abs(err[moved, :3]).max()) if moved.any() else None,
+        "moved_max_abs_rot_err_deg": float(np.degrees(np.abs(err[moved, 3:])).max()) if moved.any() else None,
+        "true_max_abs_trans_mm": float(np.abs(true[:, :3]).max()),
+        "true_max_abs_rot_deg": float(np.degrees(np.abs(true[:, 3:])).max()),
+    }
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from bids_adhd.config import PreprocConfig
+
+    cfg = PreprocConfig()
+    result = {"size": args.size, "seed": args.seed, "nprocs": args.nprocs, "device": args.device,
+              "config": {k: getattr(cfg, k) for k in ("denoise_patch_radius", "gibbs_slice_axis", "gibbs_n_points",
+                                                       "motion_level_iters", "motion_factors", "motion_sigmas",
+                                                       "b0_threshold", "mask_median_radius", "mask_numpass",
+                                                       "dti_fit", "dti_bmax")},
+              "command": " ".join([".venv/bin/python", "benchmarks/participant.py"] + (argv or sys.argv[1:])),
+              "machine": machine_info(), "code": code_info()}
+    d = prepare(args, cfg, result)
+    ours, mr = {}, {}
+    have_mr = run_chains(args, cfg, d, ours, mr)
+    summarise_times(result, ours, mr)
+    if have_mr:
+        compare_fa(args, cfg, d, result)
+    if not args.skip_motion:
+        mv = motion_vs_truth(cfg, d)
+        if mv is not None:
+            result["motion_vs_truth"] = mv
+    result["dipy_agreement"] = dipy_checks(d["raw_block"], np.float32, d["den_gibbs"])
+    result["dipy_agreement"]["mppca"]["block"] = [[s.start, s.stop] for s in d["block"]]
     result["machine"]["load_avg_at_end"] = os.getloadavg()
     result["peak_rss_mb_process"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "participant.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
-    (out / "participant.md").write_text(markdown(result))
-    print(json.dumps({k: result.get(k) for k in ("ours_s", "ours_total_s", "mrtrix3_s", "mrtrix3_masked_s",
-                                                  "ratio", "ratio_vs_masked", "ratio_cpu", "fa_corr",
-                                                  "fa_max_abs_diff")}, indent=1, default=float))
+    stem = "participant" if args.size == "hbn" else f"participant_{args.size}"
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
+    (out / f"{stem}.md").write_text(markdown(result))
+    print(json.dumps({k: result.get(k) for k in ("ours_s", "ours_total_s", "ours_peak_rss_mb", "mrtrix3_s",
+                                                  "mrtrix3_masked_s", "ratio", "ratio_vs_masked", "ratio_cpu",
+                                                  "step_ratios", "fa_corr", "fa_max_abs_diff")},
+                     indent=1, default=float))
     return result
 
 
@@ -575,6 +638,17 @@ def _ld(rec):
         return ""
     oth = f" / {100 * rec['others_cpu_share']:.0f} %" if "others_cpu_share" in rec else ""
     return f"{rec['load_mean']:.1f}{oth}"
+
+
+def _ratio_lines(r):
+    L = []
+    if r.get("mrtrix3_peak_rss_mb"):
+        L += [f"* peak memory: ours {r['ours_peak_rss_mb']:.0f} MB in step {r.get('ours_peak_rss_step')} (this "
+              "process; it keeps only small crops of earlier steps' arrays for the checks), MRtrix3 "
+              f"{r['mrtrix3_peak_rss_mb']:.0f} MB (largest single command)"]
+    for name, v in (r.get("step_ratios") or {}).items():
+        L += [f"* step ratio {name}: wall {v['ratio']:.2f}, CPU {v['ratio_cpu']:.2f}"]
+    return L
 
 
 def markdown(r):
@@ -620,11 +694,9 @@ def markdown(r):
         L += [f"* machine load during our matched steps: mean {lo['load_mean']:.1f} (others "
               f"{100 * lo.get('others_cpu_share', float('nan')):.0f} % of the CPUs); during the MRtrix3 chain: "
               f"mean {lm['load_mean']:.1f} (others {100 * lm.get('others_cpu_share', float('nan')):.0f} %)"]
-    L += [f"* ours total incl. motion correction and mask: {r['ours_total_s']:.1f} s wall "
+    L += [f"* ours, whole subject (steps {', '.join(r.get('ours_total_steps', []))}): {r['ours_total_s']:.1f} s wall "
           f"({r['ours_total_cpu_s']:.1f} s CPU); peak RSS {r['ours_peak_rss_mb']:.0f} MB"]
-    if r.get("mrtrix3_peak_rss_mb"):
-        L += [f"* peak memory: ours {r['ours_peak_rss_mb']:.0f} MB (this process, which also holds the earlier "
-              f"steps' arrays), MRtrix3 {r['mrtrix3_peak_rss_mb']:.0f} MB (largest single command)"]
+    L += _ratio_lines(r)
     if "fa_corr" in r:
         L += [f"* FA, `dwi2tensor -ols -iter 0` vs DIPY OLS on identical input (positive-definite voxels): corr "
               f"{r['fa_corr']:.9f}, median |dFA| {r['fa_median_abs_diff']:.2e}, max |dFA| "
@@ -643,8 +715,9 @@ def markdown(r):
           f"| MP-PCA, float64 input: max abs diff / range | {d['mppca']['float64_input_max_abs_diff_rel_range']:.2e} |",
           f"| DIPY float32 vs DIPY float64 (same block): max abs diff / range | "
           f"{d['mppca']['dipy_float32_vs_dipy_float64_max_abs_diff_rel_range']:.2e} |",
-          f"| Gibbs {d['gibbs']['shape']}: max abs diff | {d['gibbs']['max_abs_diff']:.3g} "
-          f"(bit identical: {d['gibbs']['bit_identical']}) |"]
+          f"| Gibbs {d['gibbs']['shape']} (default, real FFTs): max abs diff | {d['gibbs']['max_abs_diff']:.3g} "
+          f"({d['gibbs'].get('max_abs_diff_rel_range', float('nan')):.2e} of the range); exact=True bit identical: "
+          f"{d['gibbs'].get('exact_mode_bit_identical')} |"]
     if "motion_vs_truth" in r:
         mv = r["motion_vs_truth"]
         L += ["", f"Motion vs simulator truth ({mv['n_moved']} of {mv['n_volumes']} volumes moved, up to "

@@ -155,6 +155,74 @@ class _Accumulator:
                     self.var[sl] += va
 
 
+def _decompose(Xc, m, N, is_svd, gram, device):
+    """Eigenvalues ``d`` (nb, N) ascending, float64, and eigenvectors ``W`` of the patch covariance.
+
+    ``gram``: the m x m Gram matrix ``X X^T / m`` is decomposed instead (more
+    volumes than patch voxels: same non-zero spectrum; the other ``N - m``
+    eigenvalues are 0; DIPY gets them as rounding-level values, below tau
+    either way). "svd": from the SVD of ``X_p``.
+    """
+    import torch
+
+    nb, f64 = Xc.shape[0], torch.float64
+    if is_svd:
+        _, S, Vh = torch.linalg.svd(Xc, full_matrices=False)
+        k = S.shape[1]
+        d = torch.zeros((nb, N), dtype=f64, device=device)
+        d[:, N - k:] = S.flip(1) ** 2 / m
+        W = torch.zeros((nb, N, N), dtype=f64, device=device)
+        W[:, :, N - k:] = Vh.flip(1).transpose(1, 2)
+        return d, W
+    if gram:
+        dG, W = torch.linalg.eigh(torch.bmm(Xc, Xc.transpose(1, 2)) / m)
+        return torch.cat([torch.zeros((nb, N - m), dtype=f64, device=device), dG.to(f64)], 1), W
+    dc, W = torch.linalg.eigh(torch.bmm(Xc.transpose(1, 2), Xc) / m)
+    return dc.to(f64), W
+
+
+def _patch_batch(Pt, m, dim, tfac2, low, is_svd, device):
+    """Denoise one batch of patches ``Pt`` (nb, m, N): ``theta * X_est``, ``theta``, ``var``.
+
+    float32 mode (``low``, DIPY's float32 rule): centring, covariance/Gram
+    matrix, eigen-decomposition and projections in float32 with the mean taken
+    in float64; otherwise all float64.
+    """
+    import torch
+
+    f32, f64 = torch.float32, torch.float64
+    nb, _, N = Pt.shape
+    ct = f32 if low else f64
+    if low:
+        Mn = Pt.mean(1, keepdim=True, dtype=f64)
+        Xc = Pt - Mn.to(f32) if Pt.dtype == f32 else (Pt - Mn).to(f32)
+        Mn = Mn.to(f32)
+    else:
+        Xp = Pt.to(f64)                                # exact for float32 input
+        Mn = Xp.mean(1, keepdim=True)
+        Xc = Xp - Mn
+    gram = (not is_svd) and m < N
+    d, W = _decompose(Xc, m, N, is_svd, gram, device)
+    var = _mp_classify(d, m)
+    ncomps = (d < (tfac2 * var)[:, None]).sum(1)
+    theta = 1.0 / (1.0 + dim - ncomps.to(f64))
+    rmax = int((N - ncomps).max())                     # retained components are the last ones
+    tc = theta.to(ct)[:, None, None]
+    # theta * (Xc W W^T + M) = theta M + (Xc W) (theta W)^T, in one baddbmm
+    if gram and rmax > 0:
+        r = min(rmax, m)                              # column j of d is Gram column j - (N - m)
+        col = torch.arange(N - r, N, device=device)
+        Ur = W[:, :, m - r:] * (col[None, :] >= ncomps[:, None]).to(ct)[:, None, :]
+        Xw = torch.baddbmm(Mn * tc, Ur, torch.bmm(Ur.transpose(1, 2), Xc) * tc)
+    elif rmax > 0:
+        col = torch.arange(N - rmax, N, device=device)
+        Wr = W[:, :, N - rmax:] * (col[None, :] >= ncomps[:, None]).to(ct)[:, None, :]
+        Xw = torch.baddbmm(Mn * tc, torch.bmm(Xc, Wr), Wr.transpose(1, 2) * tc)
+    else:
+        Xw = (Mn * tc).expand(-1, m, -1)
+    return Xw, theta, var
+
+
 def _slab_work(index, arr, centres, k0, k1, pr, dim, m, tau_factor, is_svd, mode, device, batch, acc,
                stats):
     """Process the patch centres with k0 <= k < k1 (``centres`` is the boolean centre map)."""
@@ -162,8 +230,7 @@ def _slab_work(index, arr, centres, k0, k1, pr, dim, m, tau_factor, is_svd, mode
 
     X, Y, Z, N = arr.shape
     ps = 2 * pr + 1
-    cmask = centres[pr[0]:X - pr[0], pr[1]:Y - pr[1], k0:k1]
-    ci, cj, ck = np.nonzero(cmask)
+    ci, cj, ck = np.nonzero(centres[pr[0]:X - pr[0], pr[1]:Y - pr[1], k0:k1])
     if ci.size == 0:
         acc.add(index, None)
         return
@@ -182,62 +249,11 @@ def _slab_work(index, arr, centres, k0, k1, pr, dim, m, tau_factor, is_svd, mode
     # linear offsets of the m patch voxels from the patch corner, in the window's (px, py, pz) order
     oi, oj, ok = np.meshgrid(np.arange(ps[0]), np.arange(ps[1]), np.arange(ps[2]), indexing="ij")
     offs = torch.from_numpy((oi * sy * sz + oj * sz + ok).reshape(-1)).to(device)
-    tfac2 = float(tau_factor) ** 2
-    f32 = torch.float32
-    # float32 mode (DIPY's float32 rule): centring, covariance/Gram matrix,
-    # eigen-decomposition and projections in float32 with the mean taken in
-    # float64; the patch sums are float64. float64 mode and "svd": all float64.
     low = mode == "float32" and not is_svd
-    ct = f32 if low else f64
     for b0 in range(0, ci.size, batch):
         bi, bj, bk = ci[b0:b0 + batch], cj[b0:b0 + batch], ck[b0:b0 + batch]
-        nb = len(bi)
-        gram = False
-        Pt = torch.from_numpy(np.ascontiguousarray(win[bi, bj, bk]).reshape(nb, m, N)).to(device)
-        if low:
-            Mn = Pt.mean(1, keepdim=True, dtype=f64)
-            Xc = Pt - Mn.to(f32) if Pt.dtype == f32 else (Pt - Mn).to(f32)
-            Mn = Mn.to(f32)
-        else:
-            Xp = Pt.to(f64)                            # exact for float32 input
-            Mn = Xp.mean(1, keepdim=True)
-            Xc = Xp - Mn
-        if is_svd:
-            _, S, Vh = torch.linalg.svd(Xc, full_matrices=False)
-            k = S.shape[1]
-            d = torch.zeros((nb, N), dtype=f64, device=device)
-            d[:, N - k:] = S.flip(1) ** 2 / m
-            W = torch.zeros((nb, N, N), dtype=f64, device=device)
-            W[:, :, N - k:] = Vh.flip(1).transpose(1, 2)
-        elif m < N:
-            # more volumes than patch voxels: the non-zero spectrum of X^T X / m is
-            # that of the smaller Gram matrix X X^T / m (m x m); the other N - m
-            # eigenvalues are 0 (DIPY gets them as rounding-level values; they
-            # are below tau either way and carry no signal).
-            dG, W = torch.linalg.eigh(torch.bmm(Xc, Xc.transpose(1, 2)) / m)
-            d = torch.cat([torch.zeros((nb, N - m), dtype=f64, device=device), dG.to(f64)], 1)
-            gram = True
-        else:
-            dc, W = torch.linalg.eigh(torch.bmm(Xc.transpose(1, 2), Xc) / m)
-            d = dc.to(f64)
-        var = _mp_classify(d, m)
-        tau = tfac2 * var
-        ncomps = (d < tau[:, None]).sum(1)
-        theta = 1.0 / (1.0 + dim - ncomps.to(f64))
-        rmax = int((N - ncomps).max())                 # retained components are the last ones
-        tc = theta.to(ct)[:, None, None]
-        # theta * (Xc W W^T + M) = theta M + (Xc W) (theta W)^T, in one baddbmm
-        if gram and rmax > 0:
-            r = min(rmax, m)                          # column j of d is Gram column j - (N - m)
-            col = torch.arange(N - r, N, device=device)
-            Ur = W[:, :, m - r:] * (col[None, :] >= ncomps[:, None]).to(ct)[:, None, :]
-            Xw = torch.baddbmm(Mn * tc, Ur, torch.bmm(Ur.transpose(1, 2), Xc) * tc)
-        elif rmax > 0:
-            col = torch.arange(N - rmax, N, device=device)
-            Wr = W[:, :, N - rmax:] * (col[None, :] >= ncomps[:, None]).to(ct)[:, None, :]
-            Xw = torch.baddbmm(Mn * tc, torch.bmm(Xc, Wr), Wr.transpose(1, 2) * tc)
-        else:
-            Xw = (Mn * tc).expand(-1, m, -1)
+        Pt = torch.from_numpy(np.ascontiguousarray(win[bi, bj, bk]).reshape(len(bi), m, N)).to(device)
+        Xw, theta, var = _patch_batch(Pt, m, dim, float(tau_factor) ** 2, low, is_svd, device)
         corner = torch.from_numpy(bi * sy * sz + bj * sz + bk).to(device)
         lin = (corner[:, None] + offs[None, :]).reshape(-1)
         tx.index_add_(0, lin, Xw.reshape(-1, N).to(f64))
@@ -250,67 +266,14 @@ def _slab_work(index, arr, centres, k0, k1, pr, dim, m, tau_factor, is_svd, mode
         stats["patches"] += int(ci.size)
 
 
-def mppca(data, mask=None, patch_radius=2, pca_method="eig", return_sigma=False, nprocs=1, *,
-          mask_mode="roi", dtype=None, device="cpu", batch=None, slab=None, suppress_warning=False, stride=1):
-    """MP-PCA denoising; the same result as ``dipy.denoise.localpca.mppca``.
-
-    Parameters
-    ----------
-    data : ndarray (X, Y, Z, N)
-    mask : ndarray (X, Y, Z) of bool, optional
-        See ``mask_mode``.
-    patch_radius : int or (3,) ints
-        2 gives 5x5x5 patches (DIPY's default).
-    pca_method : "eig" | "svd"
-    return_sigma : bool
-        Also return the noise standard deviation map (float32).
-    nprocs : int
-        Worker threads (``None``/0: all CPUs).
-    mask_mode : "roi" | "dipy"
-        "roi": equal to DIPY's unmasked output inside the mask, input outside.
-        "dipy": equal to ``dipy.mppca(data, mask=mask)``.
-    dtype : None | "float64" | "float32"
-        Precision of the covariance eigen-decomposition. None (default):
-        DIPY's rule, float64 for float64 input, float32 otherwise (then the
-        centring and projections are float32 too); the patch sums are
-        float64 in every case. In float32
-        a patch's MP/threshold decision can differ from the float64 one when
-        an eigenvalue sits within float32 rounding of the threshold (about
-        0.15 % of patches on a DWI phantom): DIPY's own float32 and float64
-        runs differ the same way (max ~7e-4 of the data range there).
-    device : str
-        torch device for the batched linear algebra ("cpu", "cuda", ...).
-    batch : int, optional
-        Patches per batched eigen-decomposition (default: about 2^20 patch
-        values, clipped to 32..256: 254 for 5x5x5 x 33 volumes, 63 for 133).
-    slab : int, optional
-        Patch-centre planes (along z) per work item.
-    stride : int
-        1 (default): a patch at every voxel, DIPY's result. ``s > 1``: patch
-        centres on a lattice of step ``s`` along each axis (plus the last
-        centre of each axis, so the volume's edges are covered), about
-        ``s^3`` times less work; every voxel still lies in at least one patch
-        (``s <= 2r + 1``; several for ``s <= r``) and the overlap average is the same formula. An
-        approximation of DIPY's result (docs/preprocessing.md has the measured
-        error against the noise-free signal). Needs ``mask_mode="roi"``.
-
-    Returns
-    -------
-    denoised : float32 ndarray (X, Y, Z, N)
-    sigma : float32 ndarray (X, Y, Z), only with ``return_sigma``
-
-    ``mppca.last_stats`` holds the last call's patch count and precision.
-    """
-    import torch
-
-    arr = np.asarray(data)
+def _check_mppca(arr, pca_method, mask_mode, stride, dtype, patch_radius, suppress_warning):
+    """Validate ``mppca``'s arguments: (precision mode, patch radii, patch size m)."""
     if arr.ndim != 4:
         raise ValueError("PCA denoising can only be performed on 4D arrays.", arr.shape)
     if pca_method.lower() not in ("eig", "svd"):
         raise ValueError("pca_method should be either 'eig' or 'svd'")
     if mask_mode not in ("roi", "dipy"):
         raise ValueError("mask_mode must be 'roi' or 'dipy'")
-    stride = int(stride)
     if stride < 1 or (stride > 1 and mask_mode != "roi"):
         raise ValueError("stride must be a positive integer; stride > 1 needs mask_mode='roi'")
     if dtype is None:
@@ -332,49 +295,116 @@ def mppca(data, mask=None, patch_radius=2, pca_method="eig", return_sigma=False,
     dim = arr.shape[-1]
     if (m - 1) < dim and not suppress_warning:
         warnings.warn(f"Number of samples {dim} - 1 < Dimensionality {m}. This might have a performance "
-                      "impact. Increase patch_radius to avoid this.", UserWarning, stacklevel=2)
-    tau_factor = 1 + np.sqrt(dim / m)
-    X, Y, Z, N = arr.shape
-    if batch is None:
-        batch = int(np.clip((1 << 20) // (m * dim), 32, 256))
-    # float32/float64 input is used as is (float64 mode converts batches exactly)
-    work = arr if arr.dtype in (np.float32, np.float64) else arr.astype(np.float32)
-    work = np.ascontiguousarray(work)
+                      "impact. Increase patch_radius to avoid this.", UserWarning, stacklevel=3)
+    return mode, pr, m
 
-    # which patch centres to process
+
+def _centres(shape3, pr, mask, mask_mode, stride):
+    """Boolean map of the patch centres to process, and the mask as bool (or None)."""
+    X, Y, Z = shape3
     inner = np.zeros((X, Y, Z), dtype=bool)
     inner[pr[0]:X - pr[0], pr[1]:Y - pr[1], pr[2]:Z - pr[2]] = True
     if mask is None:
         centres = inner
-        mask = None
     else:
         mask = np.asarray(mask).astype(bool)
         if mask.shape != (X, Y, Z):
-            raise ValueError(f"mask shape {mask.shape} does not match the data {arr.shape[:3]}")
+            raise ValueError(f"mask shape {mask.shape} does not match the data {tuple(shape3)}")
         if mask_mode == "dipy":
             centres = inner & mask
         else:
             from scipy.ndimage import maximum_filter
 
-            centres = inner & maximum_filter(mask, size=tuple(ps), mode="constant", cval=False)
+            centres = inner & maximum_filter(mask, size=tuple(2 * pr + 1), mode="constant", cval=False)
     if stride > 1:
         centres = centres & _lattice((X, Y, Z), pr, stride)
+    return centres, mask
 
-    acc = _Accumulator(arr.shape, return_sigma)
-    nprocs = resolve_nprocs(nprocs)
+
+def _slab_groups(centres, pr, slab):
+    """Consecutive runs (<= ``slab``) of the z planes that hold patch centres: [[k0, k1), ...]."""
+    Z = centres.shape[2]
     kz = np.arange(pr[2], Z - pr[2])
     kz = kz[centres[:, :, kz].any((0, 1))] if kz.size else kz
-    if slab is None:
-        # a fixed partition, not a function of nprocs: the float32 sum order,
-        # hence the last bits of the result, depend on it
-        slab = 4
     groups = []
-    for k in kz:                                    # consecutive runs of planes, <= slab each
+    for k in kz:
         if groups and k == groups[-1][1] and k - groups[-1][0] < slab:
             groups[-1][1] = k + 1
         else:
             groups.append([k, k + 1])
+    return groups
 
+
+def _finish(acc, arr, mask, mask_mode, return_sigma):
+    """Overlap average (in place in the float32 sum), clip at 0, the mask rule; (den, sigma or None)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        den = acc.thetax                               # float32, divided in place
+        den /= acc.theta[..., None].astype(np.float32)
+        sig = np.sqrt(acc.var / acc.theta) if return_sigma else None
+    den.clip(min=0, out=den)
+    if mask is not None:
+        if mask_mode == "dipy":
+            den[~mask] = 0
+        else:
+            np.copyto(den, arr, where=~mask[..., None])      # no (outside x N) temporary
+        if return_sigma:
+            sig[~mask] = 0
+    return den, None if sig is None else sig.astype(np.float32)
+
+
+def mppca(data, mask=None, patch_radius=2, pca_method="eig", return_sigma=False, nprocs=1, *,
+          mask_mode="roi", dtype=None, device="cpu", batch=None, slab=None, suppress_warning=False, stride=1):
+    """MP-PCA denoising; the same result as ``dipy.denoise.localpca.mppca``.
+
+    Parameters
+    ----------
+    data : ndarray (X, Y, Z, N)
+    mask : ndarray (X, Y, Z) of bool, optional. See ``mask_mode``.
+    patch_radius : int or (3,) ints; 2 gives 5x5x5 patches (DIPY's default).
+    pca_method : "eig" | "svd"
+    return_sigma : bool; also return the noise standard deviation map (float32).
+    nprocs : int; worker threads (``None``/0: all CPUs).
+    mask_mode : "roi" | "dipy"
+        "roi": equal to DIPY's unmasked output inside the mask, input outside.
+        "dipy": equal to ``dipy.mppca(data, mask=mask)``.
+    dtype : None | "float64" | "float32"
+        Precision of the covariance eigen-decomposition. None (default):
+        DIPY's rule (float64 for float64 input, float32 otherwise; then the
+        centring and projections are float32 too); the patch sums are float64
+        in every case. The module docstring says how float32 decisions differ.
+    device : str; torch device for the batched linear algebra ("cpu", "cuda", ...).
+    batch : int, optional
+        Patches per batched eigen-decomposition (default: about 2^20 patch
+        values, clipped to 32..256: 254 for 5x5x5 x 33 volumes, 63 for 133).
+    slab : int, optional; patch-centre planes (along z) per work item (4).
+    stride : int
+        1 (default): a patch at every voxel, DIPY's result. ``s > 1``: patch
+        centres on a lattice of step ``s`` (plus the last centre of each axis),
+        about ``s^3`` times less work, an approximation of DIPY's result
+        (docs/preprocessing.md); ``s <= 2r + 1``; needs ``mask_mode="roi"``.
+
+    Returns
+    -------
+    denoised : float32 ndarray (X, Y, Z, N); sigma : float32 (X, Y, Z), only with ``return_sigma``.
+    ``mppca.last_stats`` holds the last call's patch count and precision.
+    """
+    import torch
+
+    arr = np.asarray(data)
+    stride = int(stride)
+    mode, pr, m = _check_mppca(arr, pca_method, mask_mode, stride, dtype, patch_radius, suppress_warning)
+    dim = arr.shape[-1]
+    tau_factor = 1 + np.sqrt(dim / m)
+    if batch is None:
+        batch = int(np.clip((1 << 20) // (m * dim), 32, 256))
+    # float32/float64 input is used as is (float64 mode converts batches exactly)
+    work = arr if arr.dtype in (np.float32, np.float64) else arr.astype(np.float32)
+    work = np.ascontiguousarray(work)
+    centres, mask = _centres(arr.shape[:3], pr, mask, mask_mode, stride)
+    acc = _Accumulator(arr.shape, return_sigma)
+    # a fixed partition, not a function of nprocs: the float32 sum order, hence
+    # the last bits of the result, depend on it
+    groups = _slab_groups(centres, pr, slab or 4)
     stats = {"patches": 0, "precision": mode}
 
     def run(ig):
@@ -385,29 +415,12 @@ def mppca(data, mask=None, patch_radius=2, pca_method="eig", return_sigma=False,
     with single_threaded_blas():
         torch_threads = torch.get_num_threads()
         try:
-            thread_map(run, list(enumerate(groups)), nprocs)
+            thread_map(run, list(enumerate(groups)), resolve_nprocs(nprocs))
         finally:
             torch.set_num_threads(torch_threads)
-
     mppca.last_stats = stats
-    with np.errstate(divide="ignore", invalid="ignore"):
-        den = acc.thetax                               # float32, divided in place
-        den /= acc.theta[..., None].astype(np.float32)
-        sig = np.sqrt(acc.var / acc.theta) if return_sigma else None
-    del acc
-    den.clip(min=0, out=den)
-    if mask is not None:
-        if mask_mode == "dipy":
-            den[~mask] = 0
-            if return_sigma:
-                sig[~mask] = 0
-        else:
-            np.copyto(den, arr, where=~mask[..., None])      # no (outside x N) temporary
-            if return_sigma:
-                sig[~mask] = 0
-    if return_sigma:
-        return den, sig.astype(np.float32)
-    return den
+    den, sig = _finish(acc, arr, mask, mask_mode, return_sigma)
+    return (den, sig) if return_sigma else den
 
 
 def patch2self(data, bvals, model="ols", nprocs=1, *, b0_threshold=50, seed=0, **kwargs):

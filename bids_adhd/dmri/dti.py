@@ -34,6 +34,45 @@ def select_shells(bvals, bmax=1500.0):
     return np.asarray(bvals, dtype=float).ravel() <= bmax
 
 
+def _tensor_model(arr, bvals, bvecs, method, bmax, b0_threshold):
+    """Check the inputs; (DIPY ``TensorModel`` of the volumes used, ``used`` (N,) bool)."""
+    from dipy.core.gradients import gradient_table
+    from dipy.reconst.dti import TensorModel
+
+    if arr.ndim != 4 or arr.shape[3] != bvals.size or bvecs.shape != (bvals.size, 3):
+        raise DataError(f"data {arr.shape}, {bvals.size} b-values and b-vectors {bvecs.shape} do not match")
+    used = select_shells(bvals, bmax)
+    nb0 = int((bvals[used] <= b0_threshold).sum())
+    ndw = int(used.sum()) - nb0
+    if nb0 == 0 or ndw < 6:
+        raise DataError(f"the tensor fit needs a b0 and at least 6 diffusion-weighted volumes with "
+                        f"b <= {bmax:g} (found {nb0} b0, {ndw} weighted)")
+    try:
+        gtab = gradient_table(bvals[used], bvecs=bvecs[used], b0_threshold=b0_threshold)
+    except ValueError as exc:
+        raise DataError(f"invalid b-table for the tensor fit: {exc}") from None
+    return TensorModel(gtab, fit_method=method), used
+
+
+def _maps(fit, mask):
+    """FA/MD/AD/RD, tensor, evals, evecs of a DIPY ``TensorFit`` of the mask voxels, as full float32 maps."""
+    shape3 = mask.shape
+    out = {}
+    with np.errstate(invalid="ignore", divide="ignore"):
+        fa = np.nan_to_num(fit.fa, nan=0.0, posinf=0.0, neginf=0.0)
+        maps = {"fa": np.clip(fa, 0.0, 1.0), "md": fit.md, "ad": fit.ad, "rd": fit.rd}
+    for key, val in maps.items():
+        full = np.zeros(shape3, np.float32)
+        full[mask] = np.nan_to_num(val, nan=0.0)
+        out[key] = full
+    for key, val, tail in (("tensor", fit.lower_triangular(), (6,)), ("evals", fit.evals, (3,)),
+                           ("evecs", fit.evecs, (3, 3))):
+        full = np.zeros(shape3 + tail, np.float32)
+        full[mask] = val
+        out[key] = full
+    return out
+
+
 def fit_dti(data, bvals, bvecs, mask=None, method="WLS", bmax=1500.0, b0_threshold=50, *, nprocs=1,
             chunk=20000):
     """Fit the diffusion tensor voxel-wise with DIPY's ``TensorModel``.
@@ -61,35 +100,20 @@ def fit_dti(data, bvals, bvecs, mask=None, method="WLS", bmax=1500.0, b0_thresho
     ``tensor`` (X, Y, Z, 6) in lower-triangular order, ``evals`` (X, Y, Z, 3),
     ``evecs`` (X, Y, Z, 3, 3); and ``used`` (N,) bool: the volumes fitted.
     """
-    from dipy.core.gradients import gradient_table
-    from dipy.reconst.dti import TensorModel
+    from dipy.reconst.dti import TensorFit
 
     arr = np.asarray(data)
     bvals = np.asarray(bvals, dtype=float).ravel()
     bvecs = np.asarray(bvecs, dtype=float)
     if bvecs.shape == (3, bvals.size) and bvals.size != 3:
         bvecs = bvecs.T
-    if arr.ndim != 4 or arr.shape[3] != bvals.size or bvecs.shape != (bvals.size, 3):
-        raise DataError(f"data {arr.shape}, {bvals.size} b-values and b-vectors {bvecs.shape} do not match")
-    used = select_shells(bvals, bmax)
-    nb0 = int((bvals[used] <= b0_threshold).sum())
-    ndw = int(used.sum()) - nb0
-    if nb0 == 0 or ndw < 6:
-        raise DataError(f"the tensor fit needs a b0 and at least 6 diffusion-weighted volumes with "
-                        f"b <= {bmax:g} (found {nb0} b0, {ndw} weighted)")
-    try:
-        gtab = gradient_table(bvals[used], bvecs=bvecs[used], b0_threshold=b0_threshold)
-    except ValueError as exc:
-        raise DataError(f"invalid b-table for the tensor fit: {exc}") from None
-    model = TensorModel(gtab, fit_method=method)
-
+    model, used = _tensor_model(arr, bvals, bvecs, method, bmax, b0_threshold)
     shape3 = arr.shape[:3]
     mask = np.ones(shape3, bool) if mask is None else np.asarray(mask, bool)
     if mask.shape != shape3:
         raise DataError(f"mask shape {mask.shape} does not match the data {shape3}")
     vox = arr[mask][:, used]
     n = vox.shape[0]
-    starts = list(range(0, n, chunk)) or [0]
     params = np.zeros((n, 12))
 
     def work(i0):
@@ -98,27 +122,7 @@ def fit_dti(data, bvals, bvecs, mask=None, method="WLS", bmax=1500.0, b0_thresho
             params[sl] = model.fit(vox[sl]).model_params.reshape(-1, 12)
 
     with single_threaded_blas():
-        thread_map(work, starts, resolve_nprocs(nprocs))
-
-    from dipy.reconst.dti import TensorFit
-
-    fit = TensorFit(model, params)
-    out = {}
-    with np.errstate(invalid="ignore", divide="ignore"):
-        fa = np.nan_to_num(fit.fa, nan=0.0, posinf=0.0, neginf=0.0)
-        maps = {"fa": np.clip(fa, 0.0, 1.0), "md": fit.md, "ad": fit.ad, "rd": fit.rd}
-    for key, val in maps.items():
-        full = np.zeros(shape3, np.float32)
-        full[mask] = np.nan_to_num(val, nan=0.0)
-        out[key] = full
-    tens = np.zeros(shape3 + (6,), np.float32)
-    tens[mask] = fit.lower_triangular()
-    out["tensor"] = tens
-    ev = np.zeros(shape3 + (3,), np.float32)
-    ev[mask] = fit.evals
-    out["evals"] = ev
-    evecs = np.zeros(shape3 + (3, 3), np.float32)
-    evecs[mask] = fit.evecs
-    out["evecs"] = evecs
+        thread_map(work, list(range(0, n, chunk)) or [0], resolve_nprocs(nprocs))
+    out = _maps(TensorFit(model, params), mask)
     out["used"] = used
     return out

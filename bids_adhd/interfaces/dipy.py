@@ -196,7 +196,7 @@ class _FileOutput(_TimedOut):
 
 
 class Unring(_Timed):
-    """Gibbs unringing (equal to DIPY's gibbs_removal), parallel over volumes."""
+    """Gibbs unringing (DIPY's gibbs_removal, real-FFT mode: within float rounding of it), parallel over slices."""
 
     input_spec, output_spec = _UnringInput, _FileOutput
 
