@@ -8,8 +8,6 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "bids_adhd"
 MAX_LINES = 80
-#: functions another change splits (issue #17: dmri/denoise.py, dmri/dti.py); remove as they go
-PENDING = {"dmri/denoise.py::mppca", "dmri/denoise.py::_slab_work", "dmri/dti.py::fit_dti"}
 
 
 def _functions():
@@ -22,7 +20,7 @@ def _functions():
 
 def test_no_function_longer_than_80_lines():
     long = {name: n for name, n in _functions() if n > MAX_LINES}
-    assert {k: v for k, v in long.items() if k not in PENDING} == {}
+    assert long == {}
 
 
 def test_no_argparse_namespace_in_the_library():
