@@ -24,13 +24,6 @@ __all__ = ["shells", "loo_predict"]
 
 #: smallest signal taken into the log (background voxels are 0)
 _FLOOR = 1e-3
-#: ... and never below this share of the voxel's median over its shell (or over the b0s): at the
-#: edge of the head a volume that moved puts background (~0) where the others have tissue;
-#: unfloored, its log (-7 against ~7) dominates the least-squares fit of that voxel and so the
-#: leave-one-out predictions of every other volume there (measured on noise-free demo data:
-#: 0.2-0.5 mm registration bias of unmoved volumes from 3 moved volumes of 33). Within a shell
-#: tissue varies far less than 4x across directions, so the floor leaves tissue alone.
-REL_FLOOR = 0.25
 
 
 def shells(bvals, b0_threshold=50.0, tol=100.0):
@@ -73,7 +66,7 @@ def loo_log_predict(y, X, weights=None):
     return loo
 
 
-def loo_predict(data, bvals, bvecs, b0_threshold=50.0, mask=None, exclude=None, rel_floor=REL_FLOOR):
+def loo_predict(data, bvals, bvecs, b0_threshold=50.0, mask=None, exclude=None):
     """Leave-one-out tensor prediction of every diffusion-weighted volume.
 
     Parameters
@@ -93,13 +86,9 @@ def loo_predict(data, bvals, bvecs, b0_threshold=50.0, mask=None, exclude=None, 
     bvecs = np.asarray(bvecs, float)
     m = np.ones(arr.shape[:3], bool) if mask is None else np.asarray(mask, bool)
     keep = np.ones(bvals.size, bool) if exclude is None else ~np.asarray(exclude, bool)
-    b0 = np.flatnonzero(bvals <= b0_threshold)
-    lin = arr[m].astype(np.float64).T                                  # (N, V)
-    y = np.log(np.maximum(lin, _FLOOR))
-    for group in [b0] + shells(bvals, b0_threshold):                   # floor: a share of the group's median
-        if group.size:
-            y[group] = np.log(np.maximum(lin[group], np.maximum(_FLOOR, rel_floor * np.median(lin[group], 0))))
+    y = np.log(np.maximum(arr[m].astype(np.float64), _FLOOR)).T      # (N, V)
     out = np.zeros(arr.shape, np.float32)
+    b0 = np.flatnonzero(bvals <= b0_threshold)
     pred = np.zeros_like(y)
     for s in shells(bvals, b0_threshold):
         rows = np.concatenate([b0, s])
@@ -111,7 +100,7 @@ def loo_predict(data, bvals, bvecs, b0_threshold=50.0, mask=None, exclude=None, 
             continue
         loo = loo_log_predict(y[rows], X, keep[rows].astype(float))
         pred[s] = loo[len(b0):]
-    lin = np.maximum(lin, _FLOOR)
+    lin = np.exp(y)
     for i in b0:                                      # b0: mean of the other kept b0s
         others = [j for j in b0 if j != i and keep[j]] or [j for j in b0 if j != i] or [i]
         pred[i] = np.log(lin[others].mean(0))
