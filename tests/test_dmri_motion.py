@@ -90,7 +90,7 @@ def eddy_shear(coeffs, axis=1):
     return AFFINE @ P @ np.linalg.inv(AFFINE)
 
 
-#: a cheaper optimiser schedule for the tests (the presets use (100, 20) and (30, 5))
+#: a cheaper optimiser schedule for the tests (the presets use (100, 20) and (30, 20))
 FAST = (50, 10)
 
 
