@@ -36,6 +36,14 @@ CASES = {"effect": ["--effect", "0.08"], "null": ["--effect", "0"],
          "motion": ["--effect", "0.08", "--motion-confound", "2"]}
 
 
+def _git(*a: str) -> str:
+    return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+
+def _uptime() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+
+
 def step(name: str, cmd: list[str]) -> dict:
     load0 = os.getloadavg()[0]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -101,7 +109,10 @@ def main() -> int:
     ap.add_argument("--out", default=str(RESULT))
     args = ap.parse_args()
     py = [sys.executable, "-m", "bids_adhd"]
-    results = {"seed": args.seed, "subjects": args.subjects, "nprocs": args.nprocs, "cases": {}}
+    results = {"seed": args.seed, "subjects": args.subjects, "nprocs": args.nprocs, "cases": {},
+               "commit": _git("rev-parse", "HEAD"), "dirty": bool(_git("status", "--porcelain", "-uno")),
+               "cpu_count": os.cpu_count(), "uptime_start": _uptime(),
+               "note": "the machine may be shared: wall times depend on the load recorded per step"}
     for name in args.cases:
         print(f"case {name}:", flush=True)
         results["cases"][name] = run_case(name, args, py)
@@ -109,6 +120,8 @@ def main() -> int:
         tmp = Path(args.out).with_suffix(".json.tmp")
         tmp.write_text(json.dumps(results, indent=2))
         os.replace(tmp, args.out)
+    results["uptime_end"] = _uptime()
+    Path(args.out).write_text(json.dumps(results, indent=2))
     print(f"wrote {args.out}")
     return 0
 
