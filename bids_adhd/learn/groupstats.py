@@ -41,6 +41,7 @@ class StatsOptions:
     calibration_prior_sd: float = 1.0   # Platt MAP prior: slope ~ N(1, sd²), intercept ~ N(0, sd²)
     saliency: bool = True
     seed: int = 0
+    harmonize: str = "none"             # none | combat (of the frozen features, per training fold: harmonize.py)
 
 
 def stats_options(args, seed: int) -> StatsOptions:
@@ -54,8 +55,9 @@ def stats_options(args, seed: int) -> StatsOptions:
         raise UsageError(f"--permutations must be ≥ 0 (got {n})")
     conf = getattr(args, "confounds", None)
     conf = DEFAULT_CONFOUNDS if conf is None else tuple(c for c in conf if c and c.lower() != "none")
+    harm = getattr(args, "harmonize", None) or "none"
     return StatsOptions(cv=cv, permutations=n, confounds=conf,
-                        saliency=not getattr(args, "no_saliency", False), seed=int(seed))
+                        saliency=not getattr(args, "no_saliency", False), seed=int(seed), harmonize=harm)
 
 
 # --- calibration and threshold, per fold ------------------------------------------------
