@@ -64,7 +64,7 @@ REQUIRED = ("cv", "pooled.auc", "pooled.auc_ci95", "pooled.balanced_accuracy_ci9
             "permutation.n", "permutation.p_value", "permutation.null_auc", "permutation.what_is_permuted",
             "threshold.method", "threshold.folds", "threshold.final", "calibration.method",
             "calibration.reliability", "confounds.alone", "confounds.score_vs", "confounds.flagged",
-            "saliency.path", "saliency.effect_ratio", "timing.statistics_seconds")
+            "saliency.path", "saliency.effect_ratio.ratio", "timing.statistics_seconds")
 
 
 def missing_fields(metrics: dict) -> list[str]:
@@ -154,7 +154,7 @@ def write_md(results: dict, path: Path) -> None:
                      f"{c.get('auc_ci_contains_estimate')} | {c.get('auc_ci_above_chance')} | "
                      f"{_fmt(perm.get('p_value'))} ({perm.get('n')}) | {_fmt(pooled.get('balanced_accuracy'))} "
                      f"{_fmt(pooled.get('balanced_accuracy_ci95'))} | {_fmt(pooled.get('brier'))} | "
-                     f"{_fmt(c.get('saliency_effect_ratio'))} | {conf.get('flagged')} "
+                     f"{_fmt((c.get('saliency_effect_ratio') or {}).get('ratio'))} | {conf.get('flagged')} "
                      f"({c.get('report_flags_confounds')}) | {c.get('missing_fields')} |")
     lines += ["", "| case | confound alone: AUC [95 % CI] |", "|---|---|"]
     for name, c in results["cases"].items():
