@@ -15,8 +15,8 @@ import sys
 
 from . import __version__
 from .errors import BidsAppError, UsageError
-from .settings import (CV_MODES, DEVICES, NIPYPE_PLUGINS, GroupSettings, ParticipantSettings,
-                       from_namespace)
+from .settings import (CV_MODES, DEVICES, HARMONIZE_METHODS, NIPYPE_PLUGINS, GroupSettings,
+                       ParticipantSettings, from_namespace)
 
 LOG = logging.getLogger("bids_adhd")
 
@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--confounds", nargs="+", default=None, metavar="COLUMN",
                     help="participants.tsv columns (and mean_fd) predicted alone and checked against the score "
                          "(default: age sex site mean_fd; none: skip)")
+    st.add_argument("--harmonize", default="none", choices=HARMONIZE_METHODS,
+                    help="combat: ComBat (site as batch, age/sex protected) of the permutation test's frozen "
+                         "features, fitted on each training fold only (needs the harmonize extra)")
     st.add_argument(*_alias("--no-saliency"), dest="no_saliency", action="store_true",
                     help="skip the saliency maps")
     v = p.add_mutually_exclusive_group()

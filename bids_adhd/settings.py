@@ -18,6 +18,7 @@ from .errors import UsageError
 NIPYPE_PLUGINS = ("Linear", "MultiProc", "SLURMGraph")
 DEVICES = ("auto", "cpu", "cuda")
 CV_MODES = ("stratified", "site")            # stratified k-fold | leave-one-site-out
+HARMONIZE_METHODS = ("none", "combat")       # ComBat of the frozen features, per training fold (learn/harmonize.py)
 SIMULATOR_PROFILES = ("demo", "realistic")
 
 
@@ -84,6 +85,7 @@ class GroupSettings:
     permutations: int | None = None             # None: StatsOptions' default
     confounds: tuple | None = None              # None: the default confounds; ("none",): none
     saliency: bool = True
+    harmonize: str = "none"
 
     def __post_init__(self):
         object.__setattr__(self, "participant_label", _labels(self.participant_label))
@@ -98,6 +100,7 @@ class GroupSettings:
             raise UsageError(f"--permutations must be ≥ 0 (got {self.permutations})")
         _positive("--nprocs", self.nprocs)
         one_of("--cv", self.cv, CV_MODES)
+        one_of("--harmonize", self.harmonize, HARMONIZE_METHODS)
         one_of("--device", self.device, DEVICES)
 
 

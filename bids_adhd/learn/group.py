@@ -375,6 +375,9 @@ def _stats_setup(settings: GroupSettings, cfg, inputs: GroupInputs):
     opts = stats_options(settings, cfg.train.seed)
     if opts.cv == "site":
         cfg = cfg.replace("train", folds=max(1, len({inputs.sites[s] for s in inputs.subjects})))
+    if opts.harmonize != "none":                   # refused before the model is built (the folds are cheap)
+        from .harmonize import check_harmonize
+        check_harmonize(opts.harmonize, opts.cv, inputs.sites, _assign(inputs, cfg, opts))
     return opts, cfg
 
 
@@ -751,7 +754,11 @@ def _statistics(ctx: RunContext, folds, final, subs, y, p, thr, fold_of) -> dict
     y_all = [ctx.inputs.labels[s] for s in ctx.inputs.subjects]
     if ctx.features is not None:
         t1 = time.perf_counter()
-        out["permutation"] = permutation_test(ctx.features, y_all, fold_vec, opts.permutations, opts.seed,
+        features = ctx.features
+        if opts.harmonize == "combat":
+            from .harmonize import harmonized_features
+            features, out["harmonization"] = harmonized_features(ctx.features, ctx.inputs, fold_vec)
+        out["permutation"] = permutation_test(features, y_all, fold_vec, opts.permutations, opts.seed,
                                               out["pooled"]["auc"])
         timing["permutation_features_seconds"] = ctx.features_seconds
         timing["permutation_seconds"] = time.perf_counter() - t1

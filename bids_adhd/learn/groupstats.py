@@ -39,6 +39,7 @@ class StatsOptions:
     calibration_prior_sd: float = 1.0   # Platt MAP prior: slope ~ N(1, sd²), intercept ~ N(0, sd²)
     saliency: bool = True
     seed: int = 0
+    harmonize: str = "none"             # none | combat (of the frozen features, per training fold: harmonize.py)
 
 
 def stats_options(settings, seed: int) -> StatsOptions:
@@ -47,7 +48,8 @@ def stats_options(settings, seed: int) -> StatsOptions:
     n = StatsOptions.permutations if n is None else int(n)
     conf = settings.confounds
     conf = DEFAULT_CONFOUNDS if conf is None else tuple(c for c in conf if c and c.lower() != "none")
-    return StatsOptions(cv=settings.cv, permutations=n, confounds=conf, saliency=settings.saliency, seed=int(seed))
+    return StatsOptions(cv=settings.cv, permutations=n, confounds=conf, saliency=settings.saliency, seed=int(seed),
+                        harmonize=settings.harmonize)
 
 
 # --- calibration and threshold, per fold ------------------------------------------------

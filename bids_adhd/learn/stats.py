@@ -133,22 +133,25 @@ def ridge_oof_scores(features, y, folds, alpha: float | None = None) -> np.ndarr
     intercept ``t̄``, scores the test rows: the same numbers as scikit-learn's
     ``RidgeClassifier(alpha).decision_function`` (tested), but linear in the
     labels, so that all permutations are one matrix product. ``alpha``:
-    default the number of features (the kernel's scale).
+    default the number of features (the kernel's scale). ``features`` may
+    also be a mapping fold → (N, F) array, the features as that fold's
+    training rows transformed them (:func:`bids_adhd.learn.harmonize.fold_features`).
     """
-    X = np.asarray(features, float)
+    per_fold = features if isinstance(features, Mapping) else None
     t = 2.0 * np.asarray(y, float) - 1.0
     one = t.ndim == 1
     t = t[:, None] if one else t
     folds = np.asarray(folds)
-    alpha = float(X.shape[1] if alpha is None else alpha)
     out = np.zeros(t.shape)
     for k in np.unique(folds):
+        X = np.asarray(per_fold[k] if per_fold is not None else features, float)
+        lam = float(X.shape[1] if alpha is None else alpha)
         te = folds == k
         mu, sd = X[~te].mean(0), X[~te].std(0)
         sd[sd == 0] = 1.0
         a, b = (X[~te] - mu) / sd, (X[te] - mu) / sd
         tm = t[~te].mean(0)
-        gram = a @ a.T + alpha * np.eye(len(a))
+        gram = a @ a.T + lam * np.eye(len(a))
         out[te] = tm + (b @ a.T) @ np.linalg.solve(gram, t[~te] - tm)
     return out[:, 0] if one else out
 

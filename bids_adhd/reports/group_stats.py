@@ -56,6 +56,16 @@ def permutation_html(perm: dict | None, figs: dict) -> str:
             + _img(figs["permutation_null.png"], "permutation null distribution"))
 
 
+def harmonization_html(harm: dict | None) -> str:
+    if not harm:
+        return ""
+    cov = ", ".join(harm.get("protected_covariates") or []) or "none"
+    return (f"<h3>Site harmonisation</h3><p>{html.escape(harm['method'])} ({html.escape(harm['library'])}, "
+            f"{html.escape(harm['variant'])}); batch: {html.escape(harm['batch'])}; protected covariates: "
+            f"{html.escape(cov)}; fitted on {html.escape(harm['fitted_on'])}. Applies to "
+            f"{html.escape(harm['applies_to'])}.</p>")
+
+
 def reliability_figure(cal: dict) -> bytes:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(4.2, 4.0))
@@ -164,6 +174,7 @@ def saliency_html(group_dir: Path, sal: dict | None, figs: dict, effect_path: Pa
 def stats_sections(group_dir, results: dict, effect_path: Path | None = None) -> tuple[str, dict]:
     figs: dict[str, bytes] = {}
     parts = [uncertainty_html(results), permutation_html(results.get("permutation"), figs),
+             harmonization_html(results.get("harmonization")),
              calibration_html(results, figs), confounds_html(results.get("confounds")),
              saliency_html(Path(group_dir), results.get("saliency"), figs, effect_path)]
     return "\n".join(p for p in parts if p), figs
