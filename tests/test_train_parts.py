@@ -120,3 +120,28 @@ def test_validation_is_the_weighted_cross_entropy_of_the_predictions():
     assert got["val_loss"] == pytest.approx(log_loss(y, p, sample_weight=w), rel=1e-5)
     assert got["val_auc"] == pytest.approx(roc_auc_score(y, p))
     assert got["val_accuracy"] == pytest.approx(float(np.mean((p >= 0.5) == y)))
+
+
+def test_recalibrate_norm_skips_a_batch_of_one():
+    """An odd training set (5 subjects, batch 2) ends in a batch of one, which BatchNorm1d cannot take
+    in train mode: the statistics are those of the other batches, exactly."""
+    import torch
+    from torch import nn
+
+    from bids_adhd.learn.train import recalibrate_norm
+
+    torch.manual_seed(0)
+    x = torch.randn(5, 3)
+    images = x.reshape(5, 1, 1, 1, 3)          # the loop's inputs are (N, C, X, Y, Z) volumes
+    model = nn.Sequential(nn.Flatten(), nn.BatchNorm1d(3))
+    recalibrate_norm(model, [images[0:2], images[2:4], images[4:5]], torch.device("cpu"))
+    bn = model[1]
+    # cumulative average of the two batch means / unbiased variances
+    means = torch.stack([x[0:2].mean(0), x[2:4].mean(0)]).mean(0)
+    vars_ = torch.stack([x[0:2].var(0), x[2:4].var(0)]).mean(0)
+    assert torch.allclose(bn.running_mean, means, atol=1e-6)
+    assert torch.allclose(bn.running_var, vars_, atol=1e-6)
+    assert not model.training and bn.momentum == 0.1
+    before = {k: v.clone() for k, v in bn.state_dict().items()}
+    recalibrate_norm(model, [images[4:5]], torch.device("cpu"))   # nothing usable: left as it was
+    assert all(torch.equal(before[k], v) for k, v in bn.state_dict().items())

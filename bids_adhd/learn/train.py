@@ -125,16 +125,26 @@ def set_mode(model: nn.Module, training: bool, norm_mode: str) -> None:
 
 @torch.no_grad()
 def recalibrate_norm(model: nn.Module, batches, device) -> None:
-    """Re-estimate every BatchNorm's running statistics over ``batches`` (cumulative average)."""
+    """Re-estimate every BatchNorm's running statistics over ``batches`` (cumulative average).
+
+    A batch of one subject is skipped: the head's BatchNorm1d cannot take statistics over one
+    sample (torch raises), and the cumulative average over the other batches is unaffected; with no
+    batch of two or more, the statistics are left as they were."""
     bns = batchnorms(model)
+    saved = [{k: v.clone() for k, v in bn.state_dict().items()} for bn in bns]
     for bn in bns:
         bn.reset_running_stats()
         bn.momentum = None
     model.train()
+    used = 0
     for x in batches:
-        model(to_input(x, device))
-    for bn in bns:
+        if len(x) > 1:
+            model(to_input(x, device))
+            used += 1
+    for bn, state in zip(bns, saved):
         bn.momentum = 0.1
+        if not used:
+            bn.load_state_dict(state)
     model.eval()
 
 
