@@ -39,7 +39,7 @@ test: sysdeps venv
 
 demo: venv
 	rm -rf $(DEMO)
-	$(VENV)/bin/bids_adhd simulate $(DEMO)/bids --subjects 20 --seed 1 --size demo
+	$(VENV)/bin/bids_adhd simulate $(DEMO)/bids --subjects 20 --seed 11 --size demo
 	$(VENV)/bin/bids_adhd $(DEMO)/bids $(DEMO)/out participant --pipeline fast --nprocs $(NPROCS) --work-dir $(DEMO)/work
 	$(VENV)/bin/bids_adhd $(DEMO)/bids $(DEMO)/out group --pipeline fast
 	@echo "Outputs: $(DEMO)/out  (per-subject reports: $(DEMO)/out/sub-*.html; group report: $(DEMO)/out/group/report.html)"
