@@ -298,11 +298,16 @@ def _register_one(task):
         g_mv = to_c @ np.linalg.inv(E0) @ grid2world @ lo
         M = back @ _optimise(st, mv, g_st, g_mv, RigidTransform3D(), to_c @ M0 @ back, sched, seed) @ to_c
         A = M
-        if eddy_axis is not None:
+        corners = box_corners(box, grid2world)
+        if max_displacement(M, M0, corners) > MAX_STEP_MM:
+            M, A = M0, E0 @ M0          # a diverged optimisation: keep the previous round's estimate
+        elif eddy_axis is not None:
             full = back @ _optimise(st, mv, g_st, g_st, AffineTransform3D(), to_c @ E0 @ M @ back, sched,
                                        seed) @ to_c
-            M = rigid_part(full, M, pe_direction(grid2world, eddy_axis), c)
-            A = eddy_projection(full @ np.linalg.inv(M), grid2world, eddy_axis) @ M
+            M_e = rigid_part(full, M, pe_direction(grid2world, eddy_axis), c)
+            A_e = eddy_projection(full @ np.linalg.inv(M_e), grid2world, eddy_axis) @ M_e
+            if max_displacement(A_e, E0 @ M0, corners) <= MAX_STEP_MM:
+                M, A = M_e, A_e
         amap = _amap(A, moving.shape, grid2world)
         if max_displacement(A, np.eye(4), box_corners(box, grid2world)) <= identity_mm:
             out = np.asarray(moving, np.float32).copy()
@@ -453,7 +458,10 @@ def _round(st, aligned, A, M, flags, nprocs, first=False):
 
     bvals, b0s, n = st["bvals"], st["b0s"], st["bvals"].size
     rot = rotate_bvecs(st["bvecs"], M, st["affine"])
-    exclude = flags.any(1) | _moved(M, bvals, st["b0_threshold"], st["corners"])
+    exclude = flags.any(1)
+    moved = _moved(M, bvals, st["b0_threshold"], st["corners"])
+    if np.count_nonzero((bvals > st["b0_threshold"]) & ~(exclude | moved)) >= MIN_FIT_DW:
+        exclude = exclude | moved
     pred = loo_predict(aligned, bvals, rot, st["b0_threshold"], mask=st["box_mask"], exclude=exclude)
     if first:
         pred = _shell_medians(aligned, bvals, st["b0_threshold"], st["box_mask"])
@@ -479,9 +487,18 @@ def _round(st, aligned, A, M, flags, nprocs, first=False):
     return A, M, aligned, new_flags, pred
 
 
+#: one registration may move a head-box corner at most this far (mm) from where the previous round
+#: (or the identity) put it; further is a diverged optimisation (seen: a 106 degree rotation of a
+#: 12-direction volume), and the previous estimate is kept
+MAX_STEP_MM = 40.0
 #: a volume whose estimated head motion moves a head-box corner further than this (mm) is kept out
 #: of the next round's model fits (still predicted and registered)
 MOVED_MM = 0.5
+#: ... but only while at least this many DW volumes stay in the fit: twice the tensor's 7 parameters
+#: plus the one a leave-one-out prediction leaves out. With 12 directions, 2 dropout volumes and 4
+#: moved ones left 6, an under-determined fit whose predictions sent the registrations astray
+#: (mean FD 85 mm on tests/test_participant_e2e.py's subject 01)
+MIN_FIT_DW = 15
 
 
 def _moved(M, bvals, b0_threshold, corners, limit=MOVED_MM, share=1 / 3):
