@@ -91,7 +91,13 @@ def test_bad_arguments():
 
 
 def test_torch_path_on_cpu_device_matches_numpy_path():
-    """The GPU path (torch), run on the CPU device: same search, other FFT library -> float rounding."""
+    """The GPU path (torch), run on the CPU device: same search, other FFT library -> float rounding.
+
+    Rounding can flip a near-tie between two shifts of one line (then that line's voxels and the
+    2-D filter's neighbours move by up to ~2e-4 of the range): measured on the (25, 21) float32
+    phantom, 14 of 7875 voxels (0.18 %) beyond 1e-5 on one machine and none on another (the FFT
+    kernels depend on the CPU's vector instructions). So the bound on the count is 1 %, and the
+    size of every difference stays bounded by 1e-3 of the range."""
     pytest.importorskip("torch")
     from bids_adhd.dmri.gibbs import _resolve_device
 
@@ -102,7 +108,7 @@ def test_torch_path_on_cpu_device_matches_numpy_path():
         out = unring(data, device="cpu", slices_per_item=4)
         assert out.dtype == dtype and out.shape == data.shape
         rel = np.abs(out.astype(float) - ref) / float(ref.max() - ref.min())
-        assert rel.max() < 1e-3 and (rel > tol).mean() < 1e-3
+        assert rel.max() < 1e-3 and (rel > tol).mean() < 1e-2
     vol = data[..., 0]
     assert np.allclose(unring(vol, slice_axis=0, device="cpu"), unring(vol, slice_axis=0), rtol=0, atol=1e-9)
     assert np.allclose(unring(vol[:, :, 2], device="cpu"), unring(vol[:, :, 2]), rtol=0, atol=1e-9)
