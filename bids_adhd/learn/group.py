@@ -327,14 +327,13 @@ def _build_model_once(cfg, weights, dist, device):
     classifier, built once per run from the seed, on ``device``; every fold starts from ``init``."""
     import torch
 
-    from .adapter import encoder_fingerprint
     from .classifier import build_model
     from .train import initial_state
 
     t0 = time.perf_counter()
     torch.manual_seed(cfg.train.seed)
-    model, info = build_model(cfg.model, weights=weights)
-    fingerprint = encoder_fingerprint(model)
+    model, info = build_model(cfg.model, weights=weights, fingerprint=True)
+    fingerprint = info["encoder_fingerprint"]
     model.to(device).to(memory_format=torch.channels_last_3d)
     if dist.prepare_model(model, cfg):
         LOG.info("torchrun: the encoder's BatchNorm layers are SyncBatchNorm (statistics of the global batch)")
