@@ -59,7 +59,7 @@ def tiny_pipeline(tmp_path: Path, **train) -> Path:
 
 def synthetic(tmp_path: Path, n=8, seed=0, effect=0.08, **kw):
     from bids_adhd.config import load_pipeline
-    from bids_adhd.learn.data import write_synthetic_maps
+    from bids_adhd.simulate_maps import write_synthetic_maps
 
     bids, out = tmp_path / "bids", tmp_path / "out"
     rows = write_synthetic_maps(out, bids, n_subjects=n, seed=seed, effect=effect,
