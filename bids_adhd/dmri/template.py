@@ -34,8 +34,8 @@ Gaussian pre-filter whose FWHM equals the target voxel size (anti-aliasing).
 Registration fits against the target at ``TemplateConfig.registration_mm`` (2 mm
 by default) on the brain's bounding box + 16 mm, whatever the output grid, so the
 transform does not depend on the preset's output resolution; a preset may choose a
-coarser target ( ``fast`` fits at 4 mm for its 6 mm grid, 2.5 s
-instead of 14 s CPU on a demo subject, FA-to-target correlation 0.980 vs 0.978).
+coarser target (``fast`` fits at 4 mm for its 6 mm grid; CPU time and similarity of
+both on a demo subject: ``benchmarks/results/code_timings.md``).
 
 Output grid
 -----------

@@ -38,7 +38,7 @@ def subject_saliency(model, image: torch.Tensor, device, method: str = "vanillag
     from .train import to_input
 
     model.eval()
-    x = to_input(image.unsqueeze(0).float(), device)          # channels_last_3d: ~3x faster on the CPU
+    x = to_input(image.unsqueeze(0).float(), device)          # channels_last_3d (train.memory_format)
     flags = [(p, p.requires_grad) for p in model.parameters()]
     try:
         for p, _ in flags:                                      # the input's gradient only
