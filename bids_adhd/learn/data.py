@@ -46,8 +46,8 @@ of 2,000 subjects needs about the memory of one of 200 (measured:
 ``benchmarks/scale.py``). The augmentation (group.py) runs in the main
 process, on each batch, so that its random state stays reproducible.
 
-:func:`write_synthetic_maps` writes template-space maps directly (no
-participant level) for fast tests and benchmarks of the group level.
+Synthetic template-space maps for the group level's tests and benchmarks
+(no participant level) are written by :mod:`bids_adhd.simulate_maps`.
 """
 from __future__ import annotations
 
