@@ -230,6 +230,9 @@ def _whole_and_truncated(tiny_manifest, cfg, seed=3):
     whole, _ = build_model(dataclasses.replace(cfg, pooling="multiscale", feature_levels=()), manifest=tiny_manifest)
     torch.manual_seed(seed)
     model, info = build_model(cfg, manifest=tiny_manifest)
+    # the truncation draws nothing at random: the same seed gives the same encoder and LoRA initialisation
+    ref = whole.state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in model.state_dict().items() if k.startswith("encoder."))
     _randomise(whole, 7)
     model.load_state_dict({k: v for k, v in whole.state_dict().items() if k.startswith("encoder.")}, strict=False)
     return whole, model.eval(), info
