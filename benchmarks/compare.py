@@ -138,13 +138,13 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     if args.synthetic:
         from bids_adhd.config import load_pipeline
-        from bids_adhd.learn.data import write_synthetic_maps
+        from bids_adhd.simulate_maps import write_synthetic_maps
 
         bids, out_root = work / "bids", work / "maps"
         if not (out_root / "sub-01").exists():
             write_synthetic_maps(out_root, bids, n_subjects=args.synthetic, seed=0, effect=args.effect,
                                  template_cfg=load_pipeline(args.grid).template)
-        data = f"synthetic template-space maps (learn.data.write_synthetic_maps, effect {args.effect})"
+        data = f"synthetic template-space maps (simulate_maps.write_synthetic_maps, effect {args.effect})"
     else:
         if not (args.bids and args.out):
             ap.error("give --bids and --out, or --synthetic N")

@@ -7,7 +7,7 @@ Data: by default ``bids_adhd simulate`` (``--subjects`` 60, seed 0, demo size,
 effect 0.08) and the participant level with ``--pipeline paper``'s grid
 (``default``: same 2 mm 96³ template grid, full preprocessing), both through
 the command line; ``--synthetic-maps`` writes the template-space maps directly
-on the paper grid instead (``learn.data.write_synthetic_maps``: minutes instead
+on the paper grid instead (``simulate_maps.write_synthetic_maps``: minutes instead
 of an hour of preprocessing; the same FA/MD/mask files the group level reads).
 
 Then, for each of ``--pipelines`` (default ``paper-fmcib`` and ``paper-ctfm``:
@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     if not (bids / "participants.tsv").exists() or not any(out.glob("sub-*")):
         if args.synthetic_maps:
             from bids_adhd.config import load_pipeline
-            from bids_adhd.learn.data import write_synthetic_maps
+            from bids_adhd.simulate_maps import write_synthetic_maps
             t0 = time.perf_counter()
             write_synthetic_maps(out, bids, n_subjects=args.subjects, seed=args.seed, effect=args.effect,
                                  template_cfg=load_pipeline(args.pipelines[0]).template)

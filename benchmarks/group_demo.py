@@ -11,7 +11,7 @@ Recorded per effect: wall and CPU time (user + sys of the subprocess) of each
 step, the load average before/after (the machine may be shared), and the
 group level's pooled out-of-fold metrics, mean ± SD over folds and whether the
 encoder was pre-trained. ``--synthetic-maps`` skips simulate + participant and
-writes template-space maps directly (``learn.data.write_synthetic_maps``): a
+writes template-space maps directly (``simulate_maps.write_synthetic_maps``): a
 quick check of the group level alone.
 
 Writes ``benchmarks/results/group_demo.json`` (and prints a summary).
@@ -91,7 +91,7 @@ def main(argv=None) -> int:
         if args.synthetic_maps:
             if not (out / "sub-01").exists():
                 from bids_adhd.config import load_pipeline
-                from bids_adhd.learn.data import write_synthetic_maps
+                from bids_adhd.simulate_maps import write_synthetic_maps
                 t0 = time.perf_counter()
                 write_synthetic_maps(out, bids, n_subjects=args.subjects, seed=args.seed, effect=effect,
                                      template_cfg=load_pipeline(args.pipeline).template)

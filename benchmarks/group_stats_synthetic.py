@@ -18,7 +18,7 @@ import numpy as np
 
 from bids_adhd import derivatives as dv
 from bids_adhd.config import load_pipeline
-from bids_adhd.learn.data import write_synthetic_maps, synthetic_effect_region
+from bids_adhd.simulate_maps import synthetic_effect_region, write_synthetic_maps
 from bids_adhd.dmri.template import template_grid
 from bids_adhd.cli import main
 

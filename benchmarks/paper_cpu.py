@@ -1,7 +1,7 @@
 """The paper presets trained for real on CPU: paper-fmcib and paper-ctfm end to end through the CLI.
 
 For each preset: synthetic template-space maps for ``--subjects`` subjects
-(``learn.data.write_synthetic_maps``, planted FA effect 0.08, seed 1) on the
+(``simulate_maps.write_synthetic_maps``, planted FA effect 0.08, seed 1) on the
 preset's own grid (the paper grid, 96³ at 2 mm), then
 ``bids_adhd BIDS OUT group --pipeline <tmp.yaml> --folds F --device cpu`` in
 a subprocess, where ``tmp.yaml`` is ``base: <preset>`` with only
@@ -215,7 +215,7 @@ def prepare_work(preset: str, cfg, args) -> tuple[Path, float | None, bool]:
     """
     import yaml
 
-    from bids_adhd.learn.data import write_synthetic_maps
+    from bids_adhd.simulate_maps import write_synthetic_maps
 
     d = Path(args.work) / preset
     yml = d / f"{preset}-cpu.yaml"

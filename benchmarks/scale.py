@@ -14,7 +14,7 @@ Participant level
     (``BIDSLayout(DS, validate=False)``, metadata included) and the validator on the whole tree.
 
 Group level
-    Writes synthetic template-space maps (``learn.data.write_synthetic_maps``, the paper grid
+    Writes synthetic template-space maps (``simulate_maps.write_synthetic_maps``, the paper grid
     96³ at 2 mm) for ``--unique`` subjects and hard-links them into OUTPUT_DIRs of N subjects. For
     each N, in a fresh process: ``collect_inputs`` (maps + labels), then the group level's streamed
     inputs (``group._load_images``: a bounded MONAI CacheDataset) and one pass over every run in
@@ -196,7 +196,8 @@ def reference(tmp: Path, big: Path) -> dict:
 def build_group(tmp: Path, unique: int, sizes: list[int]) -> dict[int, tuple[Path, Path]]:
     from bids_adhd import derivatives as dv
     from bids_adhd.config import TemplateConfig
-    from bids_adhd.learn.data import run_maps, write_synthetic_maps
+    from bids_adhd.learn.data import run_maps
+    from bids_adhd.simulate_maps import write_synthetic_maps
 
     rows = write_synthetic_maps(tmp / "maps-u", tmp / "bids-u", n_subjects=unique, seed=0,
                                 template_cfg=TemplateConfig())

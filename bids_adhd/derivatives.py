@@ -262,8 +262,8 @@ def write_json(final: os.PathLike, obj) -> Path:
     return write_text(final, json.dumps(obj, indent=2, sort_keys=False, default=_jsonable) + "\n")
 
 
-#: gzip level of the ``.nii.gz`` derivatives: on a demo DWI (41 MB of float32) level 1 takes 1.1 s
-#: against 3.6 s for nibabel's default 6, for 6 % more bytes
+#: gzip level of the ``.nii.gz`` derivatives: level 1 costs a fraction of the CPU of nibabel's default
+#: 6 for somewhat larger files (measured on a demo DWI: ``benchmarks/results/code_timings.md``)
 NIFTI_GZIP_LEVEL = 1
 
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import importlib.util
 import logging
 import math
 import os
@@ -46,6 +45,7 @@ import numpy as np
 
 from . import __version__
 from . import derivatives as _d
+from .dmri import mni152
 from .dmri.geometry import euler_to_matrix
 from .entities import TEMPLATE_SPACE
 from .errors import OutputError, UsageError
@@ -205,41 +205,18 @@ def b_table(protocol: Protocol, directions: int | None = None) -> tuple[np.ndarr
 
 # --- the template ------------------------------------------------------------
 
-def _nilearn_data_dir() -> Path | None:
-    spec = importlib.util.find_spec("nilearn")
-    if spec is None or spec.origin is None:
-        return None
-    return Path(spec.origin).parent / "datasets" / "data"
-
-
 @functools.lru_cache(maxsize=1)
 def _raw_template() -> dict:
-    """nilearn's packaged MNI152 2009a maps at 1 mm, cropped to the brain (+ margin).
+    """The MNI152 2009a maps at 1 mm (:mod:`bids_adhd.dmri.mni152`), cropped to the brain (+ margin).
 
-    Read straight from nilearn's package data (the files behind
-    ``load_mni152_{template,gm_template,wm_template,brain_mask}``), which skips
-    importing nilearn; falls back to those loaders if the files moved.
+    The simulator scales the files' 0..255 integers by ``float32(1/255)``;
+    nilearn's loaders divide by 255, which differs in the last bit for 126 of
+    the 256 values. The simulator keeps its own scaling so that a seed gives
+    the same dataset as before the loaders were merged.
     """
-    import nibabel as nib
-
-    names = {"t1": "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
-             "gm": "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz",
-             "wm": "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz"}
-    folder = _nilearn_data_dir()
-    imgs = {}
-    if folder is not None and all((folder / n).is_file() for n in names.values()):
-        for key, fname in names.items():
-            img = nib.load(str(folder / fname))
-            imgs[key] = (np.asarray(img.dataobj, dtype=np.float32) * np.float32(1 / 255), img.affine)
-    else:  # pragma: no cover - depends on the nilearn install
-        try:
-            from nilearn import datasets
-        except ImportError:
-            raise UsageError("nilearn is needed for the simulator's MNI152 maps (pip install nilearn)") from None
-        for key, fn in (("t1", datasets.load_mni152_template), ("gm", datasets.load_mni152_gm_template),
-                        ("wm", datasets.load_mni152_wm_template)):
-            img = fn(resolution=1)
-            imgs[key] = (np.asarray(img.get_fdata(), dtype=np.float32), img.affine)
+    raw = mni152.raw_1mm()
+    imgs = {key: (raw[key].astype(np.float32) * np.float32(1 / 255), np.array(raw["affine"]))
+            for key in ("t1", "gm", "wm")}
     t1, affine = imgs["t1"]
     brain_full = t1 > 0.2                     # = nilearn.datasets.load_mni152_brain_mask(threshold=0.2)
     # crop to the brain's bounding box plus a margin (smaller arrays, faster sampling)

@@ -80,12 +80,19 @@ def encoder_keys_are_monai_layout(enc) -> bool:
     return keys[0] == "conv_init.weight" and "layers.4.blocks.3.conv2.weight" in keys and len(keys) == 161
 
 
+# the part of the encoder that runs when the read-out stops at level 3 (the fast preset): conv_init,
+# levels 0-3 (blocks), the downsamples 0->1, 1->2, 2->3; level 4 and the 3->4 downsample are removed
+CONV3 = 27
+ENCODER_TO_3 = (32 * CONV3 + sum(n * (c * c * CONV3 + 2 * c) for c, n in LEVELS[:4])
+                + sum(c * 2 * c * CONV3 for c, _ in LEVELS[:3]))
+LORA_TO_3 = sum(n * lora_parameter_count(c, c, (3, 3, 3), 8) for c, n in LEVELS[:4])
+
 EXPECTED_PRESETS = {
     # name: (trainable, total)
     "paper-ctfm": (LORA_FLAT + NORM + HEAD, ENCODER + LORA_FLAT + HEAD),
     # fast: linear head over level 3's 256 averaged features; levels 0-3 trained (LoRA 645,120 +
-    # norm 5,760), level 4 never run, its (injected) LoRA frozen
-    "fast": (645_120 + 5_760 + 256 * 2 + 2, ENCODER + LORA_FLAT + 256 * 2 + 2),
+    # norm 5,760); the encoder is truncated after level 3, so level 4 (and its LoRA) is not in the model
+    "fast": (LORA_TO_3 + 5_760 + 256 * 2 + 2, ENCODER_TO_3 + LORA_TO_3 + 256 * 2 + 2),
     "default": (LORA_FLAT + NORM + HEAD, ENCODER + LORA_FLAT + HEAD),
     "peft-lora": (LORA_FLAT + NORM + HEAD, ENCODER + LORA_FLAT + HEAD),
     "linear-probe": (HEAD, ENCODER + HEAD),
@@ -99,9 +106,13 @@ def test_every_preset_builds_with_its_counts(preset):
     _, info = build_model(load_pipeline(preset).model, architecture_only=True)
     rep = info["parameters"]
     assert (rep["trainable"], rep["total"]) == EXPECTED_PRESETS[preset]
-    head = EXPECTED_PRESETS[preset][1] - ENCODER - (LORA_FLAT if preset in ("paper-ctfm", "fast", "default", "peft-lora")
-                                                    else 0)
+    run, lora = (ENCODER_TO_3, LORA_TO_3) if preset == "fast" else (ENCODER, LORA_FLAT)
+    head = EXPECTED_PRESETS[preset][1] - run - (lora if preset in ("paper-ctfm", "fast", "default", "peft-lora")
+                                                else 0)
+    # encoder: always the whole published encoder; encoder_parameters_run: what the truncated model holds
+    assert info["encoder_parameters"] == ENCODER and info["encoder_parameters_run"] == run
     assert info["full_finetune_trainable"] == ENCODER + head
+    assert info["truncated"] == (["layers.4", "layers.3.downsample"] if preset == "fast" else [])
 
 
 def test_kernel2d_and_two_channel_variants_count():
@@ -129,7 +140,10 @@ def test_model_info_json(capsys):
 def test_model_info_table(capsys):
     assert cli.main(["model-info", "--pipeline", "linear-probe"]) == 0
     out = capsys.readouterr().out
-    assert "65,922" in out and "77,760,992" in out and "ratio 0.08 %" in out
+    assert "65,922" in out and "77,760,992" in out and "ratio 0.08 %" in out and "of which run" not in out
+    assert cli.main(["model-info", "--pipeline", "fast"]) == 0
+    out = capsys.readouterr().out
+    assert "77,760,992" in out and f"of which run {ENCODER_TO_3:>12,}" in out and "LoRA per layer (18 layers)" in out
 
 
 # ---------------------------------------------------------------- behaviour on a narrow encoder
@@ -159,29 +173,112 @@ def test_pooling_widths(tiny_manifest):
 
 
 def test_feature_levels_read_out_and_stop_early(tiny_manifest, no_weights):
-    enc = fd.build_encoder(tiny_manifest)
+    enc = fd.build_encoder(tiny_manifest).eval()
     x = torch.randn(2, 1, 16, 16, 16)
+    with torch.no_grad():
+        full = enc(x)
+    with pytest.raises(UsageError, match="levels 0 to 4"):
+        ADHDClassifier(enc, "avg", levels=[5])
     lv = ADHDClassifier(enc, "avg", head_hidden=0, levels=[1, 2]).eval()
     assert lv.num_features == 8 + 16 and lv.depth == 3
+    # truncated in place: levels 3 and 4 and the 2->3 downsample are gone, not skipped
+    assert len(enc.layers) == 3 and isinstance(enc.layers[2]["downsample"], nn.Identity)
+    assert lv.truncated == ("layers.3", "layers.4", "layers.2.downsample")
+    assert lv.was_truncated("encoder.layers.4.blocks.0.norm1.running_mean")
+    assert not lv.was_truncated("encoder.layers.2.blocks.0.norm1.running_mean")
     ran = []
     hooks = [layer["blocks"].register_forward_hook(lambda *a, i=i: ran.append(i)) for i, layer in enumerate(enc.layers)]
     with torch.no_grad():
-        full = enc(x)
-        ran.clear()
         f = lv.features(x)
     for h in hooks:
         h.remove()
-    assert ran == [0, 1, 2]                                   # levels 3 and 4 never run
-    assert torch.allclose(f, torch.cat([full[1].mean(dim=(2, 3, 4)), full[2].mean(dim=(2, 3, 4))], 1))
-    with pytest.raises(UsageError, match="levels 0 to 4"):
-        ADHDClassifier(enc, "avg", levels=[5])
+    assert ran == [0, 1, 2]
+    assert torch.equal(f, torch.cat([full[1].mean(dim=(2, 3, 4)), full[2].mean(dim=(2, 3, 4))], 1))
     cfg = ModelConfig(lora_rank=2, head_hidden=0, feature_levels=(2,), pretrained=False)
     model, info = build_model(cfg, manifest=tiny_manifest)
-    assert not any(n.startswith(("encoder.layers.3.", "encoder.layers.4.")) for n in _trainable(model))
+    assert not any(n.startswith(("encoder.layers.3.", "encoder.layers.4.")) for n, _ in model.named_parameters())
     assert any(n.startswith("encoder.layers.2.") for n in _trainable(model))
     assert info["lora_layers"] and all(not n.startswith(("layers.3.", "layers.4.")) for n in info["lora_layers"])
     with pytest.raises(UsageError, match="feature_levels"):
         ModelConfig(feature_levels=(1, 1))
+
+
+def _old_segres_maps(encoder, x, depth):
+    """The classifier's own SegResEncoder loop before it truncated the encoder (kept here as the reference)."""
+    outputs = []
+    x = encoder.conv_init(x)
+    for level in encoder.layers[:depth]:
+        x = level["blocks"](x)
+        outputs.append(x)
+        x = level["downsample"](x)
+    return outputs
+
+
+def _randomise(model, seed):
+    """Non-trivial trained-like state: every LoRA factor, norm parameter and BatchNorm statistic random."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if t.is_floating_point() and (".lora_" in name or "norm" in name):
+                t.copy_(torch.rand(t.shape, generator=g) * 0.5 + (0.5 if "running_var" in name else -0.25))
+    return model.eval()
+
+
+def _whole_and_truncated(tiny_manifest, cfg, seed=3):
+    """The same seeded build twice: read-out of every level (no truncation) and ``cfg``'s (truncated)."""
+    torch.manual_seed(seed)
+    whole, _ = build_model(dataclasses.replace(cfg, pooling="multiscale", feature_levels=()), manifest=tiny_manifest)
+    torch.manual_seed(seed)
+    model, info = build_model(cfg, manifest=tiny_manifest)
+    # the truncation draws nothing at random: the same seed gives the same encoder and LoRA initialisation
+    ref = whole.state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in model.state_dict().items() if k.startswith("encoder."))
+    _randomise(whole, 7)
+    model.load_state_dict({k: v for k, v in whole.state_dict().items() if k.startswith("encoder.")}, strict=False)
+    return whole, model.eval(), info
+
+
+def test_truncated_encoder_features_equal_the_old_loop(tiny_manifest, no_weights):
+    cfg = ModelConfig(lora_rank=2, head_hidden=8, pooling="multiscale", feature_levels=(1, 3), pretrained=False)
+    whole, model, info = _whole_and_truncated(tiny_manifest, cfg)
+    assert info["truncated"] == ["layers.4", "layers.3.downsample"] and len(model.encoder.layers) == 4
+    assert not any(k.startswith("encoder.layers.4.") for k in model.state_dict())     # no frozen LoRA left there
+    x = torch.randn(2, 1, 16, 16, 16)
+    with torch.no_grad():
+        old = _old_segres_maps(whole.encoder, whole.frame.apply(x), 4)
+        assert torch.equal(model.features(x), torch.cat([old[i].float().mean(dim=(2, 3, 4)) for i in (1, 3)], 1))
+
+
+def test_format_1_adapter_predicts_what_it_predicted_before(tiny_manifest, no_weights, tmp_path):
+    """An adapter in the old layout (statistics of the dropped level 4 included) gives bit-identical logits."""
+    from safetensors.torch import save_file
+
+    from bids_adhd.errors import DataError
+    from bids_adhd.learn.adapter import FORMAT, FORMAT_1, load_into, read_adapter, save_adapter
+
+    cfg = ModelConfig(lora_rank=2, head_hidden=8, feature_levels=(3,), pretrained=False)
+    whole, model, _ = _whole_and_truncated(tiny_manifest, cfg)
+    old_tensors = adapter_state_dict(model)
+    old_tensors.update({k: v for k, v in adapter_state_dict(whole).items() if k.startswith("encoder.layers.4.")})
+    assert any(".running_mean" in k for k in old_tensors if k.startswith("encoder.layers.4."))
+    meta = save_adapter(tmp_path / "v2.safetensors", model, foundation="ct-fm", base_weights=None, init_seed=3,
+                        fingerprint="f" * 64, pipeline={}, grid=((16, 16, 16), torch.eye(4).numpy()),
+                        train_subjects=["01"], class_names=["TD", "ADHD"], label_column="group")
+    assert meta["format"] == FORMAT == "bids_adhd-adapter/2"
+    old_path = tmp_path / "v1.safetensors"
+    save_file(old_tensors, str(old_path), metadata={**meta, "format": FORMAT_1})
+    x = torch.randn(2, 1, 16, 16, 16)
+    with torch.no_grad():
+        before = model.head(_old_segres_maps(whole.encoder, whole.frame.apply(x), 4)[3].float().mean(dim=(2, 3, 4)))
+    tensors, meta1 = read_adapter(old_path)
+    assert meta1["format"] == FORMAT_1
+    torch.manual_seed(3)
+    rebuilt, _ = build_model(cfg, manifest=tiny_manifest)
+    with pytest.raises(DataError, match="unknown"):          # read as format 2, the level-4 tensors do not fit
+        load_into(rebuilt, tensors, old_path, FORMAT)
+    load_into(rebuilt, tensors, old_path, meta1["format"])
+    with torch.no_grad():
+        assert torch.equal(rebuilt.eval()(x), before)
 
 
 def _trainable(model):

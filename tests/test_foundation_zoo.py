@@ -96,13 +96,36 @@ def test_family_adapter_reproduces_the_encoder_output(name):
     fam = fd.encoder_family(tiny(name))
     x = torch.randn(1, 1, 32, 32, 32)
     with torch.no_grad():
-        maps = fam.encode(enc, x, len(fam.levels(enc)))
+        maps = fam.encode(enc, x)
         ref = enc(x)
     if name == "fmcib":        # feed_forward=False: the trunk returns the global average of layer4
         assert torch.allclose(maps[-1].mean(dim=(2, 3, 4)), ref, atol=1e-6)
     else:
         assert all(torch.equal(a, b) for a, b in zip(maps, ref))
     assert [m.shape[1] for m in maps] == fam.feature_channels(enc)
+
+
+@pytest.mark.parametrize("name", ["fmcib", "ct-fm"])
+def test_truncated_encoder_gives_the_same_first_maps_bit_for_bit(name):
+    """Truncated to 2 levels, the encoder returns exactly the whole one's first 2 maps and holds nothing deeper."""
+    import copy
+
+    enc = trained_like(tiny(name))
+    fam = fd.encoder_family(tiny(name))
+    short = copy.deepcopy(enc)
+    removed = fam.truncate(short, 2)
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        whole, maps = fam.encode(enc, x), fam.encode(short, x)
+    assert len(maps) == 2 and all(torch.equal(a, b) for a, b in zip(maps, whole[:2]))
+    assert fam.feature_channels(short) == fam.feature_channels(enc)[:2]
+    if name == "ct-fm":
+        assert removed == ["layers.2", "layers.3", "layers.4", "layers.1.downsample"]
+        assert torch.equal(short(x)[1], whole[1])          # MONAI's own SegResEncoder.forward, truncated
+    else:
+        assert removed == ["layer3", "layer4"] and not hasattr(short, "layer3")
+    assert fd.count_parameters(short) < fd.count_parameters(enc)
+    assert fam.truncate(short, 2) == []                     # nothing left to remove
 
 
 # ---------------------------------------------------------------- import + strict load

@@ -18,14 +18,16 @@ GROUP_ARGS = ["--skip-bids-validation"]
 TINY_SLEEP = {"seconds": 0.0}
 
 
-def tiny_build_model(cfg, weights=None, **kw):
+def tiny_build_model(cfg, weights=None, *, fingerprint=False, **kw):
     from monai.networks.nets.segresnet_ds import SegResEncoder
 
     from bids_adhd.learn.classifier import ADHDClassifier
+    from bids_adhd.learn.foundation import encoder_fingerprint
     from bids_adhd.learn.lora import DEFAULT_TARGET, inject_lora, parameter_report
 
     enc = SegResEncoder(spatial_dims=3, init_filters=4, in_channels=len(cfg.channels), blocks_down=(1, 1))
     names = inject_lora(enc, cfg.lora_target or DEFAULT_TARGET, rank=2, alpha=2.0)
+    fp = {"encoder_fingerprint": encoder_fingerprint(enc)} if fingerprint else {}
 
     class Slow(ADHDClassifier):
         def forward(self, x):
@@ -36,7 +38,7 @@ def tiny_build_model(cfg, weights=None, **kw):
     model = Slow(enc, pooling=cfg.pooling, head_hidden=8, num_classes=2, head_norm=cfg.head_norm)
     info = {"foundation": "tiny", "pretrained": False, "weights_path": None, "sha256": None,
             "warning": "tiny stand-in, randomly initialised", "adaptation": cfg.adaptation, "lora_layers": names,
-            "parameters": parameter_report(model)}
+            "parameters": parameter_report(model), **fp}
     return model, info
 
 
@@ -57,7 +59,7 @@ def tiny_pipeline(tmp_path: Path, **train) -> Path:
 
 def synthetic(tmp_path: Path, n=8, seed=0, effect=0.08, **kw):
     from bids_adhd.config import load_pipeline
-    from bids_adhd.learn.data import write_synthetic_maps
+    from bids_adhd.simulate_maps import write_synthetic_maps
 
     bids, out = tmp_path / "bids", tmp_path / "out"
     rows = write_synthetic_maps(out, bids, n_subjects=n, seed=seed, effect=effect,

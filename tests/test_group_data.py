@@ -8,8 +8,8 @@ import pytest
 from bids_adhd import derivatives as dv
 from bids_adhd.config import load_pipeline
 from bids_adhd.dmri.template import template_grid
-from bids_adhd.learn.data import (MD_SCALE, find_template_maps, load_input, normalise, resample_to_grid,
-                                  run_maps, write_synthetic_maps)
+from bids_adhd.learn.data import MD_SCALE, find_template_maps, load_input, normalise, resample_to_grid, run_maps
+from bids_adhd.simulate_maps import write_synthetic_maps
 
 
 @pytest.fixture(scope="module")

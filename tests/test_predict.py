@@ -117,7 +117,7 @@ def test_fingerprint_mismatch_is_refused(trained, tiny, tmp_path):
 def test_other_grid_is_resampled(trained, tiny, tmp_path, caplog):
     """Maps from a participant run on the 2 mm grid are resampled to the model's 6 mm grid."""
     from bids_adhd.config import load_pipeline
-    from bids_adhd.learn.data import write_synthetic_maps
+    from bids_adhd.simulate_maps import write_synthetic_maps
 
     out = tmp_path / "out2mm"
     write_synthetic_maps(out, tmp_path / "b2", n_subjects=10, seed=5, template_cfg=load_pipeline("paper").template)

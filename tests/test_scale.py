@@ -111,7 +111,8 @@ def test_top_level_sidecar_of_unselected_data_is_no_error(tmp_path, capsys, reco
 def six_runs(tmp_path_factory):
     from bids_adhd.config import load_pipeline
     from bids_adhd.dmri.template import template_grid
-    from bids_adhd.learn.data import find_template_maps, write_synthetic_maps
+    from bids_adhd.learn.data import find_template_maps
+    from bids_adhd.simulate_maps import write_synthetic_maps
 
     tmp = tmp_path_factory.mktemp("stream")
     cfg = load_pipeline("fast")

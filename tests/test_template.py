@@ -350,3 +350,48 @@ def test_to_template_anti_aliases_coarser_grids():
     a, _ = to_template(native[:50, :50, :50], aff, reg, fine)
     b, _ = to_template(native[:50, :50, :50], aff, reg, fine, anti_alias=False)
     assert np.array_equal(a, b)
+
+
+def test_mni152_loader_gives_nilearns_maps():
+    """The one MNI152 reader (no nilearn import) gives nilearn's loaders' arrays bit for bit."""
+    import warnings
+
+    from nilearn import datasets
+
+    from bids_adhd.dmri import mni152
+    maps = mni152.maps_1mm()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for key, fn in (("t1", datasets.load_mni152_template), ("gm", datasets.load_mni152_gm_template),
+                        ("wm", datasets.load_mni152_wm_template)):
+            img = fn(resolution=1)
+            assert maps[key].dtype == np.float32
+            assert np.array_equal(maps[key], np.asarray(img.get_fdata(), np.float32))
+            assert np.array_equal(maps["affine"], img.affine)
+            assert np.array_equal(mni152.image(key).get_fdata(), img.get_fdata())
+        brain = datasets.load_mni152_brain_mask(resolution=1)
+        assert np.array_equal(maps["brain"], np.asarray(brain.get_fdata()) > 0.5)
+        for thr in (0.2, 0.5):
+            ref = np.asarray(datasets.load_mni152_wm_mask(threshold=thr).get_fdata())
+            assert np.array_equal(mni152.wm_mask(thr), ref) and 0 < ref.mean() < 1
+    assert not maps["wm"].flags.writeable and mni152.raw_1mm()["wm"].dtype == np.uint8
+
+
+def test_one_resampler_for_fixed_and_target_prefilter():
+    """resample_to_grid: 'target' pre-filters only to a coarser grid, a fixed FWHM always; a 1 mm box
+    of ones stays 1 in its interior."""
+    src = np.diag([1.0, 1.0, 1.0, 1.0])
+    src[:3, 3] = -20
+    x = np.zeros((41, 41, 41), np.float32)
+    x[10:31, 10:31, 10:31] = 1
+    fine = T.resample_to_grid(x, src, (41, 41, 41), src, prefilter_fwhm_mm="target")
+    assert np.array_equal(fine, x)                             # same grid, no pre-filter: unchanged
+    coarse = np.diag([3.0, 3.0, 3.0, 1.0])
+    coarse[:3, 3] = -18
+    a = T.resample_to_grid(x, src, (13, 13, 13), coarse, prefilter_fwhm_mm="target")
+    b = T.resample_to_grid(x, src, (13, 13, 13), coarse, prefilter_fwhm_mm=3.0)
+    c = T.resample_to_grid(x, src, (13, 13, 13), coarse)
+    assert np.array_equal(a, b) and a.dtype == np.float32
+    assert not np.array_equal(a, c) and c[6, 6, 6] == 1 and 0.99 < a[6, 6, 6] <= 1.0
+    with pytest.raises(ValueError):
+        T.resample_to_grid(x, src, (13, 13, 13), coarse, prefilter_fwhm_mm="auto")

@@ -42,7 +42,8 @@ def single_threaded_blas():
     """BLAS/OpenMP (numpy, scipy, torch) limited to one thread inside the block.
 
     DIPY's denoisers are much slower with multi-threaded BLAS on small matrices
-    (MP-PCA ~19x here), and our own workers bring their own parallelism.
+    (MP-PCA: docs/preprocessing.md, "Threads and processes"), and our own workers bring their own
+    parallelism.
     """
     from threadpoolctl import threadpool_limits
 

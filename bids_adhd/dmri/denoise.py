@@ -56,8 +56,8 @@ Precision (``dtype``)
   DIPY's own float32 run has such flips too (a different LAPACK routine), so
   float32 results agree with DIPY's float32 results, and with the float64
   ones, only to ~1e-3 of the range at a few voxels (median ~1e-7). Pass
-  ``dtype="float64"`` for the float64 result from float32 data (~1.5x the
-  time).
+  ``dtype="float64"`` for the float64 result from float32 data (it takes
+  longer).
 
 Patches whose data are rank deficient (made mostly of exactly constant
 voxels, e.g. zero-filled background) have eigenvalues that are pure rounding

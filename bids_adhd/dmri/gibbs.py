@@ -2,7 +2,7 @@
 Henriques 2018), vectorised over slices.
 
 DIPY runs its 1-D sub-voxel-shift search one 2-D slice at a time (for each
-slice: 2 axes x 45 shifts x 2 signs of small FFTs, ~0.1 s per 64x64 slice);
+slice: 2 axes x 45 shifts x 2 signs of small FFTs);
 here the same operations run on stacks of slices at once (batched
 ``scipy.fft`` along the last axis), and stacks are shared between ``nprocs``
 threads (the FFTs and the numpy kernels release the GIL).
@@ -24,8 +24,8 @@ Two modes (``unring(..., exact=...)``):
   slices x 4 volumes of ``bids_adhd.simulate`` size demo, float32): max abs
   difference 2.7e-4 of the data range, median 3.4e-5 (absolute; 0.041 % of
   voxels above 1e-5 of the range, none above 1e-3); float64 input: ~1e-15
-  of the range on the test phantom. About 1.8x less CPU time than
-  ``exact=True``.
+  of the range on the test phantom. Less CPU time than ``exact=True``
+  (measured: ``docs/preprocessing.md``, the Gibbs section).
 
 Exactly what is reproduced, per 2-D slice (see ``dipy/denoise/gibbs.py``):
 
@@ -435,7 +435,8 @@ def _resolve_device(device, exact):
     """None: "cuda" when torch sees a CUDA device, else the numpy path ("numpy"); exact=True: numpy.
 
     Without torch already imported and without an NVIDIA device node, torch is not imported just
-    to look (its import costs ~2 s of CPU in a fresh process, e.g. a Nipype node).
+    to look (its import costs over a second of CPU in a fresh process, e.g. a Nipype node:
+    ``benchmarks/results/code_timings.md``).
     """
     import os
     import sys

@@ -34,8 +34,8 @@ Gaussian pre-filter whose FWHM equals the target voxel size (anti-aliasing).
 Registration fits against the target at ``TemplateConfig.registration_mm`` (2 mm
 by default) on the brain's bounding box + 16 mm, whatever the output grid, so the
 transform does not depend on the preset's output resolution; a preset may choose a
-coarser target ( ``fast`` fits at 4 mm for its 6 mm grid, 2.5 s
-instead of 14 s CPU on a demo subject, FA-to-target correlation 0.980 vs 0.978).
+coarser target (``fast`` fits at 4 mm for its 6 mm grid; CPU time and similarity of
+both on a demo subject: ``benchmarks/results/code_timings.md``).
 
 Output grid
 -----------
@@ -98,20 +98,11 @@ def template_grid(cfg: TemplateConfig | None = None) -> tuple[tuple[int, int, in
 
 
 def _mni_maps_1mm() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(wm, gm, brain mask, affine) from nilearn's packaged MNI152 2009 files."""
-    import warnings
+    """(wm, gm, brain mask, affine) of the MNI152 2009a maps (:mod:`bids_adhd.dmri.mni152`)."""
+    from .mni152 import maps_1mm
 
-    from nilearn import datasets
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        wm_img = datasets.load_mni152_wm_template(resolution=1)
-        gm_img = datasets.load_mni152_gm_template(resolution=1)
-        mask_img = datasets.load_mni152_brain_mask(resolution=1)
-    wm = np.clip(np.asarray(wm_img.get_fdata(), np.float32), 0, 1)
-    gm = np.clip(np.asarray(gm_img.get_fdata(), np.float32), 0, 1)
-    mask = np.asarray(mask_img.get_fdata()) > 0.5
-    return wm, gm, mask, np.asarray(wm_img.affine, float)
+    mni = maps_1mm()
+    return mni["wm"], mni["gm"], mni["brain"].copy(), mni["affine"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -123,20 +114,34 @@ def _fa_1mm() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return fa, mask, affine
 
 
-def _resample_1mm(data: np.ndarray, src_affine: np.ndarray, shape, affine, order: int = 1,
-                  prefilter_fwhm_mm: float | None = None) -> np.ndarray:
-    """Resample an axis-aligned 1 mm template array onto another axis-aligned grid."""
+def resample_to_grid(data: np.ndarray, affine: np.ndarray, shape, target_affine: np.ndarray, order: int = 1,
+                     prefilter_fwhm_mm=None) -> np.ndarray:
+    """The one axis-aligned resampler: an image on one grid onto another (world coordinates), float32.
+
+    ``prefilter_fwhm_mm``: None, no pre-filter; a number (or one per axis),
+    a Gaussian that brings the source to that FWHM (its own voxel size
+    counted in quadrature); ``"target"``, the target's voxel size, and only
+    where the target is coarser than 1.01 x the source (anti-aliasing).
+    Used for the template target (a fixed FWHM) and for the group level's
+    inputs (``"target"``, :func:`bids_adhd.learn.data.resample_to_grid`).
+    """
     from scipy import ndimage
 
     data = np.asarray(data, np.float32)
-    if prefilter_fwhm_mm:
-        src_vox = np.abs(np.diag(src_affine)[:3])
-        sig = np.sqrt(np.maximum(prefilter_fwhm_mm ** 2 - src_vox ** 2, 0)) / 2.3548 / src_vox
+    src_vox = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(0))
+    fwhm = prefilter_fwhm_mm
+    if isinstance(fwhm, str):
+        if fwhm != "target":
+            raise ValueError(f"prefilter_fwhm_mm: a number, None or 'target' (got {fwhm!r})")
+        dst_vox = np.sqrt((np.asarray(target_affine)[:3, :3] ** 2).sum(0))
+        fwhm = dst_vox if np.any(dst_vox > src_vox * 1.01) else None
+    if fwhm is not None and np.any(fwhm):
+        sig = np.sqrt(np.maximum(fwhm ** 2 - src_vox ** 2, 0)) / 2.3548 / src_vox
         if np.any(sig > 0):
             data = ndimage.gaussian_filter(data, sig, mode="constant")
-    vox = np.linalg.solve(src_affine, affine)        # output voxel -> source voxel
-    return ndimage.affine_transform(data, vox[:3, :3], vox[:3, 3], output_shape=tuple(shape),
-                                     order=order, mode="constant", cval=0.0)
+    vox = np.linalg.solve(affine, target_affine)     # target voxel -> source voxel
+    return ndimage.affine_transform(data, vox[:3, :3], vox[:3, 3], output_shape=tuple(int(s) for s in shape),
+                                    order=order, mode="constant", cval=0.0)
 
 
 FOV_MARGIN_MM = 16.0
@@ -174,8 +179,8 @@ def _target_on(shape: tuple, affine_key: tuple) -> tuple[np.ndarray, np.ndarray]
     fa1, mask1, a1 = _fa_1mm()
     res = float(np.abs(np.linalg.det(affine[:3, :3])) ** (1 / 3))
     fwhm = res if res > 1.0 + 1e-6 else None
-    fa = _resample_1mm(fa1, a1, shape, affine, order=1, prefilter_fwhm_mm=fwhm)
-    mask = _resample_1mm(mask1.astype(np.float32), a1, shape, affine, order=1) >= 0.5
+    fa = resample_to_grid(fa1, a1, shape, affine, order=1, prefilter_fwhm_mm=fwhm)
+    mask = resample_to_grid(mask1.astype(np.float32), a1, shape, affine, order=1) >= 0.5
     fa = np.clip(fa, 0, 1).astype(np.float32)
     fa.setflags(write=False)
     mask.setflags(write=False)
@@ -373,7 +378,7 @@ def register_to_template(fa, fa_affine, mask=None, cfg: TemplateConfig | None = 
 
 def antialias(vals: np.ndarray, image_affine, out_voxel_mm: float) -> np.ndarray:
     """Gaussian pre-filter before resampling to a coarser grid: FWHM² = out² − in² per axis (the
-    recipe of ``_resample_1mm`` and the template target); unchanged where the output voxel is not
+    recipe of ``resample_to_grid`` and the template target); unchanged where the output voxel is not
     larger than the native one."""
     from scipy import ndimage
 

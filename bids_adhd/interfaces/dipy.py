@@ -26,8 +26,9 @@ def _load(path, dtype=np.float32):
 
 
 def _save(data, like, name, dtype=np.float32):
-    """Write a work-dir image; uncompressed ``.nii`` (gzip level 6 costs 3.6 s per demo DWI write, and
-    the work dir is scratch: the sink compresses what it publishes)."""
+    """Write a work-dir image; uncompressed ``.nii`` (gzip costs seconds of CPU per demo DWI write,
+    ``benchmarks/results/code_timings.md``, and the work dir is scratch: the sink compresses what it
+    publishes)."""
     import nibabel as nib
 
     img = nib.Nifti1Image(np.asarray(data, dtype=dtype), like.affine)

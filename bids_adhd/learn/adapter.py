@@ -11,14 +11,15 @@ moved; :func:`bids_adhd.learn.classifier.adapter_state_dict`). For the
 Metadata (safetensors ``__metadata__``, strings; JSON where structured):
 
 ============================  ==================================================
-``format``                    ``bids_adhd-adapter/1`` (what :func:`read_adapter` checks)
+``format``                    ``bids_adhd-adapter/2`` (:func:`read_adapter` also reads ``/1``)
 ``model_id``                  ``adhd-<16 hex>``: hash of the tensors + metadata below
 ``bids_adhd_version``         package version that wrote it
 ``foundation``                the base model's manifest name (``models/<name>.json``)
 ``base_weights``              the base weights' sha256, or ``random-init``
 ``init_seed``                 torch seed the base (and LoRA/head init) was built with
 ``encoder_fingerprint``       sha256 of the base encoder's weights as built, before
-                              training (every encoder parameter outside LoRA)
+                              training (every encoder parameter outside LoRA, of the
+                              whole encoder, also the levels the read-out drops)
 ``pipeline``                  the resolved pipeline configuration (JSON)
 ``grid``                      ``{"shape", "affine"}`` of the input grid
 ``train_subjects``            JSON list of the subject labels it was trained on
@@ -33,6 +34,13 @@ Prediction rebuilds the base from ``foundation`` + ``pipeline`` (+ the weights
 file, checked against ``base_weights``; or the seeded random init),
 recomputes the fingerprint and refuses a mismatch, then loads the tensors.
 Nothing is ever unpickled.
+
+Formats: ``/2`` holds tensors of the encoder levels the classifier keeps
+(it truncates the encoder after the deepest level its pooling reads).
+``/1`` (written before that) may also hold the BatchNorm running statistics
+of the dropped levels, which never influenced a prediction; :func:`load_into`
+drops exactly those and loads the rest, so a ``/1`` adapter predicts what it
+predicted before (``tests/test_classifier.py`` checks this bit for bit).
 """
 from __future__ import annotations
 
@@ -50,30 +58,14 @@ import torch.nn as nn
 from .. import __version__
 from .. import derivatives as dv
 from ..errors import DataError, MissingInputError
+from .foundation import encoder_fingerprint  # noqa: F401  (re-exported: the adapter's base check)
 
-FORMAT = "bids_adhd-adapter/1"
+FORMAT = "bids_adhd-adapter/2"
+#: format 1 (before the classifier truncated its encoder): its tensors may include the BatchNorm running
+#: statistics of encoder levels past the deepest one read (never used); reading drops them
+FORMAT_1 = "bids_adhd-adapter/1"
+READABLE = (FORMAT, FORMAT_1)
 _JSON_KEYS = ("pipeline", "grid", "train_subjects", "class_names")
-
-
-def encoder_fingerprint(model: nn.Module) -> str:
-    """sha256 over the base encoder's parameters (names, shapes, dtypes, bytes), LoRA factors excluded.
-
-    Computed right after building (before any training) it identifies the base
-    the adapter was trained on: the pre-trained weights, or the seeded random
-    initialisation.
-    """
-    encoder = getattr(model, "encoder", model)
-    h = hashlib.sha256()
-    for name, p in sorted(encoder.named_parameters(), key=lambda kv: kv[0]):
-        if ".lora_" in f".{name}":
-            continue
-        name = name.replace(".base_layer.", ".")          # LoRAConv3d keeps the base conv as base_layer
-        t = p.detach().cpu().contiguous()
-        h.update(name.encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(str(t.dtype).encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
 
 
 def _model_id(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> str:
@@ -142,7 +134,7 @@ def read_metadata(path: os.PathLike) -> dict[str, Any]:
         raise DataError(f"model file {path} is not a safetensors file; --model expects an adapter.safetensors "
                         "written by 'bids_adhd ... group'") from None
     raw = header.get("__metadata__") or {}
-    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+    if not isinstance(raw, dict) or raw.get("format") not in READABLE:
         raise DataError(f"model file {path} is safetensors but not a bids_adhd adapter (no '{FORMAT}' "
                         "metadata); pass OUTPUT_DIR/group/final/adapter.safetensors")
     meta: dict[str, Any] = dict(raw)
@@ -173,8 +165,14 @@ def read_adapter(path: os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, 
     return tensors, meta
 
 
-def load_into(model: nn.Module, tensors: dict[str, torch.Tensor], path: os.PathLike = "adapter") -> None:
-    """Load adapter tensors into a rebuilt model; every tensor must fit a parameter or buffer."""
+def load_into(model: nn.Module, tensors: dict[str, torch.Tensor], path: os.PathLike = "adapter",
+              fmt: str = FORMAT) -> None:
+    """Load adapter tensors into a rebuilt model; every tensor must fit a parameter or buffer.
+
+    ``fmt`` ``/1``: tensors of encoder modules the classifier truncated away are dropped first.
+    """
+    if fmt == FORMAT_1 and hasattr(model, "was_truncated"):
+        tensors = {k: v for k, v in tensors.items() if not model.was_truncated(k)}
     state = model.state_dict()
     unknown = [k for k in tensors if k not in state]
     wrong = [k for k in tensors if k in state and tuple(state[k].shape) != tuple(tensors[k].shape)]

@@ -30,7 +30,8 @@ import torch.nn as nn
 from ..config import ModelConfig
 from ..errors import UsageError
 from .data import model_frame
-from .foundation import count_parameters, encoder_family, load_encoder, load_manifest, lora_target
+from .foundation import (count_parameters, encoder_family, encoder_fingerprint, load_encoder, load_manifest,
+                         lora_target)
 from .lora import NORM_TYPES, inject_lora, parameter_report, set_norm_trainable
 
 LOG = logging.getLogger("bids_adhd.classifier")
@@ -93,7 +94,8 @@ class ADHDClassifier(nn.Module):
     Parameters
     ----------
     encoder : nn.Module
-        Returns a list of feature maps, one per level (MONAI SegResEncoder).
+        A foundation encoder its family adapter reads (MONAI ``SegResEncoder``,
+        ``ResNet``). TRUNCATED IN PLACE to the levels the pooling reads.
     pooling : {'avg', 'multiscale', 'avgmax', 'spatial'}
         ``avg``: global average of the last map (512 features for CT-FM, as
         CT-FM's own feature extraction). ``multiscale``: the global averages
@@ -115,8 +117,10 @@ class ADHDClassifier(nn.Module):
         Channels per level; read from the encoder when not given.
     levels : list of int, optional
         The encoder levels the pooling reads (default: the last for ``avg``,
-        all for the others). The encoder stops after the deepest one read
-        (:meth:`unused_levels` are never run; ``build_model`` freezes them).
+        all for the others). The encoder is truncated after the deepest one
+        read (:meth:`EncoderFamily.truncate`): the levels past it are removed,
+        not merely skipped, so nothing in them is run, trained, counted or
+        saved; ``truncated`` names what was removed (relative to ``encoder``).
     family : EncoderFamily, optional
         The adapter that reads the encoder (:func:`~bids_adhd.learn.foundation.encoder_family`;
         guessed from the encoder when not given).
@@ -145,8 +149,10 @@ class ADHDClassifier(nn.Module):
             self.levels = tuple(sorted(int(v) for v in levels))
         else:
             self.levels = (len(channels) - 1,) if pooling == "avg" else tuple(range(len(channels)))
-        #: levels past this one are neither computed nor trained
+        #: the number of levels kept; the encoder is truncated after level depth - 1
         self.depth = max(self.levels) + 1
+        #: the encoder's modules removed by the truncation (names relative to the encoder)
+        self.truncated = tuple(self.family.truncate(encoder, self.depth))
         chosen = [channels[i] for i in self.levels]
         self.num_features = {"avg": sum(chosen), "multiscale": sum(chosen), "avgmax": 2 * sum(chosen),
                              "spatial": SPATIAL_GRID ** 3 * sum(chosen)}[pooling]
@@ -175,12 +181,12 @@ class ADHDClassifier(nn.Module):
         return torch.cat([m.float().mean(dim=(2, 3, 4)) for m in maps], dim=1)
 
     def _encode(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """The encoder's first ``depth`` feature maps (its family adapter; deeper levels are not run)."""
-        return self.family.encode(self.encoder, x, self.depth)
+        """The truncated encoder's ``depth`` feature maps (for CT-FM, MONAI's own ``SegResEncoder.forward``)."""
+        return self.family.encode(self.encoder, x)
 
-    def unused_levels(self) -> list[nn.Module]:
-        """The encoder levels past ``depth``: never run."""
-        return list(self.family.levels(self.encoder)[self.depth:])
+    def was_truncated(self, key: str) -> bool:
+        """Whether a state-dict key (``encoder.layers.4.…``) belongs to a module the truncation removed."""
+        return any(key.startswith(f"encoder.{name}.") for name in self.truncated)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
@@ -240,7 +246,7 @@ def _adapt(encoder: nn.Module, cfg: ModelConfig, target: str) -> list[str]:
 
 
 def build_model(cfg: ModelConfig, weights=None, *, architecture_only: bool = False,
-                manifest=None) -> tuple[ADHDClassifier, dict]:
+                manifest=None, fingerprint: bool = False) -> tuple[ADHDClassifier, dict]:
     """The classifier ``cfg`` describes, with ``requires_grad`` set for its adaptation.
 
     ``weights``: an explicit weights file (else the search of
@@ -254,9 +260,16 @@ def build_model(cfg: ModelConfig, weights=None, *, architecture_only: bool = Fal
     :func:`~bids_adhd.learn.foundation.load_encoder` (``pretrained``,
     ``weights_path``, ``sha256``, ``warning``, ...), plus ``family``,
     ``orientation``, ``adaptation``, ``in_channels``, ``lora_target``,
-    ``lora_layers`` (replaced layer names), ``encoder_parameters`` (the base
-    encoder, adapted stem included, LoRA excluded), ``head_parameters``,
-    ``full_finetune_trainable`` and ``parameters`` (:func:`parameter_report`).
+    ``lora_layers`` (replaced layer names, in the levels that run),
+    ``encoder_parameters`` (the whole base encoder as published, adapted stem
+    included, LoRA excluded), ``encoder_parameters_run`` (the same for the
+    levels the read-out keeps: the classifier truncates the encoder after the
+    deepest level read), ``truncated`` (the encoder modules removed),
+    ``head_parameters``, ``full_finetune_trainable`` (whole encoder + head) and
+    ``parameters`` (:func:`parameter_report` of the model as built, i.e. truncated).
+    ``fingerprint``: also ``encoder_fingerprint``
+    (:func:`~bids_adhd.learn.foundation.encoder_fingerprint` of the whole
+    encoder, taken before the truncation; what an adapter records).
     """
     manifest = dict(manifest) if manifest is not None else load_manifest(cfg.foundation)
     family, frame = encoder_family(manifest), model_frame(manifest.get("input"))
@@ -270,21 +283,23 @@ def build_model(cfg: ModelConfig, weights=None, *, architecture_only: bool = Fal
     with torch.device("meta") if architecture_only else torch.device("cpu"):
         adapt_stem(encoder, in_channels, cfg.stem_init, family.stem)
         encoder_parameters = count_parameters(encoder)
+        # LoRA goes on the whole encoder first: the seeded random draws (LoRA, then head) stay those of
+        # the untruncated model, so a seed gives the same initial adapter as before the truncation existed
         names = _adapt(encoder, cfg, target)
+        if fingerprint:
+            info["encoder_fingerprint"] = encoder_fingerprint(encoder)
         model = ADHDClassifier(encoder, pooling=cfg.pooling, head_hidden=cfg.head_hidden,
                                num_classes=cfg.num_classes, dropout=cfg.head_dropout,
-                               head_norm=getattr(cfg, "head_norm", False), levels=cfg.feature_levels,
+                               head_norm=cfg.head_norm, levels=cfg.feature_levels,
                                family=family, frame=frame)
-        # levels the read-out does not use are never run: nothing in them is trained or counted trainable
-        unused = {id(m) for level in model.unused_levels() for m in level.modules()}
-        for level in model.unused_levels():
-            level.requires_grad_(False)
-        names = [n for n in names if id(encoder.get_submodule(n)) not in unused]
+        names = [n for n in names if not model.was_truncated(f"encoder.{n}.")]
+        encoder_run = sum(p.numel() for n, p in encoder.named_parameters() if ".lora_" not in f".{n}")
     model.freeze_norm_stats = cfg.adaptation == "linear-probe"
     head_parameters = count_parameters(model.head)
     info.update(family=family.name, orientation="".join(frame.target), adaptation=cfg.adaptation,
                 in_channels=in_channels, lora_target=target, lora_layers=names,
-                encoder_parameters=encoder_parameters, head_parameters=head_parameters,
+                encoder_parameters=encoder_parameters, encoder_parameters_run=encoder_run,
+                truncated=list(model.truncated), head_parameters=head_parameters,
                 full_finetune_trainable=encoder_parameters + head_parameters,
                 parameters=parameter_report(model))
     return model, info

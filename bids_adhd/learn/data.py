@@ -46,12 +46,11 @@ of 2,000 subjects needs about the memory of one of 200 (measured:
 ``benchmarks/scale.py``). The augmentation (group.py) runs in the main
 process, on each batch, so that its random state stays reproducible.
 
-:func:`write_synthetic_maps` writes template-space maps directly (no
-participant level) for fast tests and benchmarks of the group level.
+Synthetic template-space maps for the group level's tests and benchmarks
+(no participant level) are written by :mod:`bids_adhd.simulate_maps`.
 """
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import re
@@ -168,19 +167,12 @@ def resample_to_grid(data: np.ndarray, affine: np.ndarray, shape, target_affine:
     """Resample an image on one axis-aligned grid onto another (world coordinates, trilinear).
 
     Going to a coarser grid, a Gaussian pre-filter (FWHM = target voxel size,
-    minus the source voxel size in quadrature) avoids aliasing.
+    minus the source voxel size in quadrature) avoids aliasing: the one
+    resampler, :func:`bids_adhd.dmri.template.resample_to_grid`, with ``"target"``.
     """
-    from scipy import ndimage
+    from ..dmri.template import resample_to_grid as resample
 
-    data = np.asarray(data, np.float32)
-    src_vox = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(0))
-    dst_vox = np.sqrt((np.asarray(target_affine)[:3, :3] ** 2).sum(0))
-    if np.any(dst_vox > src_vox * 1.01):
-        fwhm = np.sqrt(np.maximum(dst_vox ** 2 - src_vox ** 2, 0))
-        data = ndimage.gaussian_filter(data, fwhm / 2.3548 / src_vox, mode="constant")
-    vox = np.linalg.solve(affine, target_affine)     # target voxel -> source voxel
-    return ndimage.affine_transform(data, vox[:3, :3], vox[:3, 3], output_shape=tuple(int(s) for s in shape),
-                                    order=order, mode="constant", cval=0.0).astype(np.float32)
+    return resample(data, affine, shape, target_affine, order, prefilter_fwhm_mm="target")
 
 
 def map_intensity(name: str, data: np.ndarray) -> np.ndarray:
@@ -342,121 +334,6 @@ def batch_loader(items: Sequence[dict], batches: Sequence[Sequence[int]], num_wo
     return DataLoader(_ItemsDataset(items), batch_sampler=[list(b) for b in batches], collate_fn=list,
                       num_workers=int(num_workers), generator=torch.Generator().manual_seed(0),
                       persistent_workers=False)
-
-
-# --- synthetic template-space maps (tests, benchmarks) ----------------------------
-
-@functools.lru_cache(maxsize=4)
-def _mni_on_grid(shape: tuple, affine_key: tuple) -> dict:
-    """nilearn's MNI152 2009a WM/GM/brain maps, smoothed to the grid's resolution and resampled."""
-    import warnings
-
-    from nilearn import datasets
-
-    affine = np.asarray(affine_key, float).reshape(4, 4)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        wm = datasets.load_mni152_wm_template(resolution=1)
-        gm = datasets.load_mni152_gm_template(resolution=1)
-        brain = datasets.load_mni152_brain_mask(resolution=1)
-    out = {}
-    for key, img in (("wm", wm), ("gm", gm), ("brain", brain)):
-        out[key] = np.clip(resample_to_grid(np.asarray(img.get_fdata(), np.float32), img.affine, shape, affine),
-                           0, 1)
-    out["brain"] = out["brain"] >= 0.5
-    out["csf"] = np.clip(out["brain"] - out["wm"] - out["gm"], 0, 1)
-    return out
-
-
-#: The synthetic effect region: an MNI box (mm) intersected with WM probability > 0.5
-#: (the same as the simulator's "frontal-callosal" region).
-SYNTH_EFFECT_BOX_MM = {"x": (-30.0, 30.0), "y": (-10.0, 45.0), "z": (0.0, 35.0)}
-
-
-def synthetic_effect_region(shape, affine, box=None) -> np.ndarray:
-    box = box or SYNTH_EFFECT_BOX_MM
-    mni = _mni_on_grid(tuple(shape), tuple(np.asarray(affine, float).ravel()))
-    inside = mni["wm"] > 0.5
-    for axis, key in enumerate("xyz"):
-        lo, hi = box[key]
-        coord = affine[axis, axis] * np.arange(shape[axis]) + affine[axis, 3]
-        inside &= ((coord >= lo) & (coord <= hi)).reshape([-1 if a == axis else 1 for a in range(3)])
-    return inside
-
-
-def write_synthetic_maps(out_root, bids_root, n_subjects: int = 20, seed: int = 0, effect: float = 0.08,
-                         template_cfg=None, sites=("SiteA", "SiteB"), noise_sd: float = 0.015,
-                         sessions: int = 1, label_column: str = "diagnosis") -> list[dict]:
-    """Write template-space FA/MD/mask maps for ``n_subjects`` and a minimal BIDS root with participants.tsv.
-
-    The maps mimic what the participant level writes from the simulator's data:
-    FA = WM·(0.45 + 0.25·WM) + 0.15·GM, MD = 0.7e-3·WM + 0.8e-3·GM + 3e-3·CSF
-    (nilearn's MNI152 2009a maps), with per-subject variation: a global FA and
-    MD scale N(1, 0.02), a smooth multiplicative FA field (SD 3 %, wavelengths
-    80–160 mm), a residual misregistration (random shift, SD 1 mm) and voxel
-    noise (``noise_sd``). ADHD subjects (half, shuffled) get FA × (1 − effect) in
-    :func:`synthetic_effect_region`. Returns the participants rows.
-    """
-    from scipy import ndimage
-
-    from ..config import TemplateConfig
-    from ..dmri.template import template_grid
-    import nibabel as nib
-    import json
-
-    shape, affine = template_grid(template_cfg or TemplateConfig())
-    mni = _mni_on_grid(tuple(shape), tuple(affine.ravel()))
-    region = synthetic_effect_region(shape, affine)
-    res = float(abs(affine[0, 0]))
-    rng = np.random.default_rng([seed, 7])
-    diag = np.array(["ADHD"] * (n_subjects // 2) + ["TD"] * (n_subjects - n_subjects // 2))
-    diag = diag[rng.permutation(n_subjects)]
-    ijk = np.indices(shape).reshape(3, -1).T
-    xyz = ijk @ affine[:3, :3].T + affine[:3, 3]
-    bids_root = Path(bids_root)
-    bids_root.mkdir(parents=True, exist_ok=True)
-    (bids_root / "dataset_description.json").write_text(json.dumps({"Name": "synthetic", "BIDSVersion": "1.10.0"}))
-    rows = []
-    width = max(2, len(str(n_subjects)))
-    for i in range(n_subjects):
-        sub = f"{i + 1:0{width}d}"
-        a = np.random.default_rng([seed, 11, i])
-        fa_scale = 1 + np.clip(a.normal(0, 0.02), -0.05, 0.05)
-        md_scale = 1 + np.clip(a.normal(0, 0.02), -0.05, 0.05)
-        k = 4
-        dirs = a.normal(size=(k, 3))
-        dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
-        waves = dirs * (2 * np.pi / a.uniform(80, 160, k))[:, None]
-        field = 1 + np.cos(xyz @ waves.T + a.uniform(0, 2 * np.pi, k)) @ a.normal(0, 0.03 * np.sqrt(2 / k), k)
-        field = np.clip(field, 0.9, 1.1).reshape(shape)
-        row = {"participant_id": f"sub-{sub}", label_column: str(diag[i]),
-               "age": f"{a.uniform(7, 17):.1f}", "sex": str(a.choice(["M", "F"])),
-               "site": str(sites[int(a.integers(len(sites)))])}
-        rows.append(row)
-        for s in range(sessions):
-            ses = f"{s + 1:02d}" if sessions > 1 else None
-            n = np.random.default_rng([seed, 13, i, s])
-            shift = n.normal(0, 1.0, 3) / res
-            wm, gm, csf = (ndimage.shift(mni[t], shift, order=1, mode="constant") for t in ("wm", "gm", "csf"))
-            brain = ndimage.shift(mni["brain"].astype(np.float32), shift, order=1, mode="constant") >= 0.5
-            fa = (wm * (0.45 + 0.25 * wm) + 0.15 * gm) * fa_scale * field
-            if effect and diag[i] == "ADHD":
-                reg = ndimage.shift(region.astype(np.float32), shift, order=1, mode="constant")
-                fa = fa * (1 - effect * reg)
-            md = (0.7e-3 * wm + 0.8e-3 * gm + 3.0e-3 * csf) * md_scale
-            fa = np.clip(fa + n.normal(0, noise_sd, shape), 0, 1) * brain
-            md = np.clip(md * (1 + n.normal(0, noise_sd, shape)), 0, 3.5e-3) * brain
-            src = dv.Source(subject=sub, session=ses)
-            rm = run_maps(out_root, src)
-            dv.write_nifti(rm.fa, nib.Nifti1Image(fa.astype(np.float32), affine))
-            dv.write_nifti(rm.md, nib.Nifti1Image(md.astype(np.float32), affine))
-            dv.write_nifti(rm.mask, nib.Nifti1Image(brain.astype(np.uint8), affine))
-    cols = list(rows[0])
-    text = "\t".join(cols) + "\n" + "".join("\t".join(r[c] for c in cols) + "\n" for r in rows)
-    (bids_root / "participants.tsv").write_text(text)
-    for r in rows:
-        (bids_root / r["participant_id"]).mkdir(exist_ok=True)
-    return rows
 
 
 # --- the model's own frame (orientation, value range) ---------------------------------

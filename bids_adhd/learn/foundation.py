@@ -136,8 +136,11 @@ class EncoderFamily:
 
     ``stem``: the attribute of the first convolution (widened for more than one
     input channel). ``levels(encoder)``: the modules that produce the feature
-    maps, in order. ``encode(encoder, x, depth)``: the first ``depth`` feature
-    maps. ``feature_channels(encoder)``: the channels of each map.
+    maps, in order. ``feature_channels(encoder)``: the channels of each map.
+    ``truncate(encoder, depth)``: drop, in place, everything after the output
+    of level ``depth - 1`` (it would run for nothing); returns the dropped
+    module names. ``encode(encoder, x)``: every feature map the (truncated)
+    encoder produces.
     """
 
     name = ""
@@ -149,12 +152,24 @@ class EncoderFamily:
     def feature_channels(self, encoder: nn.Module) -> list[int]:
         raise NotImplementedError
 
-    def encode(self, encoder: nn.Module, x: torch.Tensor, depth: int) -> list[torch.Tensor]:
+    def truncate(self, encoder: nn.Module, depth: int) -> list[str]:
+        raise NotImplementedError
+
+    def encode(self, encoder: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
         raise NotImplementedError
 
 
 class SegResEncoderFamily(EncoderFamily):
-    """MONAI ``SegResEncoder`` (CT-FM): ``conv_init``, then ``layers[i]`` = blocks + downsample."""
+    """MONAI ``SegResEncoder`` (CT-FM): ``conv_init``, then ``layers[i]`` = blocks + downsample.
+
+    ``SegResEncoder.forward`` runs ``conv_init`` and then, per entry of
+    ``layers``, ``blocks`` (its output is that level's feature map) and
+    ``downsample``. Truncated to ``depth`` levels, MONAI's own forward returns
+    the first ``depth`` maps, computed by the same operations in the same order
+    as the full encoder's (so bit-identical). The last kept level's
+    ``downsample`` becomes ``nn.Identity`` (as MONAI builds the last level of
+    any encoder): its output was never read.
+    """
 
     name, stem = "segresnet_encoder", "conv_init"
 
@@ -162,32 +177,41 @@ class SegResEncoderFamily(EncoderFamily):
         return list(encoder.layers)
 
     def feature_channels(self, encoder):
-        return [int(encoder.init_filters) * 2 ** i for i in range(len(encoder.blocks_down))]
+        return [int(encoder.init_filters) * 2 ** i for i in range(len(encoder.layers))]
 
-    def encode(self, encoder, x, depth):
-        if depth >= len(encoder.layers) or getattr(encoder, "head_module", None) is not None:
-            maps = encoder(x)
-            return [maps] if isinstance(maps, torch.Tensor) else list(maps)
-        outputs = []
-        x = encoder.conv_init(x)
-        for level in encoder.layers[:depth]:
-            x = level["blocks"](x)
-            outputs.append(x)
-            x = level["downsample"](x)
-        return outputs
+    def truncate(self, encoder, depth):
+        n = len(encoder.layers)
+        if depth >= n or getattr(encoder, "head_module", None) is not None:
+            return []                       # a head module reads every level: leave the encoder whole
+        removed = [f"layers.{i}" for i in range(depth, n)]
+        last = encoder.layers[depth - 1]
+        if not isinstance(last["downsample"], nn.Identity):
+            last["downsample"] = nn.Identity()
+            removed.append(f"layers.{depth - 1}.downsample")
+        encoder.layers = encoder.layers[:depth]
+        encoder.blocks_down = tuple(encoder.blocks_down[:depth])
+        return removed
+
+    def encode(self, encoder, x):
+        maps = encoder(x)
+        return [maps] if isinstance(maps, torch.Tensor) else list(maps)
 
 
 class ResNetFamily(EncoderFamily):
     """MONAI ``ResNet`` (FMCIB's trunk): stem ``conv1``/``bn1``/``act``/``maxpool``, then ``layer1``..``layer4``.
 
     The feature maps are the four stage outputs; the global average of the
-    last one is what ``ResNet.forward`` returns with ``feed_forward=False``.
+    last one is what ``ResNet.forward`` returns with ``feed_forward=False``
+    (``ResNet.forward`` returns only that, so the stages are run here).
+    Truncation deletes the stages after the last one read (``ResNet.forward``
+    then no longer works; the classifier does not call it).
     """
 
     name, stem = "resnet", "conv1"
+    STAGES = ("layer1", "layer2", "layer3", "layer4")
 
     def levels(self, encoder):
-        return [encoder.layer1, encoder.layer2, encoder.layer3, encoder.layer4]
+        return [getattr(encoder, s) for s in self.STAGES if hasattr(encoder, s)]
 
     def feature_channels(self, encoder):
         out = []
@@ -196,12 +220,18 @@ class ResNetFamily(EncoderFamily):
             out.append(int(convs[-1].out_channels))
         return out
 
-    def encode(self, encoder, x, depth):
+    def truncate(self, encoder, depth):
+        removed = [s for s in self.STAGES[depth:] if hasattr(encoder, s)]
+        for s in removed:
+            delattr(encoder, s)
+        return removed
+
+    def encode(self, encoder, x):
         x = encoder.act(encoder.bn1(encoder.conv1(x)))
         if not encoder.no_max_pool:
             x = encoder.maxpool(x)
         outputs = []
-        for stage in self.levels(encoder)[:depth]:
+        for stage in self.levels(encoder):
             x = stage(x)
             outputs.append(x)
         return outputs
@@ -220,7 +250,7 @@ def encoder_family(manifest_or_encoder) -> EncoderFamily:
     enc = manifest_or_encoder
     if hasattr(enc, "conv_init") and hasattr(enc, "layers"):
         return FAMILIES["segresnet_encoder"]
-    if all(hasattr(enc, a) for a in ("conv1", "layer1", "layer4")):
+    if all(hasattr(enc, a) for a in ("conv1", "layer1")):
         return FAMILIES["resnet"]
     raise TypeError(f"no encoder family adapter for {type(enc).__name__}")
 
@@ -236,6 +266,29 @@ def lora_target(manifest: Mapping, configured: str = "") -> str:
 
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def encoder_fingerprint(model: nn.Module) -> str:
+    """sha256 over the base encoder's parameters (names, shapes, dtypes, bytes), LoRA factors excluded.
+
+    ``model``: an encoder, or a module with an ``encoder`` attribute. Computed
+    on the whole encoder as built (``build_model(..., fingerprint=True)`` does
+    so before the classifier truncates it), before any training, it identifies
+    the base an adapter was trained on: the pre-trained weights, or the seeded
+    random initialisation.
+    """
+    encoder = getattr(model, "encoder", model)
+    h = hashlib.sha256()
+    for name, p in sorted(encoder.named_parameters(), key=lambda kv: kv[0]):
+        if ".lora_" in f".{name}":
+            continue
+        name = name.replace(".base_layer.", ".")          # LoRAConv3d keeps the base conv as base_layer
+        t = p.detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------- reading files

@@ -13,12 +13,20 @@ Steps (each is a function below; see ``docs/group.md`` for the design):
    ``group/folds.tsv`` before any training;
 3. one model per fold (``train``), its adapter, predictions and metrics under
    ``group/fold-<k>/``; pooled out-of-fold metrics;
-4. a final model on every labelled subject (``group/final/adapter.safetensors``);
+4. a final model from every labelled subject (``group/final/adapter.safetensors``): its weights
+   are fitted on its inner-train part (~80 %), the inner-validation rest drives early stopping,
+   calibration and the threshold (as in every fold);
 5. ``group/metrics.json``, ``group/predictions.tsv``, figures and the HTML report.
 
-``--resume`` continues a killed run: finished folds are skipped, an
+``--resume`` continues a killed analysis: finished folds are skipped, an
 unfinished one continues from its last epoch checkpoint, with the saved fold
 assignment.
+
+Words: a *run* is a BIDS run (one DWI series of a subject: ``inputs.runs``,
+the run key ``sub-X[_ses-Y]...``, ``p_runs`` = one probability per run, averaged
+per subject); one invocation of the group level is the *analysis*
+(:class:`GroupContext`, :func:`summarise_analysis`); training one model is a
+*fit* (:func:`fit_fold`, :func:`fit_final`).
 
 Under ``torchrun`` (``WORLD_SIZE`` > 1) the same steps run in every process,
 with the batches split among them, DistributedDataParallel for the training and
@@ -221,7 +229,7 @@ def package_versions() -> dict:
     return out
 
 
-# --- the run -----------------------------------------------------------------------
+# --- the analysis (one invocation of the group level) -------------------------------
 
 def resolve_config(settings: GroupSettings):
     """The settings' preset with ``--folds`` and ``--seed`` applied."""
@@ -259,7 +267,7 @@ def _run_group(settings: GroupSettings, dist, device) -> int:
     from ..bids import check_bids_dir
     from ..dmri.template import template_grid
 
-    t_run = time.perf_counter()
+    t_start = time.perf_counter()
     with dist.phase():          # every rank; an error on any rank stops them all with its exit code
         bids_dir = check_bids_dir(settings.bids_dir)
         out_root = Path(settings.output_dir).expanduser().resolve()
@@ -298,7 +306,7 @@ def _run_group(settings: GroupSettings, dist, device) -> int:
         grid = template_grid(cfg.template)
         images, index = _load_images(inputs, cfg, grid)
 
-    ctx = RunContext(cfg=cfg, device=device, model=model, init=init, info=info, fingerprint=fingerprint,
+    ctx = GroupContext(cfg=cfg, device=device, model=model, init=init, info=info, fingerprint=fingerprint,
                      grid=grid, inputs=inputs, images=images, index=index, gdir=gdir, ckpt_root=ckpt_root,
                      resume=resume, progress=progress, column=column, opts=opts, bids_dir=bids_dir,
                      out_root=out_root)
@@ -306,18 +314,18 @@ def _run_group(settings: GroupSettings, dist, device) -> int:
     # --- cross-validation --------------------------------------------------------
     fold_results = []
     for k in range(cfg.train.folds):
-        fold_results.append(run_fold(ctx, k, assignment))
+        fold_results.append(fit_fold(ctx, k, assignment))
     # --- final model ---------------------------------------------------------------
-    final = run_final(ctx)
+    final = fit_final(ctx)
     # the permutation test's frozen features: the encoder reset to its state as built (after the
     # final model's adapter is saved, so nothing before or during the training waits for it)
     ctx.features = _frozen_features(ctx) if opts.permutations else None
     # rank 0 writes (the checkpoints' removal included); the others wait for it
-    results = dist.on_main(summarise_run, ctx, fold_results, final, warning, time.perf_counter() - t_run)
+    results = dist.on_main(summarise_analysis, ctx, fold_results, final, warning, time.perf_counter() - t_start)
     LOG.info("pooled out-of-fold: %s", _fmt_pooled(results["pooled"]))
     if warning:
         LOG.warning(warning)
-    LOG.info("group level finished in %.0f s; results in %s (report: %s)", time.perf_counter() - t_run, gdir,
+    LOG.info("group level finished in %.0f s; results in %s (report: %s)", time.perf_counter() - t_start, gdir,
              gdir / "report.html")
     return 0
 
@@ -327,14 +335,13 @@ def _build_model_once(cfg, weights, dist, device):
     classifier, built once per run from the seed, on ``device``; every fold starts from ``init``."""
     import torch
 
-    from .adapter import encoder_fingerprint
     from .classifier import build_model
     from .train import initial_state
 
     t0 = time.perf_counter()
     torch.manual_seed(cfg.train.seed)
-    model, info = build_model(cfg.model, weights=weights)
-    fingerprint = encoder_fingerprint(model)
+    model, info = build_model(cfg.model, weights=weights, fingerprint=True)
+    fingerprint = info["encoder_fingerprint"]
     model.to(device).to(memory_format=torch.channels_last_3d)
     if dist.prepare_model(model, cfg):
         LOG.info("torchrun: the encoder's BatchNorm layers are SyncBatchNorm (statistics of the global batch)")
@@ -525,7 +532,9 @@ def _load_images(inputs: GroupInputs, cfg, grid):
 
 
 @dataclass
-class RunContext:
+class GroupContext:
+    """What every step of one analysis (one invocation of the group level) shares."""
+
     cfg: object
     device: object
     model: object
@@ -569,7 +578,7 @@ def _augment(cfg):
     return Compose(aug) if aug else None
 
 
-def _train(ctx: RunContext, name: str, subjects: list[str], seed: int, out_dir: Path) -> dict:
+def _train(ctx: GroupContext, name: str, subjects: list[str], seed: int, out_dir: Path) -> dict:
     from .crossval import inner_split
     from .train import train_model
 
@@ -583,7 +592,7 @@ def _train(ctx: RunContext, name: str, subjects: list[str], seed: int, out_dir: 
     return res
 
 
-def _save_adapter(ctx: RunContext, path: Path, subjects, fold: str, threshold: float = 0.5,
+def _save_adapter(ctx: GroupContext, path: Path, subjects, fold: str, threshold: float = 0.5,
                   calibration: dict | None = None) -> dict:
     from .adapter import save_adapter
 
@@ -604,7 +613,7 @@ def _read_json_if(path: Path, *also: Path):
     return None
 
 
-def run_fold(ctx: RunContext, k: int, assignment: dict) -> dict:
+def fit_fold(ctx: GroupContext, k: int, assignment: dict) -> dict:
     from .data import ItemImages
     from .distributed import current
     from .metrics import binary_metrics, format_metrics
@@ -627,9 +636,9 @@ def run_fold(ctx: RunContext, k: int, assignment: dict) -> dict:
 
     lora_rel = lora_update_rel_norm(ctx.model)      # of the kept (restored best) state; 0: head only
     items = ctx.items(test)
-    p_run = predict_proba(ctx.model, ItemImages(items), ctx.device, cfg.train.batch_size,
+    p_runs = predict_proba(ctx.model, ItemImages(items), ctx.device, cfg.train.batch_size,
                           amp_dtype(ctx.device, cfg.train.amp))
-    raw = _subject_probs(items, p_run)
+    raw = _subject_probs(items, p_runs)
     cal, thr, p_val = _calibration(ctx, res["inner_val"])
     y = [ctx.inputs.labels[s] for s in test]
     p = [float(v) for v in apply_platt([raw[s] for s in test], cal)]
@@ -662,7 +671,7 @@ def run_fold(ctx: RunContext, k: int, assignment: dict) -> dict:
     return out
 
 
-def _calibration(ctx: RunContext, val_subjects) -> tuple[dict | None, float, dict]:
+def _calibration(ctx: GroupContext, val_subjects) -> tuple[dict | None, float, dict]:
     """(Platt MAP calibration, Youden threshold, raw probabilities) from the trained model's
     predictions of its inner-validation subjects (never the test fold); none: identity and 0.5."""
     from .data import ItemImages
@@ -672,15 +681,15 @@ def _calibration(ctx: RunContext, val_subjects) -> tuple[dict | None, float, dic
     if not val_subjects:
         return None, 0.5, {}
     items = ctx.items(val_subjects)
-    p_run = predict_proba(ctx.model, ItemImages(items), ctx.device, ctx.cfg.train.batch_size,
+    p_runs = predict_proba(ctx.model, ItemImages(items), ctx.device, ctx.cfg.train.batch_size,
                           amp_dtype(ctx.device, ctx.cfg.train.amp))
-    probs = _subject_probs(items, p_run)
+    probs = _subject_probs(items, p_runs)
     prior = ctx.opts.calibration_prior_sd if ctx.opts is not None else 1.0
     cal, thr = calibrate_fold(probs, ctx.inputs.labels, prior)
     return cal, thr, probs
 
 
-def _fold_saliency(ctx: RunContext, fdir: Path, items) -> dict | None:
+def _fold_saliency(ctx: GroupContext, fdir: Path, items) -> dict | None:
     """The fold model's saliency averaged over its test subjects, written under ``fdir`` (rank 0)."""
     from .data import ItemImages
     from .saliency import mean_saliency, write_saliency
@@ -696,14 +705,14 @@ def _fold_saliency(ctx: RunContext, fdir: Path, items) -> dict | None:
     return {"path": path.name, "seconds": time.perf_counter() - t0}
 
 
-def _subject_probs(items, p_run) -> dict:
+def _subject_probs(items, p_runs) -> dict:
     acc: dict[str, list] = {}
-    for it, p in zip(items, p_run):
+    for it, p in zip(items, p_runs):
         acc.setdefault(it["subject"], []).append(float(p))
     return {s: float(np.mean(v)) for s, v in acc.items()}
 
 
-def run_final(ctx: RunContext) -> dict:
+def fit_final(ctx: GroupContext) -> dict:
     from .distributed import current
 
     dist = current()
@@ -714,7 +723,7 @@ def run_final(ctx: RunContext) -> dict:
         LOG.info("final model: finished in the interrupted run; skipped")
         return saved
     subjects = ctx.inputs.subjects
-    LOG.info("final model: training on all %d labelled subjects", len(subjects))
+    LOG.info("final model: %d labelled subjects (an inner split of them stops and calibrates it)", len(subjects))
     res = _train(ctx, "final", subjects, ctx.cfg.train.seed * 100, fdir)
     cal, thr, _ = _calibration(ctx, res["inner_val"])
 
@@ -730,7 +739,7 @@ def run_final(ctx: RunContext) -> dict:
     return dist.on_main(write)
 
 
-def _statistics(ctx: RunContext, folds, final, subs, y, p, thr, fold_of) -> dict:
+def _statistics(ctx: GroupContext, folds, final, subs, y, p, thr, fold_of) -> dict:
     """pooled (with CIs), threshold, calibration, permutation, confounds and saliency entries."""
     from .groupstats import StatsOptions, confound_report, permutation_test, pooled_with_cis, read_confounds
     from .stats import reliability
@@ -774,7 +783,7 @@ def _statistics(ctx: RunContext, folds, final, subs, y, p, thr, fold_of) -> dict
     return out
 
 
-def _group_saliency(ctx: RunContext, folds) -> dict | None:
+def _group_saliency(ctx: GroupContext, folds) -> dict | None:
     """Average of the folds' saliency maps → group/space-<tpl>_desc-saliency_stat.nii.gz; with the
     simulator's truth mask at hand, the inside-effect / WM-outside ratio."""
     import nibabel as nib
@@ -797,7 +806,7 @@ def _group_saliency(ctx: RunContext, folds) -> dict | None:
     return out
 
 
-def summarise_run(ctx: RunContext, folds: list[dict], final: dict, warning: str | None, seconds: float) -> dict:
+def summarise_analysis(ctx: GroupContext, folds: list[dict], final: dict, warning: str | None, seconds: float) -> dict:
     from ..reports.group import write_group_report
     from .metrics import METRIC_KEYS, binary_metrics, roc_points, summarise
 

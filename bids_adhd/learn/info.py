@@ -9,6 +9,9 @@ memory), so it runs anywhere, instantly::
 ``full_finetune`` is what full fine-tuning would train (the encoder, its
 adapted stem included, plus the same head); ``full_over_trainable`` is how
 many times fewer parameters the preset trains (the seed's "over 113x").
+``encoder`` is the whole published encoder's count; ``encoder_run`` the part
+that runs (the classifier truncates the encoder after the deepest level its
+pooling reads; ``total`` and ``frozen`` count the truncated model).
 """
 from __future__ import annotations
 
@@ -50,6 +53,7 @@ def model_report(pipeline: str = "paper") -> dict:
         "frozen": rep["frozen"],
         "total": rep["total"],
         "encoder": info["encoder_parameters"],
+        "encoder_run": info["encoder_parameters_run"],
         "head": info["head_parameters"],
         "lora": rep["lora"],
         "norm": rep["norm"],
@@ -68,7 +72,7 @@ def format_report(r: dict) -> str:
         f"adaptation {r['adaptation']}"
         + (f" ({r['lora_factorisation']}, rank {r['lora_rank']})" if r["lora_rank"] else "")
         + f", {r['in_channels']} input channel(s), {r['pooling']} pooling"
-        + (f" of encoder level(s) {', '.join(map(str, r['feature_levels']))} (deeper levels unused)"
+        + (f" of encoder level(s) {', '.join(map(str, r['feature_levels']))} (deeper levels removed)"
            if r.get("feature_levels") else ""),
         f"  trainable      {r['trainable']:>12,}",
         f"    LoRA         {r['lora']:>12,}",
@@ -76,7 +80,11 @@ def format_report(r: dict) -> str:
         f"    head         {r['head']:>12,}",
         f"  frozen         {r['frozen']:>12,}",
         f"  total          {r['total']:>12,}",
-        f"  encoder        {r['encoder']:>12,}  (without LoRA)",
+        f"  encoder        {r['encoder']:>12,}  (without LoRA; the whole published encoder)",
+    ]
+    if r["encoder_run"] != r["encoder"]:
+        lines.append(f"    of which run {r['encoder_run']:>12,}  (levels up to the deepest read; the rest is removed)")
+    lines += [
         f"  full fine-tuning would train {r['full_finetune']:,}: ratio {100 * r['ratio_to_full']:.2f} % "
         f"({r['full_over_trainable']:.2f}x fewer)",
     ]

@@ -79,7 +79,6 @@ def rebuild_model(meta: dict, weights=None, model_path=""):
     """The classifier the adapter was trained on, base verified, adapter not yet loaded."""
     import torch
 
-    from .adapter import encoder_fingerprint
     from .classifier import build_model
 
     cfg = pipeline_from_dict(meta["pipeline"])
@@ -88,7 +87,7 @@ def rebuild_model(meta: dict, weights=None, model_path=""):
     if random_init and mcfg.pretrained:
         mcfg = dataclasses.replace(mcfg, pretrained=False)     # trained on the seeded random init
     torch.manual_seed(int(meta["init_seed"]))
-    model, info = build_model(mcfg, weights=None if random_init else weights)
+    model, info = build_model(mcfg, weights=None if random_init else weights, fingerprint=True)
     if not random_init:
         if not info.get("pretrained"):
             raise MissingInputError(f"model {meta['model_id']} was trained on {meta['foundation']} weights with "
@@ -98,7 +97,7 @@ def rebuild_model(meta: dict, weights=None, model_path=""):
             raise DataError(f"weights file {info.get('weights_path')} (sha256 {str(info.get('sha256'))[:16]}...) is "
                             f"not the one model {meta['model_id']} was trained on (sha256 "
                             f"{meta['base_weights'][:16]}...); pass the matching --weights")
-    fp = encoder_fingerprint(model)
+    fp = info["encoder_fingerprint"]
     if fp != meta["encoder_fingerprint"]:
         raise DataError(f"the base model rebuilt for {model_path or meta['model_id']} does not match the one it was "
                         f"trained on (encoder fingerprint {fp[:12]}... vs {meta['encoder_fingerprint'][:12]}...); "
@@ -157,7 +156,7 @@ def predict_runs(settings, runs, out_root) -> list[dict]:
                                 f"{' ...' if len(missing) > 3 else ''}); the participant level did not finish")
     tensors, meta = read_adapter(model_path)
     model, cfg, info = rebuild_model(meta, settings.weights, model_path)
-    load_into(model, tensors, model_path)
+    load_into(model, tensors, model_path, meta["format"])
     device = resolve_device(settings.device)
     model.to(device).to(memory_format=torch.channels_last_3d).eval()
     grid = (tuple(meta["grid"]["shape"]), np.asarray(meta["grid"]["affine"], float))

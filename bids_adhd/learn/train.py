@@ -88,7 +88,7 @@ def autocast(device: torch.device, dtype):
 
 
 def memory_format(device: torch.device):
-    """channels_last_3d: about 3x faster Conv3d with oneDNN on the CPU (measured); fine on CUDA."""
+    """channels_last_3d: faster Conv3d with oneDNN on the CPU (``benchmarks/results/code_timings.md``); fine on CUDA."""
     return torch.channels_last_3d
 
 

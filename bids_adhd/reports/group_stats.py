@@ -127,13 +127,14 @@ def confounds_html(conf: dict | None) -> str:
 def saliency_figure(sal_path: Path, effect_path: Path | None = None) -> bytes:
     """Axial, coronal and sagittal slices through the saliency maximum over nilearn's MNI152 template."""
     import nibabel as nib
-    from nilearn.datasets import load_mni152_template
     from nilearn.image import resample_to_img
+
+    from ..dmri import mni152
 
     plt = _plt()
     img = nib.load(str(sal_path))
     sal = np.asarray(img.get_fdata())
-    bg = np.asarray(resample_to_img(load_mni152_template(), img, interpolation="continuous",
+    bg = np.asarray(resample_to_img(mni152.image("t1"), img, interpolation="continuous",
                                     force_resample=True, copy_header=True).get_fdata())
     eff = None
     if effect_path is not None and Path(effect_path).is_file():
