@@ -203,6 +203,8 @@ def report(out: Path) -> None:
     """Add each entry's derived ``status`` to ``out`` and write ``out``.md; nothing measured is touched."""
     data = json.loads(out.read_text())
     for entry in data.get("presets", {}).values():
+        if "finished" not in entry and "run" in entry:     # written before run_preset recorded it
+            entry["finished"] = entry["run"].get("exit") == 0 and "pooled" in entry
         entry["status"] = status_of(entry)
     out.write_text(json.dumps(data, indent=2) + "\n")
     out.with_suffix(".md").write_text(render_markdown(data) + "\n")
@@ -257,6 +259,7 @@ def run_preset(preset: str, args) -> dict:
              "synthetic_maps_s": maps_s, "resumed": resumed, "run": run}
     if run["exit"] == 0:
         entry.update(summarise(d / "out" / "group"))
+        entry["finished"] = "pooled" in entry
     else:
         entry["log_tail"] = Path(run["log"]).read_text()[-2000:]
     return entry
