@@ -309,7 +309,7 @@ def _register_one(task):
             if max_displacement(A_e, E0 @ M0, corners) <= MAX_STEP_MM:
                 M, A = M_e, A_e
         amap = _amap(A, moving.shape, grid2world)
-        if max_displacement(A, np.eye(4), box_corners(box, grid2world)) <= identity_mm:
+        if max_displacement(A, np.eye(4), corners) <= identity_mm:
             out = np.asarray(moving, np.float32).copy()
         else:
             out = np.asarray(amap.transform(np.asarray(moving, np.float64)), np.float32)
@@ -457,14 +457,15 @@ def _round(st, aligned, A, M, flags, nprocs, first=False):
     from .predict import loo_predict
 
     bvals, b0s, n = st["bvals"], st["b0s"], st["bvals"].size
-    rot = rotate_bvecs(st["bvecs"], M, st["affine"])
-    exclude = flags.any(1)
-    moved = _moved(M, bvals, st["b0_threshold"], st["corners"])
-    if np.count_nonzero((bvals > st["b0_threshold"]) & ~(exclude | moved)) >= MIN_FIT_DW:
-        exclude = exclude | moved
-    pred = loo_predict(aligned, bvals, rot, st["b0_threshold"], mask=st["box_mask"], exclude=exclude)
     if first:
         pred = _shell_medians(aligned, bvals, st["b0_threshold"], st["box_mask"])
+    else:
+        exclude = flags.any(1)
+        moved = _moved(M, bvals, st["b0_threshold"], st["corners"])
+        if np.count_nonzero((bvals > st["b0_threshold"]) & ~(exclude | moved)) >= MIN_FIT_DW:
+            exclude = exclude | moved
+        rot = rotate_bvecs(st["bvecs"], M, st["affine"])
+        pred = loo_predict(aligned, bvals, rot, st["b0_threshold"], mask=st["box_mask"], exclude=exclude)
     ref_b0 = aligned[..., b0s].mean(-1)
     tasks, todo = [], [i for i in range(n) if i != b0s[0]]     # the first b0 is the reference pose
     for i in todo:
@@ -510,8 +511,8 @@ def _moved(M, bvals, b0_threshold, corners, limit=MOVED_MM, share=1 / 3):
     dw = np.flatnonzero(np.asarray(bvals) > b0_threshold)
     d = np.array([max_displacement(M[i], np.eye(4), corners) for i in dw])
     out = np.zeros(len(bvals), bool)
-    big = dw[np.argsort(-d)[:int(share * dw.size)]]
-    out[big] = d[np.argsort(-d)[:int(share * dw.size)]] > limit
+    largest = np.argsort(-d)[:int(share * dw.size)]
+    out[dw[largest]] = d[largest] > limit
     return out
 
 
