@@ -14,7 +14,7 @@ import pytest
 from scipy.ndimage import affine_transform, gaussian_filter
 
 from bids_adhd.simulate import gradient_directions
-from bids_adhd.dmri.motion import (_frames, box_corners, correct_motion, euler_to_matrix, framewise_displacement,
+from bids_adhd.dmri.motion import (_centre, _frames, _split_pe_shift, box_corners, correct_motion, euler_to_matrix, framewise_displacement,
                                    matrix_to_euler, max_displacement, polar_rotation, rigid_params,
                                    rotate_bvecs)
 
@@ -192,6 +192,29 @@ def test_eddy_shear_leaves_bvecs_and_motion_alone():
     # what feeding the eddy part to the rotation would do: the polar rotation of the shear is ~1 deg
     R = polar_rotation(eddy[9])
     assert np.degrees(np.arccos((np.trace(R) - 1) / 2)) > 1.0
+
+
+def test_pe_shift_model_removes_the_dw_common_offset():
+    """Across the DW volumes the shift along the phase-encoding direction is ``c0 + (b g) . s``: the
+    part linear in ``b g`` (eddy) leaves the head motion ``M`` for ``E``; the intercept ``c0``, shared
+    by every DW volume and no b0 (the registration targets' pose), leaves ``M`` and ``A``; a moved
+    volume keeps its own motion; the b0s are untouched."""
+    dirs = np.array([[0, 0, 0], [0, 0, 0]] + list(gradient_directions(20)), float)
+    bvals = np.r_[0, 0, np.full(20, 1000.0)]
+    D, F = _frames(AFFINE)
+    bvecs = (F @ D.T @ dirs.T).T
+    u = AFFINE[:3, 1] / np.linalg.norm(AFFINE[:3, 1])
+    s, c0, moved = np.array([0.5, -0.3, 0.7]), -0.25, {7: 1.2}
+    M = np.repeat(np.eye(4)[None], bvals.size, 0)
+    for i in range(2, bvals.size):
+        M[i][:3, 3] = u * (c0 + dirs[i] @ s + moved.get(i, 0.0))
+    A, M_out, c0_est = _split_pe_shift(M.copy(), M.copy(), bvals, bvecs, AFFINE, 1, 50, _centre(SHAPE, AFFINE))
+    assert abs(c0_est - c0) < 1e-9
+    for i in range(bvals.size):
+        assert np.allclose(M_out[i][:3, 3], u * moved.get(i, 0.0), atol=1e-9), i
+        expected = 0.0 if i < 2 else dirs[i] @ s + moved.get(i, 0.0)
+        assert np.allclose(A[i][:3, 3], u * expected, atol=1e-9), i
+        assert np.allclose(A[i][:3, :3], np.eye(3)) and np.allclose(M_out[i][:3, :3], np.eye(3))
 
 
 def test_dropout_slices_found_and_replaced():

@@ -214,15 +214,21 @@ def rigid_part(A, M_rigid, u, centre):
     return M
 
 
-def _split_pe_shift(M, bvals, bvecs, grid2world, axis, b0_threshold, centre):
-    """Move the part of each DW volume's translation along the phase-encoding direction that is a
-    linear function of ``b * g`` (the eddy shift; g the scanner-frame gradient) from ``M`` to
-    ``E``: robust least squares over the DW volumes (two passes, outliers beyond 3 robust SDs
-    dropped: moved volumes). Returns the new ``M`` (``A`` is unchanged: ``E = A M^-1`` takes the shift)."""
+def _split_pe_shift(A, M, bvals, bvecs, grid2world, axis, b0_threshold, centre):
+    """Model the DW volumes' displacements along the phase-encoding direction ``u`` across volumes:
+    ``tau_i = c0 + (b_i g_i) . s`` (``tau_i`` the shift of the centre along ``u`` in ``M_i``, ``g``
+    the scanner-frame gradient; robust least squares, two passes, volumes beyond 3 robust SDs
+    dropped: moved ones). The part linear in ``b g`` is the eddy shift: moved from ``M`` to ``E``
+    (``A`` unchanged, ``E = A M^-1`` takes it). The intercept ``c0`` is a displacement shared by
+    every DW volume and none of the b0s: eddy currents vanish without a gradient, and a head does
+    not move with the diffusion weighting, so it is the pose of the registration targets (each DW
+    volume is registered to a prediction from the other DW volumes, which share it; FSL eddy's
+    post-eddy alignment of shells corrects the same blind spot): removed from every DW volume's
+    ``M`` and ``A``. Returns ``(A, M, c0)``."""
     u = pe_direction(grid2world, axis)
     dw = np.flatnonzero(np.asarray(bvals) > b0_threshold)
     if dw.size < 6:
-        return M
+        return A, M, 0.0
     D, F = _frames(grid2world)
     G = (np.asarray(bvecs, float)[dw] @ (D @ F).T) * (np.asarray(bvals, float)[dw, None] / 1000.0)
     tau = np.array([u @ (M[i][:3, :3] @ centre + M[i][:3, 3] - centre) for i in dw])   # shift of the centre
@@ -233,10 +239,11 @@ def _split_pe_shift(M, bvals, bvecs, grid2world, axis, b0_threshold, centre):
         r = tau - np.c_[np.ones(dw.size), G] @ coef
         mad = 1.4826 * np.median(np.abs(r - np.median(r)))
         keep = np.abs(r - np.median(r)) <= 3 * max(mad, 0.02)
-    out = M.copy()
+    A, M = A.copy(), M.copy()
     for i, g in zip(dw, G):
-        out[i][:3, 3] -= u * float(g @ coef[1:])
-    return out
+        M[i][:3, 3] -= u * float(coef[0] + g @ coef[1:])
+        A[i][:3, 3] -= u * float(coef[0])
+    return A, M, float(coef[0])
 
 
 def _seed(volume):
@@ -481,8 +488,11 @@ def _round(st, aligned, A, M, flags, nprocs, first=False):
         if r[3] is not None:
             resid[i], counts[i] = r[3]
     if st["eddy_axis"] is not None:
-        M = _split_pe_shift(M, bvals, st["bvecs"], st["affine"], st["eddy_axis"], st["b0_threshold"],
-                            _centre(st["work"].shape[:3], st["affine"]))
+        A, M, c0 = _split_pe_shift(A, M, bvals, st["bvecs"], st["affine"], st["eddy_axis"], st["b0_threshold"],
+                                   _centre(st["work"].shape[:3], st["affine"]))
+        if c0 != 0.0:
+            for i in np.flatnonzero(bvals > st["b0_threshold"]):
+                aligned[..., i] = _resample(st["work"][..., i], A[i], st)
     dw = np.flatnonzero(bvals > st["b0_threshold"])
     new_flags = flag_dropouts(resid, counts, dw, st["outlier_z"], st["outlier_min_drop"])
     return A, M, aligned, new_flags, pred
@@ -534,7 +544,12 @@ def _apply_outliers(st, aligned, A, flags, applied, pred):
         vol = _replace_slices(st["raw"][..., i], pred[..., i], A[i], flags[i], st["slice_axis"], st["affine"])
         st["work"][..., i] = vol
         applied[i] = flags[i]
-        if max_displacement(A[i], np.eye(4), st["corners"]) <= st["identity_mm"]:
-            aligned[..., i] = vol
-        else:
-            aligned[..., i] = _amap(A[i], vol.shape, st["affine"]).transform(np.asarray(vol, np.float64))
+        aligned[..., i] = _resample(vol, A[i], st)
+
+
+def _resample(vol, A, st):
+    """``vol`` resampled (trilinear) with the reference->volume transform ``A``; a copy when ``A`` moves
+    no head-box corner further than ``identity_mm``."""
+    if max_displacement(A, np.eye(4), st["corners"]) <= st["identity_mm"]:
+        return np.asarray(vol, np.float32).copy()
+    return np.asarray(_amap(A, vol.shape, st["affine"]).transform(np.asarray(vol, np.float64)), np.float32)
