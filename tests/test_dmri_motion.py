@@ -14,9 +14,9 @@ import pytest
 from scipy.ndimage import affine_transform, gaussian_filter
 
 from bids_adhd.simulate import gradient_directions
-from bids_adhd.dmri.motion import (_centre, _frames, _split_pe_shift, box_corners, correct_motion, euler_to_matrix, framewise_displacement,
-                                   matrix_to_euler, max_displacement, polar_rotation, rigid_params,
-                                   rotate_bvecs)
+from bids_adhd.dmri.motion import (_centre, _frames, _split_pe_shift, box_corners, correct_motion, euler_to_matrix,
+                                   framewise_displacement, matrix_to_euler, max_displacement, polar_rotation,
+                                   rigid_params, rotate_bvecs)
 
 SHAPE = (36, 36, 24)
 # LAS, 2 mm, origin far from the head: rotations about the scanner origin would

@@ -315,13 +315,10 @@ def _register_one(task):
             A_e = eddy_projection(full @ np.linalg.inv(M_e), grid2world, eddy_axis) @ M_e
             if max_displacement(A_e, E0 @ M0, corners) <= MAX_STEP_MM:
                 M, A = M_e, A_e
-        amap = _amap(A, moving.shape, grid2world)
-        if max_displacement(A, np.eye(4), corners) <= identity_mm:
-            out = np.asarray(moving, np.float32).copy()
-        else:
-            out = np.asarray(amap.transform(np.asarray(moving, np.float64)), np.float32)
+        out = _resample(moving, A, grid2world, corners, identity_mm)
         slice_stats = None if observed is None else _slice_residuals(
-            observed, amap.transform_inverse(np.asarray(static, np.float64)), slice_axis)
+            observed, _amap(A, moving.shape, grid2world).transform_inverse(np.asarray(static, np.float64)),
+            slice_axis)
     return A, M, out, slice_stats
 
 
@@ -487,13 +484,14 @@ def _round(st, aligned, A, M, flags, nprocs, first=False):
         A[i], M[i], aligned[..., i] = r[0], r[1], r[2]
         if r[3] is not None:
             resid[i], counts[i] = r[3]
+    c0 = 0.0
     if st["eddy_axis"] is not None:
         A, M, c0 = _split_pe_shift(A, M, bvals, st["bvecs"], st["affine"], st["eddy_axis"], st["b0_threshold"],
                                    _centre(st["work"].shape[:3], st["affine"]))
-        if c0 != 0.0:
-            for i in np.flatnonzero(bvals > st["b0_threshold"]):
-                aligned[..., i] = _resample(st["work"][..., i], A[i], st)
     dw = np.flatnonzero(bvals > st["b0_threshold"])
+    if c0 != 0.0:                       # the DW volumes' transforms moved: resample them anew
+        for i in dw:
+            aligned[..., i] = _resample(st["work"][..., i], A[i], st["affine"], st["corners"], st["identity_mm"])
     new_flags = flag_dropouts(resid, counts, dw, st["outlier_z"], st["outlier_min_drop"])
     return A, M, aligned, new_flags, pred
 
@@ -544,12 +542,12 @@ def _apply_outliers(st, aligned, A, flags, applied, pred):
         vol = _replace_slices(st["raw"][..., i], pred[..., i], A[i], flags[i], st["slice_axis"], st["affine"])
         st["work"][..., i] = vol
         applied[i] = flags[i]
-        aligned[..., i] = _resample(vol, A[i], st)
+        aligned[..., i] = _resample(vol, A[i], st["affine"], st["corners"], st["identity_mm"])
 
 
-def _resample(vol, A, st):
-    """``vol`` resampled (trilinear) with the reference->volume transform ``A``; a copy when ``A`` moves
-    no head-box corner further than ``identity_mm``."""
-    if max_displacement(A, np.eye(4), st["corners"]) <= st["identity_mm"]:
+def _resample(vol, A, grid2world, corners, identity_mm):
+    """``vol`` resampled (trilinear, float32) with the reference->volume transform ``A``; a copy when
+    ``A`` moves none of the head-box ``corners`` further than ``identity_mm``."""
+    if max_displacement(A, np.eye(4), corners) <= identity_mm:
         return np.asarray(vol, np.float32).copy()
-    return np.asarray(_amap(A, vol.shape, st["affine"]).transform(np.asarray(vol, np.float64)), np.float32)
+    return np.asarray(_amap(A, vol.shape, grid2world).transform(np.asarray(vol, np.float64)), np.float32)
