@@ -124,7 +124,8 @@ def motion_kwargs(cfg, nprocs, eddy_axis):
                 factors=tuple(cfg.motion_factors), sigmas=tuple(cfg.motion_sigmas), nprocs=nprocs,
                 rounds=cfg.motion_rounds, eddy_axis=eddy_axis if cfg.motion_eddy else None,
                 slice_axis=cfg.motion_slice_axis, outliers=cfg.motion_outliers, outlier_z=cfg.motion_outlier_z,
-                fd_radius=cfg.fd_radius_mm, sampling=cfg.motion_sampling, min_samples=cfg.motion_min_samples)
+                fd_radius=cfg.fd_radius_mm, sampling=cfg.motion_sampling, min_samples=cfg.motion_min_samples,
+                head_margin=cfg.motion_head_margin)
 
 
 def _timed(fn):

@@ -60,6 +60,7 @@ class PreprocConfig:
     motion_sigmas: tuple = (1.0, 0.0)
     motion_sampling: float = 0.25     # share of voxels the MI metric samples (DIPY sparse sampling); 1 = all
     motion_min_samples: int = 40000   # ... but never fewer points than this (full-resolution level)
+    motion_head_margin: int | None = 3  # sample only the reference head grown by this many voxels; null: whole box
     b0_threshold: float = 50.0        # s/mm²; b ≤ this counts as b0
     mask_median_radius: int = 2       # DIPY median_otsu
     mask_numpass: int = 2
@@ -81,6 +82,9 @@ class PreprocConfig:
             raise UsageError(f"motion_rounds must be between 1 and 10 (got {self.motion_rounds!r})")
         if int(self.motion_slice_axis) not in (0, 1, 2):
             raise UsageError(f"motion_slice_axis must be 0, 1 or 2 (got {self.motion_slice_axis!r})")
+        if self.motion_head_margin is not None and not 0 <= int(self.motion_head_margin) <= 20:
+            raise UsageError(f"motion_head_margin must be null or between 0 and 20 voxels "
+                             f"(got {self.motion_head_margin!r})")
         if not 0 < float(self.motion_sampling) <= 1:
             raise UsageError(f"motion_sampling must be in (0, 1] (got {self.motion_sampling!r})")
 

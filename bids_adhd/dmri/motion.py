@@ -12,7 +12,8 @@ The approach of QSIPrep's SHORELine and FSL eddy, built on DIPY:
    hat-matrix identity), then each DW volume is registered to its
    prediction and each b0 to the mean b0 — same contrast on both sides —
    with DIPY's ``AffineRegistration`` (Mattes mutual information, sparse
-   sampling seeded per volume, L-BFGS-B), starting from the previous round's
+   sampling seeded per volume and drawn only inside the reference head grown
+   by ``head_margin`` voxels, L-BFGS-B), starting from the previous round's
    result. Volumes whose estimated motion moves the head more than
    ``MOVED_MM`` are left out of the next round's fits (at most a third).
    Why (measured on a noise-free demo subject, 3 moved volumes of 33): with one
@@ -155,6 +156,16 @@ def _head_box(vol, margin):
                  for i, n in zip(idx, v.shape))
 
 
+def _head_mask(vol, margin):
+    """``vol > otsu(vol)`` grown by ``margin`` voxels (the reference head, where the metric samples)."""
+    from dipy.segment.threshold import otsu
+    from scipy.ndimage import binary_dilation
+
+    v = np.asarray(vol, float)
+    fg = v > otsu(v)
+    return binary_dilation(fg, iterations=margin) if margin > 0 and fg.any() else fg
+
+
 #: fewest metric sample points (full-resolution level) sparse sampling may use
 MIN_SAMPLES = 40_000
 #: seed of the sparse metric's sample points
@@ -260,8 +271,9 @@ def _amap(A, shape, grid2world):
                      codomain_grid2world=grid2world)
 
 
-def _optimise(st, mv, g_st, g_mv, tf, start, sched, seed=MI_SEED):
-    """One DIPY ``AffineRegistration`` run (mutual information, sparse sampling seeded with ``seed``)."""
+def _optimise(st, mv, g_st, g_mv, tf, start, sched, seed=MI_SEED, head=None):
+    """One DIPY ``AffineRegistration`` run (mutual information, sparse sampling seeded with ``seed``;
+    ``head``: a bool mask on the static grid, the only voxels sparse sampling draws points from)."""
     from dipy.align.imaffine import AffineRegistration
 
     from ._mi import seeded_mi_metric
@@ -270,9 +282,11 @@ def _optimise(st, mv, g_st, g_mv, tf, start, sched, seed=MI_SEED):
     if sampling is not None:
         # never fewer than min_samples points at full resolution: on small images a sparse
         # metric is too noisy
-        sampling = max(float(sampling), min(1.0, min_samples / st.size))
+        n = st.size if head is None else max(1, int(np.count_nonzero(head)))
+        sampling = max(float(sampling), min(1.0, min_samples / n))
     sparse = sampling is not None and sampling < 1
-    reg = AffineRegistration(metric=seeded_mi_metric(seed, nbins, sampling if sparse else None),
+    mask = (head, g_st) if sparse and head is not None else None
+    reg = AffineRegistration(metric=seeded_mi_metric(seed, nbins, sampling if sparse else None, mask),
                              level_iters=list(level_iters), sigmas=list(sigmas), factors=list(factors),
                              verbosity=0)
     return np.asarray(reg.optimize(st, mv, tf, None, static_grid2world=g_st, moving_grid2world=g_mv,
@@ -289,7 +303,7 @@ def _register_one(task):
     frame and the number of head voxels it covers, of ``observed`` (the volume before any slice
     replacement; None: no statistics).
     """
-    static, moving, grid2world, box, sched, M0, E0, eddy_axis, identity_mm, slice_axis, observed, seed = task
+    static, moving, grid2world, box, sched, M0, E0, eddy_axis, identity_mm, slice_axis, observed, seed, head = task
     from dipy.align.transforms import AffineTransform3D, RigidTransform3D
 
     c = _centre(moving.shape, grid2world)
@@ -303,14 +317,14 @@ def _register_one(task):
     with single_threaded_blas():
         # rigid: the volume seen with the previous eddy estimate undone (through its grid-to-world)
         g_mv = to_c @ np.linalg.inv(E0) @ grid2world @ lo
-        M = back @ _optimise(st, mv, g_st, g_mv, RigidTransform3D(), to_c @ M0 @ back, sched, seed) @ to_c
+        M = back @ _optimise(st, mv, g_st, g_mv, RigidTransform3D(), to_c @ M0 @ back, sched, seed, head) @ to_c
         A = M
         corners = box_corners(box, grid2world)
         if max_displacement(M, M0, corners) > MAX_STEP_MM:
             M, A = M0, E0 @ M0          # a diverged optimisation: keep the previous round's estimate
         elif eddy_axis is not None:
             full = back @ _optimise(st, mv, g_st, g_st, AffineTransform3D(), to_c @ E0 @ M @ back, sched,
-                                       seed) @ to_c
+                                       seed, head) @ to_c
             M_e = rigid_part(full, M, pe_direction(grid2world, eddy_axis), c)
             A_e = eddy_projection(full @ np.linalg.inv(M_e), grid2world, eddy_axis) @ M_e
             if max_displacement(A_e, E0 @ M0, corners) <= MAX_STEP_MM:
@@ -355,7 +369,8 @@ OUTLIER_ACTIONS = ("replace", "keep", "drop-volume")
 def correct_motion(data, affine, bvals, bvecs, b0_threshold=50, level_iters=(100, 20), factors=(2, 1),
                    sigmas=(1.0, 0.0), nprocs=1, *, rounds=2, eddy_axis=None, slice_axis=2, outliers="replace",
                    outlier_z=4.0, outlier_min_drop=0.1, nbins=32, fd_radius=50.0, box_margin=8, sampling=0.25,
-                   min_samples=MIN_SAMPLES, identity_mm=0.05, converge_mm=0.05, median_start=True):
+                   min_samples=MIN_SAMPLES, identity_mm=0.05, converge_mm=0.05, median_start=True,
+                   head_margin=3):
     """Register every volume to its leave-one-out prediction (b0s to the mean b0), rigid then
     optionally eddy, replace dropout slices, resample once, rotate the b-vectors (module doc).
 
@@ -368,6 +383,9 @@ def correct_motion(data, affine, bvals, bvecs, b0_threshold=50, level_iters=(100
     eddy stage). ``slice_axis``: the acquisition's slice axis; ``outliers``: replace | keep |
     drop-volume, with ``outlier_z`` and ``outlier_min_drop`` (see :func:`flag_dropouts`).
     ``identity_mm``: a volume whose transform moves no head-box corner further is not resampled.
+    ``head_margin``: the sparse metric samples only the first b0's head (above Otsu) grown by this
+    many voxels, ``min_samples`` counted there (None: the whole head box). Background points carry
+    no gradient; on demo subjects the head is ~35 % of the box.
 
     Returns a dict: ``data`` (float32; without the dropped volumes for "drop-volume"), ``bvecs``
     (rigid rotation only), ``kept`` (indices of the input volumes in ``data``), ``affines`` (N, 4, 4)
@@ -382,9 +400,10 @@ def correct_motion(data, affine, bvals, bvecs, b0_threshold=50, level_iters=(100
     box = _head_box(first, box_margin) if box_margin is not None else tuple(slice(0, k) for k in first.shape)
     box_mask = np.zeros(first.shape, bool)
     box_mask[box] = True
+    head = None if head_margin is None else _head_mask(first, int(head_margin))[box]
     work = np.array(arr, np.float32)
     st = dict(raw=arr, work=work, bvals=bvals, bvecs=bvecs, b0s=b0s, affine=affine, box=box, box_mask=box_mask,
-              corners=box_corners(box, affine), b0_threshold=float(b0_threshold), eddy_axis=eddy_axis,
+              head=head, corners=box_corners(box, affine), b0_threshold=float(b0_threshold), eddy_axis=eddy_axis,
               slice_axis=int(slice_axis), identity_mm=float(identity_mm), outlier_z=float(outlier_z),
               outlier_min_drop=float(outlier_min_drop),
               sched=(tuple(level_iters), tuple(factors), tuple(sigmas), nbins, sampling, int(min_samples)))
@@ -476,7 +495,7 @@ def _round(st, aligned, A, M, flags, nprocs, first=False):
         dw = bvals[i] > st["b0_threshold"]
         tasks.append((pred[..., i] if dw else ref_b0, st["work"][..., i], st["affine"], st["box"], st["sched"],
                       M[i], A[i] @ np.linalg.inv(M[i]), st["eddy_axis"] if dw else None, st["identity_mm"],
-                      st["slice_axis"], st["raw"][..., i] if dw else None, _seed(i)))
+                      st["slice_axis"], st["raw"][..., i] if dw else None, _seed(i), st["head"]))
     A, M, aligned = A.copy(), M.copy(), aligned.copy()
     n_sl = st["work"].shape[st["slice_axis"]]
     resid, counts = np.zeros((n, n_sl)), np.zeros((n, n_sl), int)
@@ -530,7 +549,7 @@ def _b0s_to_first(st, A, M, aligned, nprocs):
     first = st["work"][..., b0s[0]]
     eye = np.eye(4)
     tasks = [(first, st["work"][..., i], st["affine"], st["box"], st["sched"], eye, eye, None, st["identity_mm"],
-              st["slice_axis"], None, _seed(i)) for i in b0s[1:]]
+              st["slice_axis"], None, _seed(i), st["head"]) for i in b0s[1:]]
     for i, r in zip(b0s[1:], process_map(_register_one, tasks, nprocs)):
         A[i], M[i], aligned[..., i] = r[0], r[1], r[2]
 

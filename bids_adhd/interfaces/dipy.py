@@ -223,6 +223,8 @@ class _MotionInput(_Common):
     sampling = traits.Range(low=0.0, high=1.0, value=0.25, exclude_low=True, usedefault=True,
                             desc="share of voxels sampled by the MI metric (1: dense)")
     min_samples = traits.Int(40000, usedefault=True, desc="fewest MI sample points (full resolution)")
+    head_margin = traits.Int(3, usedefault=True, desc="MI samples only in the reference head grown by this "
+                             "many voxels; -1: the whole head box")
     rounds = traits.Int(2, usedefault=True, desc="predict-then-register rounds")
     eddy = traits.Bool(True, usedefault=True, desc="affine eddy stage along the phase-encoding axis")
     phase_encoding = traits.Str("", usedefault=True, desc="BIDS PhaseEncodingDirection (i, j, k, with -)")
@@ -277,7 +279,8 @@ class MotionCorrect(_Timed):
                                  level_iters=tuple(i.level_iters), factors=tuple(i.factors), sigmas=tuple(i.sigmas),
                                  sampling=i.sampling, min_samples=i.min_samples, nprocs=i.nthreads, rounds=i.rounds,
                                  eddy_axis=motion_eddy_axis(i.eddy, i.phase_encoding), slice_axis=i.slice_axis,
-                                 outliers=i.outliers, outlier_z=i.outlier_z, fd_radius=i.fd_radius)
+                                 outliers=i.outliers, outlier_z=i.outlier_z, fd_radius=i.fd_radius,
+                                 head_margin=None if i.head_margin < 0 else i.head_margin)
         else:
             res = _no_motion(data, bvecs, i.slice_axis)
         kept = res["kept"]
