@@ -25,6 +25,9 @@ simulated subject (``all_simulated``), since they need no participant level.
     nice -n 5 python benchmarks/group_truth.py --seed 101 --subjects 100
     nice -n 5 python benchmarks/group_truth.py --seed 202 --subjects 60
     python benchmarks/group_truth.py --seed 101 --subjects 100 --score-only   # rows from what is done
+    # or in N processes at once (one core each), then score:
+    python benchmarks/group_truth.py --seed 101 --subjects 100 --shard 0/2 &
+    python benchmarks/group_truth.py --seed 101 --subjects 100 --shard 1/2
 
 Seeds 101 and 202 were used for nothing else (the default effect size was chosen on seed 7:
 benchmarks/tune_realistic_effect.py).
@@ -94,13 +97,16 @@ def simulate(work: Path, seed: int, n: int) -> Path:
     return bids
 
 
-def participant_level(work: Path, bids: Path, deadline: float) -> dict:
-    """Run the participant level subject by subject until done or ``deadline``; per-subject CPU cached."""
+def participant_level(work: Path, bids: Path, deadline: float, shard: tuple[int, int] = (0, 1)) -> dict:
+    """Run the participant level subject by subject until done or ``deadline``; per-subject CPU cached.
+    ``shard`` (k, n): only every n-th subject from the k-th (n processes may share one seed's work
+    folder, each with its own CPU cache file; the caches are merged when read)."""
     from bids_adhd import derivatives as dv
 
-    out, cache_path = work / "out", work / "participant_cpu.json"
+    out, cache_path = work / "out", work / ("participant_cpu.json" if shard[1] == 1 else
+                                            f"participant_cpu-{shard[0]}of{shard[1]}.json")
     cache = load_json(cache_path, {})
-    subs = sorted(p.name[4:] for p in bids.glob("sub-*") if p.is_dir())
+    subs = sorted(p.name[4:] for p in bids.glob("sub-*") if p.is_dir())[shard[0]::shard[1]]
     for s in subs:
         if s in cache and dv.done_stamp(out, dv.Source(subject=s)).is_file():
             continue
@@ -108,10 +114,18 @@ def participant_level(work: Path, bids: Path, deadline: float) -> dict:
             break
         c0, t0 = cpu_children(), time.time()
         cli(str(bids), str(out), "participant", "--participant-label", s, "--pipeline", "fast",
-            "--nprocs", "1", "--skip-bids-validation", "--work-dir", str(work / "nipype"), "-q")
+            "--nprocs", "1", "--skip-bids-validation", "--work-dir", str(work / "nipype" / f"sub-{s}"), "-q")
         cache[s] = {"cpu_s": cpu_children() - c0, "wall_s": time.time() - t0}
         save_json(cache_path, cache)
         print(f"participant sub-{s}: {cache[s]['cpu_s']:.0f} s CPU ({len(cache)}/{len(subs)})", flush=True)
+    return merged_cache(work)
+
+
+def merged_cache(work: Path) -> dict:
+    """Per-subject participant CPU/wall from every shard's cache file."""
+    cache = {}
+    for path in sorted(work.glob("participant_cpu*.json")):
+        cache.update(load_json(path, {}))
     return cache
 
 
@@ -373,6 +387,8 @@ def main() -> None:
     ap.add_argument("--work", default=str(HERE.parent / "work" / "group_truth"))
     ap.add_argument("--hours", type=float, default=24.0, help="stop starting subjects after this long")
     ap.add_argument("--score-only", action="store_true", help="no participant level: score what is done")
+    ap.add_argument("--shard", default="0/1", help="K/N: process every N-th subject from the K-th (run N of "
+                    "these at once on one seed, then --score-only)")
     ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
     ap.add_argument("--truth-in-memory", action="store_true",
                     help="only the all_simulated rows, computed in memory without writing the dataset")
@@ -395,7 +411,12 @@ def main() -> None:
         results.setdefault("all_simulated", {})[key] = o_all
     update_results(first)
     deadline = time.time() + 3600 * a.hours
-    cache = load_json(work / "participant_cpu.json", {}) if a.score_only else participant_level(work, bids, deadline)
+    shard = tuple(int(x) for x in a.shard.split("/"))
+    if len(shard) != 2 or not 0 <= shard[0] < shard[1]:
+        raise SystemExit(f"--shard must be K/N with 0 <= K < N (got {a.shard!r})")
+    cache = merged_cache(work) if a.score_only else participant_level(work, bids, deadline, shard)
+    if shard[1] > 1 and not a.score_only:
+        return                       # a shard only processes subjects; score with --score-only afterwards
     from bids_adhd import derivatives as dv
 
     done = sorted(s for s in cache if dv.done_stamp(work / "out", dv.Source(subject=s)).is_file())
