@@ -226,6 +226,7 @@ def test_impossible_options(tiny, tmp_path, capsys):
     for body, msg in (("preproc:\n  denoise_stride: 6\n", "denoise_stride must be between 1 and"),
                       ("preproc:\n  denoise_stride: two\n", "invalid literal"),
                       ("preproc:\n  motion_min_samples: 10\n", "motion_min_samples must be at least"),
+                      ("preproc:\n  motion_head_margin: -2\n", "motion_head_margin must be null or between"),
                       ("model:\n  feature_levels: [3, 3]\n", "feature_levels must be distinct")):
         bad.write_text("base: fast\n" + body)
         code, err = run_cli(_participant(tiny, tmp_path / "out", "--pipeline", bad), capsys)

@@ -26,6 +26,9 @@ def _motion_node(cfg, pe="j-"):
 def test_preset_keys_reach_the_motion_node():
     i = _motion_node(PreprocConfig(fd_radius_mm=40.0, motion_rounds=3, motion_outliers="keep"))
     assert (i.fd_radius, i.rounds, i.outliers, i.eddy, i.phase_encoding) == (40.0, 3, "keep", True, "j-")
+    assert _motion_node(PreprocConfig()).head_margin == 3
+    assert _motion_node(PreprocConfig(motion_head_margin=5)).head_margin == 5
+    assert _motion_node(PreprocConfig(motion_head_margin=None)).head_margin == -1    # -1: the whole head box
 
 
 def test_fd_radius_changes_the_fd():
