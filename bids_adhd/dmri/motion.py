@@ -143,26 +143,27 @@ def framewise_displacement(params, radius=50.0):
 
 # --- registration ---------------------------------------------------------------
 
-def _head_box(vol, margin):
-    """Slices of the bounding box of ``vol > otsu(vol)``, grown by ``margin`` voxels."""
+def _foreground(vol):
+    """``vol > otsu(vol)``: the head in the reference b0 (bool array)."""
     from dipy.segment.threshold import otsu
 
     v = np.asarray(vol, float)
-    fg = v > otsu(v)
+    return v > otsu(v)
+
+
+def _head_box(fg, margin):
+    """Slices of the bounding box of the foreground ``fg``, grown by ``margin`` voxels."""
     if not fg.any():
-        return tuple(slice(0, n) for n in v.shape)
+        return tuple(slice(0, n) for n in fg.shape)
     idx = np.nonzero(fg)
     return tuple(slice(max(0, int(i.min()) - margin), min(n, int(i.max()) + 1 + margin))
-                 for i, n in zip(idx, v.shape))
+                 for i, n in zip(idx, fg.shape))
 
 
-def _head_mask(vol, margin):
-    """``vol > otsu(vol)`` grown by ``margin`` voxels (the reference head, where the metric samples)."""
-    from dipy.segment.threshold import otsu
+def _head_mask(fg, margin):
+    """The foreground ``fg`` grown by ``margin`` voxels (the reference head, where the metric samples)."""
     from scipy.ndimage import binary_dilation
 
-    v = np.asarray(vol, float)
-    fg = v > otsu(v)
     return binary_dilation(fg, iterations=margin) if margin > 0 and fg.any() else fg
 
 
@@ -397,10 +398,11 @@ def correct_motion(data, affine, bvals, bvecs, b0_threshold=50, level_iters=(100
     affine = np.asarray(affine, float)
     n = bvals.size
     first = np.asarray(arr[..., b0s[0]], np.float32)
-    box = _head_box(first, box_margin) if box_margin is not None else tuple(slice(0, k) for k in first.shape)
+    fg = _foreground(first)
+    box = _head_box(fg, box_margin) if box_margin is not None else tuple(slice(0, k) for k in first.shape)
     box_mask = np.zeros(first.shape, bool)
     box_mask[box] = True
-    head = None if head_margin is None else _head_mask(first, int(head_margin))[box]
+    head = None if head_margin is None else _head_mask(fg, int(head_margin))[box]
     work = np.array(arr, np.float32)
     st = dict(raw=arr, work=work, bvals=bvals, bvecs=bvecs, b0s=b0s, affine=affine, box=box, box_mask=box_mask,
               head=head, corners=box_corners(box, affine), b0_threshold=float(b0_threshold), eddy_axis=eddy_axis,
