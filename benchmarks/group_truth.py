@@ -25,9 +25,11 @@ simulated subject (``all_simulated``), since they need no participant level.
     nice -n 5 python benchmarks/group_truth.py --seed 101 --subjects 100
     nice -n 5 python benchmarks/group_truth.py --seed 202 --subjects 60
     python benchmarks/group_truth.py --seed 101 --subjects 100 --score-only   # rows from what is done
-    # or in N processes at once (one core each), then score:
+    # or in N processes at once (one core each): simulate first (the shards would race to), then score
+    python benchmarks/group_truth.py --seed 101 --subjects 100 --score-only
     python benchmarks/group_truth.py --seed 101 --subjects 100 --shard 0/2 &
-    python benchmarks/group_truth.py --seed 101 --subjects 100 --shard 1/2
+    python benchmarks/group_truth.py --seed 101 --subjects 100 --shard 1/2; wait
+    python benchmarks/group_truth.py --seed 101 --subjects 100 --score-only
 
 Seeds 101 and 202 were used for nothing else (the default effect size was chosen on seed 7:
 benchmarks/tune_realistic_effect.py).
@@ -393,6 +395,7 @@ def main() -> None:
     ap.add_argument("--truth-in-memory", action="store_true",
                     help="only the all_simulated rows, computed in memory without writing the dataset")
     a = ap.parse_args()
+    shard = _parse_shard(a.shard)
     if a.truth_in_memory:
         o_mem = all_simulated_in_memory(a.seed, a.subjects)
 
@@ -403,6 +406,10 @@ def main() -> None:
         return
     work = Path(a.work) / f"seed-{a.seed}"
     bids = simulate(work, a.seed, a.subjects)
+    deadline = time.time() + 3600 * a.hours
+    if shard[1] > 1 and not a.score_only:
+        participant_level(work, bids, deadline, shard)
+        return                       # a shard only processes subjects; --score-only scores and records
     key = str(a.seed)
     o_all = all_simulated(bids)
 
@@ -410,13 +417,7 @@ def main() -> None:
         results["seeds"] = sorted(set(results["seeds"]) | {a.seed})
         results.setdefault("all_simulated", {})[key] = o_all
     update_results(first)
-    deadline = time.time() + 3600 * a.hours
-    shard = tuple(int(x) for x in a.shard.split("/"))
-    if len(shard) != 2 or not 0 <= shard[0] < shard[1]:
-        raise SystemExit(f"--shard must be K/N with 0 <= K < N (got {a.shard!r})")
-    cache = merged_cache(work) if a.score_only else participant_level(work, bids, deadline, shard)
-    if shard[1] > 1 and not a.score_only:
-        return                       # a shard only processes subjects; score with --score-only afterwards
+    cache = merged_cache(work) if a.score_only else participant_level(work, bids, deadline)
     from bids_adhd import derivatives as dv
 
     done = sorted(s for s in cache if dv.done_stamp(work / "out", dv.Source(subject=s)).is_file())
@@ -430,6 +431,16 @@ def main() -> None:
         for name, r in scored.items():
             results["rows"].setdefault(name, {})[key] = r
     update_results(last)
+
+
+def _parse_shard(text: str) -> tuple[int, int]:
+    try:
+        k, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        k, n = -1, 0
+    if not 0 <= k < n:
+        raise SystemExit(f"--shard must be K/N with 0 <= K < N (got {text!r})")
+    return k, n
 
 
 def update_results(change) -> None:
