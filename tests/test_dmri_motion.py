@@ -15,8 +15,8 @@ from scipy.ndimage import affine_transform, gaussian_filter
 
 from bids_adhd.simulate import gradient_directions
 from bids_adhd.dmri.motion import (_centre, _frames, _split_pe_shift, box_corners, correct_motion, euler_to_matrix,
-                                   framewise_displacement, matrix_to_euler, max_displacement, polar_rotation,
-                                   rigid_params, rotate_bvecs)
+                                   flag_dropouts, framewise_displacement, matrix_to_euler, max_displacement,
+                                   polar_rotation, rigid_params, rotate_bvecs)
 
 SHAPE = (36, 36, 24)
 # LAS, 2 mm, origin far from the head: rotations about the scanner origin would
@@ -233,6 +233,30 @@ def test_dropout_slices_found_and_replaced():
                              outliers="drop-volume")
     assert list(dropped["kept"]) == [i for i in range(data.shape[3]) if i not in (4, 9)]
     assert dropped["data"].shape[3] == data.shape[3] - 2 and len(dropped["bvecs"]) == data.shape[3] - 2
+
+
+def test_dropout_flags_measure_the_drop_from_the_slices_usual_misfit():
+    # residuals (observed - predicted) / predicted per volume and slice: an edge slice sits ~9 %
+    # below its prediction in every volume, and one noisy volume's edge slice 4+ robust SDs below
+    # that but only ~9 % below its usual level (the false dropouts of a seed-12 demo subject);
+    # one real dropout loses 60 % of its slice
+    rng = np.random.default_rng(3)
+    n, n_sl = 32, 40
+    dw = np.arange(2, n)
+    resid = rng.normal(0.0, 0.01, (n, n_sl))
+    resid[:, 3] = -0.09 + rng.normal(0.0, 0.02, n)
+    resid[10, 3] = -0.18
+    resid[20, 25] = -0.6
+    counts = np.full((n, n_sl), 1000)
+    r = resid[dw, 3]
+    med = np.median(r)
+    assert (resid[10, 3] - med) / (1.4826 * np.median(np.abs(r - med))) < -4     # the z test alone flags it
+    assert flag_dropouts(resid, counts, dw, min_drop=0.05)[10, 3]
+    assert np.argwhere(flag_dropouts(resid, counts, dw)).tolist() == [[20, 25]]
+    # a b0 (not in dw) is never flagged, and a slice covering < 20 % of the largest slice is skipped
+    resid[0, 25] = resid[21, 30] = -0.6
+    counts[21, 30] = 150
+    assert np.argwhere(flag_dropouts(resid, counts, dw)).tolist() == [[20, 25]]
 
 
 def test_framewise_displacement_power():
