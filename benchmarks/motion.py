@@ -125,7 +125,7 @@ def motion_kwargs(cfg, nprocs, eddy_axis):
                 rounds=cfg.motion_rounds, eddy_axis=eddy_axis if cfg.motion_eddy else None,
                 slice_axis=cfg.motion_slice_axis, outliers=cfg.motion_outliers, outlier_z=cfg.motion_outlier_z,
                 fd_radius=cfg.fd_radius_mm, sampling=cfg.motion_sampling, min_samples=cfg.motion_min_samples,
-                head_margin=cfg.motion_head_margin)
+                head_margin=cfg.motion_head_margin, eddy_model=cfg.motion_eddy_model)
 
 
 def _timed(fn):

@@ -28,6 +28,7 @@ def one_of(option: str, value, allowed) -> None:
 DENOISE_METHODS = ("mppca", "patch2self", "none")
 DTI_FITS = ("WLS", "OLS", "NLLS", "RESTORE")
 MOTION_OUTLIER_MODES = ("replace", "keep", "drop-volume")
+EDDY_MODELS = ("linear", "none")          # motion_eddy_model (bids_adhd.dmri.motion._eddy_linear_model)
 ADAPTATIONS = ("lora", "peft-lora", "linear-probe", "full", "scratch")
 LORA_FACTORISATIONS = ("flat", "kernel2d")
 FEATURE_CHANNELS = ("fa", "md")
@@ -52,6 +53,7 @@ class PreprocConfig:
     motion: bool = True               # motion (+ eddy) correction: each volume registered to its prediction
     motion_rounds: int = 2            # predict-then-register rounds (fewer when the transforms stop changing)
     motion_eddy: bool = True          # affine eddy stage along the phase-encoding axis (needs PhaseEncodingDirection)
+    motion_eddy_model: str = "linear"  # eddy scale/shears per shell: linear in the gradient (FSL eddy --slm linear) | none
     motion_outliers: str = "replace"  # slice dropouts: replace (by the prediction) | keep | drop-volume
     motion_outlier_z: float = 4.0     # a dropout slice: this many robust SDs below the slice's median residual
     motion_slice_axis: int = 2        # acquisition slice axis (dropouts are per slice along it)
@@ -78,6 +80,7 @@ class PreprocConfig:
         if int(self.motion_min_samples) < 1000:
             raise UsageError(f"motion_min_samples must be at least 1000 (got {self.motion_min_samples!r})")
         one_of("motion_outliers", self.motion_outliers, MOTION_OUTLIER_MODES)
+        one_of("motion_eddy_model", self.motion_eddy_model, EDDY_MODELS)
         if not 1 <= int(self.motion_rounds) <= 10:
             raise UsageError(f"motion_rounds must be between 1 and 10 (got {self.motion_rounds!r})")
         if int(self.motion_slice_axis) not in (0, 1, 2):

@@ -14,7 +14,7 @@ import pytest
 from scipy.ndimage import affine_transform, gaussian_filter
 
 from bids_adhd.simulate import gradient_directions
-from bids_adhd.dmri.motion import (_centre, _frames, _split_pe_shift, box_corners, correct_motion, euler_to_matrix,
+from bids_adhd.dmri.motion import (_centre, _eddy_linear_model, _frames, _split_pe_shift, box_corners, correct_motion, euler_to_matrix,
                                    flag_dropouts, framewise_displacement, matrix_to_euler, max_displacement,
                                    polar_rotation, rigid_params, rotate_bvecs)
 
@@ -215,6 +215,54 @@ def test_pe_shift_model_removes_the_dw_common_offset():
         expected = 0.0 if i < 2 else dirs[i] @ s + moved.get(i, 0.0)
         assert np.allclose(A[i][:3, 3], u * expected, atol=1e-9), i
         assert np.allclose(A[i][:3, :3], np.eye(3)) and np.allclose(M_out[i][:3, :3], np.eye(3))
+
+
+def test_eddy_linear_model_replaces_per_volume_scatter_by_the_gradient_model():
+    """Per shell, the eddy scale and shears (voxel-frame row of the PE axis in ``E = A M^-1``) become
+    the fit linear in the scanner-frame ``b g`` (FSL eddy --slm linear): planted linear terms plus
+    per-volume scatter and a shared intercept come back as the linear terms alone; the displacement
+    at the image centre, the other rows, the head motion and the b0s are left as they were; exactly
+    linear terms come back unchanged; a shell of fewer than 8 volumes keeps its own estimates."""
+    rng = np.random.default_rng(3)
+    dirs = np.array([[0, 0, 0], [0, 0, 0]] + list(gradient_directions(20)) + list(gradient_directions(6)), float)
+    bvals = np.r_[0, 0, np.full(20, 1000.0), np.full(6, 2000.0)]
+    D, F = _frames(AFFINE)
+    bvecs = (F @ D.T @ dirs.T).T
+    G = dirs * (bvals[:, None] / 1000.0)          # scanner frame: bvecs = F D^T dirs, so D F bvecs = dirs
+    coef = np.array([[0.004, -0.002, 0.0], [0.0, 0.01, 0.001], [-0.003, 0.0, 0.006]])  # (gradient comp, term)
+    c = (np.array(SHAPE) - 1) / 2
+    V, Vi = AFFINE, np.linalg.inv(AFFINE)
+
+    def series(scatter, intercept):
+        A, M = np.repeat(np.eye(4)[None], bvals.size, 0), np.repeat(np.eye(4)[None], bvals.size, 0)
+        for i in range(2, bvals.size):
+            M[i] = motion(rng.uniform(-1, 1, 3), rng.uniform(-1, 1, 3))
+            lin = G[i] @ coef + intercept + scatter * rng.normal(size=3)
+            P = np.eye(4)
+            P[1, :3] += lin
+            P[1, 3] = 0.3 - lin @ c                       # displacement at the centre: 0.3 voxel
+            A[i] = V @ P @ Vi @ M[i]
+        return A, M
+
+    def terms(A, M):
+        return np.array([(Vi @ a @ np.linalg.inv(m) @ V)[1] for a, m in zip(A, M)])
+
+    A, M = series(scatter=0.0, intercept=0.0)
+    assert np.allclose(_eddy_linear_model(A, M, bvals, bvecs, AFFINE, 1, 50, SHAPE), A, atol=1e-10)
+
+    A, M = series(scatter=0.002, intercept=np.array([0.001, -0.002, 0.0015]))
+    out = _eddy_linear_model(A, M, bvals, bvecs, AFFINE, 1, 50, SHAPE)
+    before, after = terms(A, M), terms(out, M)
+    shell = np.arange(2, 22)
+    truth = G[shell] @ coef
+    err_before = np.abs(before[shell, :3] - np.eye(4)[1, :3] - truth).max()
+    err_after = np.abs(after[shell, :3] - np.eye(4)[1, :3] - truth).max()
+    assert err_after < 0.5 * err_before and err_after < 0.0015, (err_before, err_after)
+    assert np.allclose(after[shell] @ np.r_[c, 1], before[shell] @ np.r_[c, 1], atol=1e-9)    # centre kept
+    for i in range(bvals.size):
+        Ev = Vi @ out[i] @ np.linalg.inv(M[i]) @ V
+        assert np.allclose(np.delete(Ev, 1, axis=0), np.delete(np.eye(4), 1, axis=0), atol=1e-9), i
+    assert np.allclose(out[:2], A[:2]) and np.allclose(out[22:], A[22:])    # b0s; the 6-volume shell
 
 
 def test_dropout_slices_found_and_replaced():

@@ -227,6 +227,8 @@ class _MotionInput(_Common):
                              "many voxels; -1: the whole head box")
     rounds = traits.Int(2, usedefault=True, desc="predict-then-register rounds")
     eddy = traits.Bool(True, usedefault=True, desc="affine eddy stage along the phase-encoding axis")
+    eddy_model = traits.Enum("linear", "none", usedefault=True,
+                             desc="eddy scale/shears per shell linear in the gradient (FSL eddy --slm linear)")
     phase_encoding = traits.Str("", usedefault=True, desc="BIDS PhaseEncodingDirection (i, j, k, with -)")
     slice_axis = traits.Int(2, usedefault=True)
     outliers = traits.Enum("replace", "keep", "drop-volume", usedefault=True)
@@ -280,7 +282,7 @@ class MotionCorrect(_Timed):
                                  sampling=i.sampling, min_samples=i.min_samples, nprocs=i.nthreads, rounds=i.rounds,
                                  eddy_axis=motion_eddy_axis(i.eddy, i.phase_encoding), slice_axis=i.slice_axis,
                                  outliers=i.outliers, outlier_z=i.outlier_z, fd_radius=i.fd_radius,
-                                 head_margin=None if i.head_margin < 0 else i.head_margin)
+                                 head_margin=None if i.head_margin < 0 else i.head_margin, eddy_model=i.eddy_model)
         else:
             res = _no_motion(data, bvecs, i.slice_axis)
         kept = res["kept"]

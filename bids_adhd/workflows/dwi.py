@@ -52,7 +52,7 @@ def init_dwi_preproc_wf(cfg: PreprocConfig, nthreads: int = 1, name: str = "dwi_
                                    sigmas=list(cfg.motion_sigmas), sampling=float(cfg.motion_sampling),
                                    min_samples=int(cfg.motion_min_samples), rounds=int(cfg.motion_rounds),
                                    head_margin=-1 if cfg.motion_head_margin is None else int(cfg.motion_head_margin),
-                                   eddy=bool(cfg.motion_eddy), phase_encoding=pe_dir,
+                                   eddy=bool(cfg.motion_eddy), eddy_model=cfg.motion_eddy_model, phase_encoding=pe_dir,
                                    slice_axis=int(cfg.motion_slice_axis), outliers=cfg.motion_outliers,
                                    outlier_z=float(cfg.motion_outlier_z), fd_radius=float(cfg.fd_radius_mm),
                                    nthreads=nthreads),
