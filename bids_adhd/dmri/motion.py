@@ -88,6 +88,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..config import EDDY_MODELS
 from ..errors import DataError
 from ._parallel import process_map, resolve_nprocs, single_threaded_blas
 from .geometry import euler_to_matrix, matrix_to_euler, polar_rotation  # noqa: F401 (the geometry helpers)
@@ -248,21 +249,34 @@ def _split_pe_shift(A, M, bvals, bvecs, grid2world, axis, b0_threshold, centre):
     dw = np.flatnonzero(np.asarray(bvals) > b0_threshold)
     if dw.size < 6:
         return A, M, 0.0
-    D, F = _frames(grid2world)
-    G = (np.asarray(bvecs, float)[dw] @ (D @ F).T) * (np.asarray(bvals, float)[dw, None] / 1000.0)
+    G = _scanner_bg(bvals, bvecs, grid2world, dw)
     tau = np.array([u @ (M[i][:3, :3] @ centre + M[i][:3, 3] - centre) for i in dw])   # shift of the centre
-    keep = np.ones(dw.size, bool)
-    for _ in range(2):
-        X = np.c_[np.ones(keep.sum()), G[keep]]
-        coef = np.linalg.lstsq(X, tau[keep], rcond=None)[0]
-        r = tau - np.c_[np.ones(dw.size), G] @ coef
-        mad = 1.4826 * np.median(np.abs(r - np.median(r)))
-        keep = np.abs(r - np.median(r)) <= 3 * max(mad, 0.02)
+    coef = _robust_linear_fit(G, tau, mad_floor=0.02)
     A, M = A.copy(), M.copy()
     for i, g in zip(dw, G):
         M[i][:3, 3] -= u * float(coef[0] + g @ coef[1:])
         A[i][:3, 3] -= u * float(coef[0])
     return A, M, float(coef[0])
+
+
+def _scanner_bg(bvals, bvecs, grid2world, idx):
+    """(len(idx), 3): the scanner-frame gradient of volumes ``idx`` scaled by ``b / 1000`` (BIDS/FSL
+    b-vectors in, see the module doc's frames)."""
+    D, F = _frames(grid2world)
+    return (np.asarray(bvecs, float)[idx] @ (D @ F).T) * (np.asarray(bvals, float)[idx, None] / 1000.0)
+
+
+def _robust_linear_fit(G, y, mad_floor):
+    """``[c0, s]`` of ``y ~ c0 + G s`` by least squares in two passes, the second without the rows
+    more than 3 robust SDs (1.4826 MAD, at least ``mad_floor``) from the median residual."""
+    X = np.c_[np.ones(len(y)), G]
+    keep = np.ones(len(y), bool)
+    for _ in range(2):
+        coef = np.linalg.lstsq(X[keep], y[keep], rcond=None)[0]
+        r = y - X @ coef
+        mad = 1.4826 * np.median(np.abs(r - np.median(r)))
+        keep = np.abs(r - np.median(r)) <= 3 * max(mad, mad_floor)
+    return coef
 
 
 def _eddy_linear_model(A, M, bvals, bvecs, grid2world, axis, b0_threshold, shape3):
@@ -286,25 +300,15 @@ def _eddy_linear_model(A, M, bvals, bvecs, grid2world, axis, b0_threshold, shape
 
     V = np.asarray(grid2world, float)
     Vi = np.linalg.inv(V)
-    D, F = _frames(grid2world)
     A = np.array(A, float, copy=True)
     c = (np.asarray(shape3[:3], float) - 1) / 2                # image centre, voxels
     for s in shells(bvals, b0_threshold):
         if s.size < 8:
             continue
-        G = (np.asarray(bvecs, float)[s] @ (D @ F).T) * (np.asarray(bvals, float)[s, None] / 1000.0)
+        G = _scanner_bg(bvals, bvecs, grid2world, s)
         Ev = np.array([Vi @ A[i] @ np.linalg.inv(M[i]) @ V for i in s])
         lin = Ev[:, axis, :3] - np.eye(3)[axis]                    # (n, 3): the scale and shears
-        X = np.c_[np.ones(s.size), G]
-        fit = np.empty_like(lin)
-        for k in range(3):
-            keep = np.ones(s.size, bool)
-            for _ in range(2):
-                coef = np.linalg.lstsq(X[keep], lin[keep, k], rcond=None)[0]
-                r = lin[:, k] - X @ coef
-                mad = 1.4826 * np.median(np.abs(r - np.median(r)))
-                keep = np.abs(r - np.median(r)) <= 3 * max(mad, 1e-6)
-            fit[:, k] = G @ coef[1:]
+        fit = np.column_stack([G @ _robust_linear_fit(G, lin[:, k], mad_floor=1e-6)[1:] for k in range(3)])
         for j, i in enumerate(s):
             P = Ev[j].copy()
             P[axis, :3] = np.eye(3)[axis] + fit[j]
@@ -459,8 +463,8 @@ def correct_motion(data, affine, bvals, bvecs, b0_threshold=50, level_iters=(100
     ``rounds`` (rounds run), ``reference`` (mean b0).
     """
     arr, bvals, bvecs, b0s = _check_inputs(data, bvals, bvecs, b0_threshold, outliers)
-    if eddy_model not in ("linear", "none"):
-        raise ValueError(f"eddy_model must be linear or none (got {eddy_model!r})")
+    if eddy_model not in EDDY_MODELS:
+        raise ValueError(f"eddy_model must be one of {', '.join(EDDY_MODELS)} (got {eddy_model!r})")
     affine = np.asarray(affine, float)
     n = bvals.size
     first = np.asarray(arr[..., b0s[0]], np.float32)
@@ -571,10 +575,11 @@ def _round(st, aligned, A, M, flags, nprocs, first=False):
         A[i], M[i], aligned[..., i] = r[0], r[1], r[2]
         if r[3] is not None:
             resid[i], counts[i] = r[3]
-    c0, modelled = 0.0, False
-    if st["eddy_axis"] is not None and st["eddy_model"] == "linear":
-        A, modelled = _eddy_linear_model(A, M, bvals, st["bvecs"], st["affine"], st["eddy_axis"], st["b0_threshold"],
-                                         st["work"].shape[:3]), True
+    c0 = 0.0
+    modelled = st["eddy_axis"] is not None and st["eddy_model"] == "linear"
+    if modelled:
+        A = _eddy_linear_model(A, M, bvals, st["bvecs"], st["affine"], st["eddy_axis"], st["b0_threshold"],
+                               st["work"].shape[:3])
     if st["eddy_axis"] is not None:
         A, M, c0 = _split_pe_shift(A, M, bvals, st["bvecs"], st["affine"], st["eddy_axis"], st["b0_threshold"],
                                    _centre(st["work"].shape[:3], st["affine"]))

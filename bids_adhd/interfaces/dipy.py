@@ -15,6 +15,8 @@ import numpy as np
 from nipype.interfaces.base import (BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec,
                                     isdefined, traits)
 
+from ..config import EDDY_MODELS
+
 LOG = logging.getLogger("bids_adhd.interfaces")
 
 
@@ -227,7 +229,7 @@ class _MotionInput(_Common):
                              "many voxels; -1: the whole head box")
     rounds = traits.Int(2, usedefault=True, desc="predict-then-register rounds")
     eddy = traits.Bool(True, usedefault=True, desc="affine eddy stage along the phase-encoding axis")
-    eddy_model = traits.Enum("linear", "none", usedefault=True,
+    eddy_model = traits.Enum(*EDDY_MODELS, usedefault=True,
                              desc="eddy scale/shears per shell linear in the gradient (FSL eddy --slm linear)")
     phase_encoding = traits.Str("", usedefault=True, desc="BIDS PhaseEncodingDirection (i, j, k, with -)")
     slice_axis = traits.Int(2, usedefault=True)
