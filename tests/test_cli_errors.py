@@ -227,6 +227,7 @@ def test_impossible_options(tiny, tmp_path, capsys):
                       ("preproc:\n  denoise_stride: two\n", "invalid literal"),
                       ("preproc:\n  motion_min_samples: 10\n", "motion_min_samples must be at least"),
                       ("preproc:\n  motion_head_margin: -2\n", "motion_head_margin must be null or between"),
+                      ("preproc:\n  motion_eddy_model: quadratic\n", "motion_eddy_model must be one of linear, none"),
                       ("model:\n  feature_levels: [3, 3]\n", "feature_levels must be distinct")):
         bad.write_text("base: fast\n" + body)
         code, err = run_cli(_participant(tiny, tmp_path / "out", "--pipeline", bad), capsys)

@@ -29,6 +29,8 @@ def test_preset_keys_reach_the_motion_node():
     assert _motion_node(PreprocConfig()).head_margin == 3
     assert _motion_node(PreprocConfig(motion_head_margin=5)).head_margin == 5
     assert _motion_node(PreprocConfig(motion_head_margin=None)).head_margin == -1    # -1: the whole head box
+    assert _motion_node(PreprocConfig()).eddy_model == "linear"
+    assert _motion_node(PreprocConfig(motion_eddy_model="none")).eddy_model == "none"
 
 
 def test_fd_radius_changes_the_fd():
