@@ -426,3 +426,21 @@ def test_head_sampling_keeps_the_motion_estimates():
     # noisy phantom; the fixture above, dense, is exact to 0.1)
     assert errs[3][0] < 0.15 and errs[3][1] < 0.3, errs
     assert errs[3][1] <= errs[None][1], errs
+
+
+def test_shell_medians_in_slabs_match_numpy():
+    """The first round's targets: each DW volume's voxel-wise median over its shell (numpy's
+    median on the whole mask at once as the reference), whatever the slab size; 0 outside."""
+    from bids_adhd.dmri.motion import _shell_medians
+
+    rng = np.random.default_rng(3)
+    data = rng.uniform(1, 100, (6, 5, 4, 9)).astype(np.float32)
+    bvals = np.array([0, 1000, 1000, 1000, 2000, 2000, 0, 2000, 1000.0])
+    mask = rng.uniform(size=(6, 5, 4)) > 0.4
+    for slab in (1, 23, 10**6):
+        out = _shell_medians(data, bvals, 50, mask, slab_voxels=slab)
+        for shell in ([1, 2, 3, 8], [4, 5, 7]):
+            ref = np.median(data[mask][:, shell], axis=1)
+            for i in shell:
+                np.testing.assert_array_equal(out[mask, i], ref)
+        assert not out[~mask].any() and not out[..., [0, 6]].any()

@@ -6,7 +6,7 @@ Two kinds of parallelism are used by ``bids_adhd.dmri``:
   the GIL (batched FFTs, batched ``eigh``, matrix products). Each worker runs
   with BLAS/OpenMP limited to one thread, so ``nprocs`` workers use
   ``nprocs`` cores and never oversubscribe.
-* **processes** (:func:`process_map`) for Python-heavy work (DIPY's affine
+* **processes** (:func:`process_imap`) for Python-heavy work (DIPY's affine
   registration). The pool uses an explicit ``fork`` (or, where fork does not
   exist or ``BIDS_ADHD_MP_CONTEXT`` says so, ``forkserver``) *context*; the
   global start method is never changed. (DIPY's own
@@ -20,7 +20,7 @@ import contextlib
 import multiprocessing as mp
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 
 def resolve_nprocs(nprocs) -> int:
@@ -106,20 +106,26 @@ def _init_worker():
         pass
 
 
-def process_map(func: Callable, items: Iterable, nprocs: int = 1, chunksize: int = 1) -> list:
-    """``[func(x) for x in items]`` in ``nprocs`` worker processes (order kept).
+def process_imap(func: Callable, items: Iterable, nprocs: int = 1, chunksize: int = 1) -> Iterator:
+    """``func(x) for x in items`` in ``nprocs`` worker processes, yielded in order as they finish.
 
-    ``func`` must be a module-level function (it is pickled by reference).
-    With ``nprocs == 1`` everything runs in this process.
+    Lazy on purpose: the caller stores each result and drops it before the next arrives, so
+    the results are never all held at once (the motion step's resampled volumes were: one
+    copy of the whole series, 730 MB at HBN size). ``func`` must be a module-level function
+    (it is pickled by reference). With ``nprocs == 1`` everything runs in this process.
     """
     items = list(items)
     nprocs = max(1, min(resolve_nprocs(nprocs), len(items) or 1))
     if nprocs > 1 and mp.current_process().daemon:
         # a daemonic worker (e.g. of a multiprocessing.Pool) may not have children:
         # threads instead (DIPY's registration releases the GIL only in parts)
-        return thread_map(func, items, nprocs)
+        with ThreadPoolExecutor(max_workers=nprocs) as pool:
+            yield from pool.map(func, items)
+        return
     if nprocs == 1:
-        return [func(x) for x in items]
+        for x in items:
+            yield func(x)
+        return
     ctx = _mp_context()
     with ctx.Pool(nprocs, initializer=_init_worker) as pool:
-        return pool.map(func, items, chunksize=chunksize)
+        yield from pool.imap(func, items, chunksize=chunksize)

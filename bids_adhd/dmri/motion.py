@@ -90,7 +90,7 @@ import numpy as np
 
 from ..config import EDDY_MODELS
 from ..errors import DataError
-from ._parallel import process_map, resolve_nprocs, single_threaded_blas
+from ._parallel import process_imap, resolve_nprocs, single_threaded_blas
 from .geometry import euler_to_matrix, matrix_to_euler, polar_rotation  # noqa: F401 (the geometry helpers)
 
 __all__ = ["correct_motion", "framewise_displacement", "rigid_params", "rotate_bvecs", "euler_to_matrix",
@@ -473,17 +473,22 @@ def correct_motion(data, affine, bvals, bvecs, b0_threshold=50, level_iters=(100
     box_mask = np.zeros(first.shape, bool)
     box_mask[box] = True
     head = None if head_margin is None else _head_mask(fg, int(head_margin))[box]
-    work = np.array(arr, np.float32)
-    st = dict(raw=arr, work=work, bvals=bvals, bvecs=bvecs, b0s=b0s, affine=affine, box=box, box_mask=box_mask,
+    st = dict(raw=arr, replaced={}, bvals=bvals, bvecs=bvecs, b0s=b0s, affine=affine, box=box, box_mask=box_mask,
               head=head, corners=box_corners(box, affine), b0_threshold=float(b0_threshold), eddy_axis=eddy_axis,
               eddy_model=eddy_model, slice_axis=int(slice_axis), identity_mm=float(identity_mm), outlier_z=float(outlier_z),
               outlier_min_drop=float(outlier_min_drop),
               sched=(tuple(level_iters), tuple(factors), tuple(sigmas), nbins, sampling, int(min_samples)))
     nprocs = resolve_nprocs(nprocs)
+    # the registration code imported here, before the worker pools fork: the workers share its pages
+    # instead of each importing it privately (~100 MB per worker measured at HBN size)
+    import dipy.align.imaffine  # noqa: F401
+    import dipy.align.transforms  # noqa: F401
+
+    from . import _mi  # noqa: F401
     A, M = np.repeat(np.eye(4)[None], n, 0), np.repeat(np.eye(4)[None], n, 0)
-    aligned = work.copy()
+    aligned = np.array(arr, np.float32)           # written in place, round after round
     _b0s_to_first(st, A, M, aligned, nprocs)
-    flags = applied = np.zeros((n, work.shape[st["slice_axis"]]), bool)
+    flags = applied = np.zeros((n, arr.shape[st["slice_axis"]]), bool)
     applied = applied.copy()
     done = 0
     for r in range(max(1, int(rounds))):
@@ -492,12 +497,13 @@ def correct_motion(data, affine, bvals, bvecs, b0_threshold=50, level_iters=(100
         done += 1
         if outliers == "replace":
             _apply_outliers(st, aligned, A, flags, applied, pred)
+        del pred          # the next round's prediction is made while this one would still be held (730 MB at HBN size)
         if done > 1 and max(max_displacement(a, b, st["corners"]) for a, b in zip(A, A_prev)) <= converge_mm:
             break
     kept = np.flatnonzero(~flags.any(1)) if outliers == "drop-volume" else np.arange(n)
     params = rigid_params(M, arr.shape[:3], affine)
     resampled = np.array([max_displacement(a, np.eye(4), st["corners"]) > identity_mm for a in A])
-    return dict(data=aligned[..., kept], bvecs=rotate_bvecs(bvecs, M, affine)[kept], kept=kept, affines=A,
+    return dict(data=aligned[..., kept] if kept.size < n else aligned, bvecs=rotate_bvecs(bvecs, M, affine)[kept], kept=kept, affines=A,
                 motion_affines=M, eddy_affines=np.stack([a @ np.linalg.inv(m) for a, m in zip(A, M)]),
                 params=params, fd=framewise_displacement(params, fd_radius), dropouts=flags,
                 resampled=resampled, rounds=done, reference=aligned[..., b0s].mean(-1))
@@ -533,15 +539,25 @@ def _replace_slices(raw, pred_ref, A, flags, axis, grid2world):
     return out
 
 
-def _shell_medians(aligned, bvals, b0_threshold, mask):
-    """Every DW volume's voxel-wise median over its shell (robust to a few moved volumes)."""
+def _shell_medians(aligned, bvals, b0_threshold, mask, slab_voxels=65_536):
+    """Every DW volume's voxel-wise median over its shell (robust to a few moved volumes), in
+    slabs of whole planes along the first axis (memory: the whole head box at once is a
+    (voxels, N) copy per shell); voxels outside ``mask`` are never written."""
     from .predict import shells
 
     out = np.zeros(aligned.shape, np.float32)
-    for s in shells(bvals, b0_threshold):
-        med = np.median(aligned[mask][:, s], axis=1)
-        for i in s:
-            out[mask, i] = med
+    step = max(1, int(slab_voxels) // max(1, int(np.prod(aligned.shape[1:3]))))
+    groups = shells(bvals, b0_threshold)
+    for x0 in range(0, aligned.shape[0], step):
+        sl = slice(x0, min(aligned.shape[0], x0 + step))
+        ms = mask[sl]
+        if not ms.any():
+            continue
+        vox = aligned[sl][ms]                                   # (V, N)
+        o = np.zeros(vox.shape, np.float32)
+        for s in groups:
+            o[:, s] = np.median(vox[:, s], axis=1)[:, None]
+        out[sl][ms] = o
     return out
 
 
@@ -565,13 +581,13 @@ def _round(st, aligned, A, M, flags, nprocs, first=False):
     tasks, todo = [], [i for i in range(n) if i != b0s[0]]     # the first b0 is the reference pose
     for i in todo:
         dw = bvals[i] > st["b0_threshold"]
-        tasks.append((pred[..., i] if dw else ref_b0, st["work"][..., i], st["affine"], st["box"], st["sched"],
+        tasks.append((pred[..., i] if dw else ref_b0, _volume(st, i), st["affine"], st["box"], st["sched"],
                       M[i], A[i] @ np.linalg.inv(M[i]), st["eddy_axis"] if dw else None, st["identity_mm"],
                       st["slice_axis"], st["raw"][..., i] if dw else None, _seed(i), st["head"]))
-    A, M, aligned = A.copy(), M.copy(), aligned.copy()
-    n_sl = st["work"].shape[st["slice_axis"]]
+    A, M = A.copy(), M.copy()
+    n_sl = aligned.shape[st["slice_axis"]]
     resid, counts = np.zeros((n, n_sl)), np.zeros((n, n_sl), int)
-    for i, r in zip(todo, process_map(_register_one, tasks, nprocs)):
+    for i, r in zip(todo, process_imap(_register_one, tasks, nprocs)):     # aligned: written in place
         A[i], M[i], aligned[..., i] = r[0], r[1], r[2]
         if r[3] is not None:
             resid[i], counts[i] = r[3]
@@ -579,14 +595,14 @@ def _round(st, aligned, A, M, flags, nprocs, first=False):
     modelled = st["eddy_axis"] is not None and st["eddy_model"] == "linear"
     if modelled:
         A = _eddy_linear_model(A, M, bvals, st["bvecs"], st["affine"], st["eddy_axis"], st["b0_threshold"],
-                               st["work"].shape[:3])
+                               aligned.shape[:3])
     if st["eddy_axis"] is not None:
         A, M, c0 = _split_pe_shift(A, M, bvals, st["bvecs"], st["affine"], st["eddy_axis"], st["b0_threshold"],
-                                   _centre(st["work"].shape[:3], st["affine"]))
+                                   _centre(aligned.shape[:3], st["affine"]))
     dw = np.flatnonzero(bvals > st["b0_threshold"])
     if c0 != 0.0 or modelled:           # the DW volumes' transforms moved: resample them anew
         for i in dw:
-            aligned[..., i] = _resample(st["work"][..., i], A[i], st["affine"], st["corners"], st["identity_mm"])
+            aligned[..., i] = _resample(_volume(st, i), A[i], st["affine"], st["corners"], st["identity_mm"])
     new_flags = flag_dropouts(resid, counts, dw, st["outlier_z"], st["outlier_min_drop"])
     return A, M, aligned, new_flags, pred
 
@@ -622,12 +638,19 @@ def _moved(M, bvals, b0_threshold, corners, limit=MOVED_MM, share=1 / 3):
 def _b0s_to_first(st, A, M, aligned, nprocs):
     """Register the other b0s to the first b0 (rigid): the mean b0 is then in the first b0's pose."""
     b0s = st["b0s"]
-    first = st["work"][..., b0s[0]]
+    first = _volume(st, b0s[0])
     eye = np.eye(4)
-    tasks = [(first, st["work"][..., i], st["affine"], st["box"], st["sched"], eye, eye, None, st["identity_mm"],
+    tasks = [(first, _volume(st, i), st["affine"], st["box"], st["sched"], eye, eye, None, st["identity_mm"],
               st["slice_axis"], None, _seed(i), st["head"]) for i in b0s[1:]]
-    for i, r in zip(b0s[1:], process_map(_register_one, tasks, nprocs)):
+    for i, r in zip(b0s[1:], process_imap(_register_one, tasks, nprocs)):
         A[i], M[i], aligned[..., i] = r[0], r[1], r[2]
+
+
+def _volume(st, i):
+    """Volume ``i`` as registered and resampled (float32): the input volume, or its copy with the
+    dropout slices replaced (``st["replaced"]``; only those volumes are copied, not the series)."""
+    vol = st["replaced"].get(i)
+    return np.asarray(st["raw"][..., i], np.float32) if vol is None else vol
 
 
 def _apply_outliers(st, aligned, A, flags, applied, pred):
@@ -635,7 +658,10 @@ def _apply_outliers(st, aligned, A, flags, applied, pred):
     flags, or whose flags changed, are rebuilt from the raw volume and resampled once)."""
     for i in np.flatnonzero((flags != applied).any(1) | flags.any(1)):
         vol = _replace_slices(st["raw"][..., i], pred[..., i], A[i], flags[i], st["slice_axis"], st["affine"])
-        st["work"][..., i] = vol
+        if flags[i].any():
+            st["replaced"][i] = vol
+        else:                                    # flags withdrawn: the input volume again
+            st["replaced"].pop(i, None)
         applied[i] = flags[i]
         aligned[..., i] = _resample(vol, A[i], st["affine"], st["corners"], st["identity_mm"])
 

@@ -66,7 +66,12 @@ def loo_log_predict(y, X, weights=None):
     return loo
 
 
-def loo_predict(data, bvals, bvecs, b0_threshold=50.0, mask=None, exclude=None):
+#: voxels per slab of :func:`loo_predict` (its float64 work arrays are (N, slab voxels); one slab of
+#: 65,536 voxels x 133 volumes is ~70 MB per array, the whole HBN head box at once was ~1 GB each)
+SLAB_VOXELS = 65_536
+
+
+def loo_predict(data, bvals, bvecs, b0_threshold=50.0, mask=None, exclude=None, slab_voxels=SLAB_VOXELS):
     """Leave-one-out tensor prediction of every diffusion-weighted volume.
 
     Parameters
@@ -75,34 +80,44 @@ def loo_predict(data, bvals, bvecs, b0_threshold=50.0, mask=None, exclude=None):
     bvals, bvecs : (N,), (N, 3); b-vectors in any frame that is the same for all volumes
     mask : (X, Y, Z) bool, optional: voxels to predict (others 0)
     exclude : (N,) bool, optional: volumes kept out of every fit (still predicted)
+    slab_voxels : work on slabs of whole planes along the first axis of about this many voxels
+        (memory; every voxel's prediction is its own, so the result does not depend on it)
 
     Returns
     -------
     (X, Y, Z, N) float32: the prediction of each DW volume from the others of
-    its shell and the b0s; b0 volumes get the mean of the other b0s.
+    its shell and the b0s; b0 volumes get the mean of the other b0s. Voxels outside
+    ``mask`` are never written (their pages of the zero-initialised output stay unallocated).
     """
     arr = np.asarray(data)
     bvals = np.asarray(bvals, float).ravel()
     bvecs = np.asarray(bvecs, float)
     m = np.ones(arr.shape[:3], bool) if mask is None else np.asarray(mask, bool)
     keep = np.ones(bvals.size, bool) if exclude is None else ~np.asarray(exclude, bool)
-    y = np.log(np.maximum(arr[m].astype(np.float64), _FLOOR)).T      # (N, V)
-    out = np.zeros(arr.shape, np.float32)
     b0 = np.flatnonzero(bvals <= b0_threshold)
-    pred = np.zeros_like(y)
+    fits = []                                         # per shell: (its volumes, rows, X) or (volumes, None, None)
     for s in shells(bvals, b0_threshold):
         rows = np.concatenate([b0, s])
         X = _design(np.where(bvals[rows] <= b0_threshold, 0.0, bvals[rows]), bvecs[rows])
-        if keep[rows].sum() <= X.shape[1]:           # too few volumes for a tensor: the others' mean
-            for i in s:
-                others = [j for j in s if j != i] or [i]
-                pred[i] = y[others].mean(0)
+        fits.append((s, rows, X) if keep[rows].sum() > X.shape[1] else (s, None, None))
+    b0_others = [[j for j in b0 if j != i and keep[j]] or [j for j in b0 if j != i] or [i] for i in b0]
+    out = np.zeros(arr.shape, np.float32)
+    step = max(1, int(slab_voxels) // max(1, int(np.prod(arr.shape[1:3]))))
+    for x0 in range(0, arr.shape[0], step):
+        sl = slice(x0, min(arr.shape[0], x0 + step))
+        ms = m[sl]
+        if not ms.any():
             continue
-        loo = loo_log_predict(y[rows], X, keep[rows].astype(float))
-        pred[s] = loo[len(b0):]
-    lin = np.exp(y)
-    for i in b0:                                      # b0: mean of the other kept b0s
-        others = [j for j in b0 if j != i and keep[j]] or [j for j in b0 if j != i] or [i]
-        pred[i] = np.log(lin[others].mean(0))
-    out[m] = np.exp(pred).T.astype(np.float32)
+        y = np.log(np.maximum(arr[sl][ms].astype(np.float64), _FLOOR)).T      # (N, V)
+        pred = np.zeros_like(y)
+        for s, rows, X in fits:
+            if rows is None:                          # too few volumes for a tensor: the others' mean
+                for i in s:
+                    others = [j for j in s if j != i] or [i]
+                    pred[i] = y[others].mean(0)
+                continue
+            pred[s] = loo_log_predict(y[rows], X, keep[rows].astype(float))[len(b0):]
+        for i, others in zip(b0, b0_others):          # b0: mean of the other kept b0s
+            pred[i] = np.log(np.exp(y[others]).mean(0))
+        out[sl][ms] = np.exp(pred).T.astype(np.float32)
     return out
