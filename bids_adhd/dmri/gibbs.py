@@ -493,41 +493,48 @@ def unring(data, slice_axis=2, n_points=3, nprocs=1, *, exact=False, device=None
         raise ValueError("slice_axis must be 0, 1 or 2")
     if not np.issubdtype(arr.dtype, np.floating):
         arr = arr.astype(np.float32)
-    if nd == 2:
-        vol = arr[None]
-    elif nd == 3:
-        vol = np.moveaxis(arr, slice_axis, 0)
-    else:
-        vol = np.moveaxis(arr, (slice_axis, 3), (0, 1))
-    inishape = vol.shape
-    vol = np.ascontiguousarray(vol).reshape((-1,) + inishape[-2:])
-    G0, G1 = _weights(vol.shape[-2:])
+    # a (S0, S1, A, B) view of the slices (no copy: a contiguous copy of the whole series was one
+    # more copy of the data, 730 MB at HBN size); work items gather their slices from it and
+    # write their results straight into the output, in the input's layout
+    out = np.empty(arr.shape, dtype=arr.dtype)
+    src, dst = _slice_view(arr, slice_axis), _slice_view(out, slice_axis)
+    n1 = src.shape[1]
+    n_slices = src.shape[0] * n1
+    shape2 = src.shape[-2:]
+    G0, G1 = _weights(shape2)
     device = _resolve_device(device, exact)
+
+    def gather(i0, i1):
+        return np.stack([src[i // n1, i % n1] for i in range(i0, i1)])
+
+    def scatter(i0, res):
+        for k, r in enumerate(res):
+            dst[(i0 + k) // n1, (i0 + k) % n1] = r
+
     if device != "numpy":
         # one stack of ~256 slices at a time on the device (vectorised there)
-        per = slices_per_item or max(1, 2**22 // int(np.prod(vol.shape[-2:])))
+        per = slices_per_item or max(1, 2**22 // int(np.prod(shape2)))
         with single_threaded_blas() if device == "cpu" else contextlib.nullcontext():
-            out = np.concatenate([_unring_stack_torch(vol[i0:i0 + per], n_points, G0, G1, device)
-                                  for i0 in range(0, vol.shape[0], per)]).astype(arr.dtype, copy=False)
-        return _restore_axes(out.reshape(inishape), nd, slice_axis)
-    per = slices_per_item or max(1, _TARGET_ELEMENTS // int(np.prod(vol.shape[-2:])))
+            for i0 in range(0, n_slices, per):
+                scatter(i0, _unring_stack_torch(gather(i0, min(n_slices, i0 + per)), n_points, G0, G1, device))
+        return out
+    per = slices_per_item or max(1, _TARGET_ELEMENTS // int(np.prod(shape2)))
     nprocs = resolve_nprocs(nprocs)
     # at least a few items per worker so that the threads stay busy to the end
-    per = max(1, min(per, -(-vol.shape[0] // (4 * nprocs)) if nprocs > 1 else per))
-    starts = list(range(0, vol.shape[0], per))
-    out = np.empty(vol.shape, dtype=arr.dtype)
+    per = max(1, min(per, -(-n_slices // (4 * nprocs)) if nprocs > 1 else per))
 
     def work(i0):
-        out[i0:i0 + per] = _unring_stack(vol[i0:i0 + per], n_points, G0, G1, exact)
+        scatter(i0, _unring_stack(gather(i0, min(n_slices, i0 + per)), n_points, G0, G1, exact))
 
     with single_threaded_blas():
-        thread_map(work, starts, nprocs)
-    return _restore_axes(out.reshape(inishape), nd, slice_axis)
+        thread_map(work, list(range(0, n_slices, per)), nprocs)
+    return out
 
 
-def _restore_axes(out, nd, slice_axis):
-    if nd == 2:
-        return out[0]
-    if nd == 3:
-        return np.moveaxis(out, 0, slice_axis)
-    return np.moveaxis(out, (0, 1), (slice_axis, 3))
+def _slice_view(arr, slice_axis):
+    """(S0, S1, A, B) view of 2-, 3- or 4-D ``arr``: slice index along ``slice_axis``, volume, in-plane."""
+    if arr.ndim == 2:
+        return arr[None, None]
+    if arr.ndim == 3:
+        return np.moveaxis(arr, slice_axis, 0)[:, None]
+    return np.moveaxis(arr, (slice_axis, 3), (0, 1))
