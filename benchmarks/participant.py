@@ -377,8 +377,6 @@ def prepare(args, cfg, result):
     """Simulate (or reuse) the dataset; load sub-01 as the pipeline does. Returns a dict of inputs."""
     import nibabel as nib
 
-    from bids_adhd.simulate import simulate_dataset
-
     work = Path(args.work)
     bids = work / "bids"
     if not (args.reuse and bids.is_dir()):
@@ -386,7 +384,10 @@ def prepare(args, cfg, result):
             shutil.rmtree(work)
         work.mkdir(parents=True)
         t = time.perf_counter()
-        simulate_dataset(bids, n_subjects=2, size=args.size, seed=args.seed, n_jobs=args.nprocs)
+        # in a process of its own, as a participant run never holds the simulator's memory: run in
+        # this process, its freed heap stayed in this process's RSS and inflated every step's peak
+        subprocess.run([sys.executable, "-m", "bids_adhd", "simulate", str(bids), "--subjects", "2", "--size",
+                        args.size, "--seed", str(args.seed), "--nprocs", str(args.nprocs), "-q"], check=True, cwd=ROOT)
         result["simulate_wall_s"] = time.perf_counter() - t
     tmp = work / "run"
     if tmp.exists():
