@@ -503,8 +503,8 @@ def correct_motion(data, affine, bvals, bvecs, b0_threshold=50, level_iters=(100
     kept = np.flatnonzero(~flags.any(1)) if outliers == "drop-volume" else np.arange(n)
     params = rigid_params(M, arr.shape[:3], affine)
     resampled = np.array([max_displacement(a, np.eye(4), st["corners"]) > identity_mm for a in A])
-    return dict(data=aligned[..., kept] if kept.size < n else aligned, bvecs=rotate_bvecs(bvecs, M, affine)[kept], kept=kept, affines=A,
-                motion_affines=M, eddy_affines=np.stack([a @ np.linalg.inv(m) for a, m in zip(A, M)]),
+    return dict(data=aligned[..., kept] if kept.size < n else aligned, bvecs=rotate_bvecs(bvecs, M, affine)[kept],
+                kept=kept, affines=A, motion_affines=M, eddy_affines=np.stack([a @ np.linalg.inv(m) for a, m in zip(A, M)]),
                 params=params, fd=framewise_displacement(params, fd_radius), dropouts=flags,
                 resampled=resampled, rounds=done, reference=aligned[..., b0s].mean(-1))
 
@@ -539,20 +539,15 @@ def _replace_slices(raw, pred_ref, A, flags, axis, grid2world):
     return out
 
 
-def _shell_medians(aligned, bvals, b0_threshold, mask, slab_voxels=65_536):
+def _shell_medians(aligned, bvals, b0_threshold, mask, slab_voxels=None):
     """Every DW volume's voxel-wise median over its shell (robust to a few moved volumes), in
     slabs of whole planes along the first axis (memory: the whole head box at once is a
     (voxels, N) copy per shell); voxels outside ``mask`` are never written."""
-    from .predict import shells
+    from .predict import SLAB_VOXELS, shells, voxel_slabs
 
     out = np.zeros(aligned.shape, np.float32)
-    step = max(1, int(slab_voxels) // max(1, int(np.prod(aligned.shape[1:3]))))
     groups = shells(bvals, b0_threshold)
-    for x0 in range(0, aligned.shape[0], step):
-        sl = slice(x0, min(aligned.shape[0], x0 + step))
-        ms = mask[sl]
-        if not ms.any():
-            continue
+    for sl, ms in voxel_slabs(mask, slab_voxels or SLAB_VOXELS):
         vox = aligned[sl][ms]                                   # (V, N)
         o = np.zeros(vox.shape, np.float32)
         for s in groups:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["shells", "loo_predict"]
+__all__ = ["shells", "loo_predict", "voxel_slabs"]
 
 #: smallest signal taken into the log (background voxels are 0)
 _FLOOR = 1e-3
@@ -71,6 +71,16 @@ def loo_log_predict(y, X, weights=None):
 SLAB_VOXELS = 65_536
 
 
+def voxel_slabs(mask, slab_voxels=SLAB_VOXELS):
+    """``(slice, mask[slice])`` for slabs of whole planes along the first axis of ``mask`` with about
+    ``slab_voxels`` voxels each (at least one plane), skipping slabs without a masked voxel."""
+    step = max(1, int(slab_voxels) // max(1, int(np.prod(mask.shape[1:3]))))
+    for x0 in range(0, mask.shape[0], step):
+        sl = slice(x0, min(mask.shape[0], x0 + step))
+        if mask[sl].any():
+            yield sl, mask[sl]
+
+
 def loo_predict(data, bvals, bvecs, b0_threshold=50.0, mask=None, exclude=None, slab_voxels=SLAB_VOXELS):
     """Leave-one-out tensor prediction of every diffusion-weighted volume.
 
@@ -102,12 +112,7 @@ def loo_predict(data, bvals, bvecs, b0_threshold=50.0, mask=None, exclude=None, 
         fits.append((s, rows, X) if keep[rows].sum() > X.shape[1] else (s, None, None))
     b0_others = [[j for j in b0 if j != i and keep[j]] or [j for j in b0 if j != i] or [i] for i in b0]
     out = np.zeros(arr.shape, np.float32)
-    step = max(1, int(slab_voxels) // max(1, int(np.prod(arr.shape[1:3]))))
-    for x0 in range(0, arr.shape[0], step):
-        sl = slice(x0, min(arr.shape[0], x0 + step))
-        ms = m[sl]
-        if not ms.any():
-            continue
+    for sl, ms in voxel_slabs(m, slab_voxels):
         y = np.log(np.maximum(arr[sl][ms].astype(np.float64), _FLOOR)).T      # (N, V)
         pred = np.zeros_like(y)
         for s, rows, X in fits:
