@@ -35,7 +35,7 @@ venv: $(VENV)/.installed
 
 test: sysdeps venv
 	$(VENV)/bin/lint-imports --config .importlinter
-	$(VENV)/bin/pytest -q -p no:cacheprovider tests
+	$(VENV)/bin/pytest -q -p no:cacheprovider -n 2 --dist loadfile tests
 
 demo: venv
 	rm -rf $(DEMO)

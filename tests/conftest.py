@@ -25,3 +25,19 @@ def weights_env(tmp_path, monkeypatch):
     monkeypatch.setenv(fd.ENV_WEIGHTS_DIR, str(tmp_path / "cache"))
     monkeypatch.setattr(fd, "IMAGE_MODELS_DIR", tmp_path / "opt")
     return tmp_path
+
+
+#: Test modules that take longest (serial run on the 2-core CI machine, 2 Dec 2026: group_signal
+#: ~410 s, container ~300 s, dmri_motion ~190 s, slurm ~120 s, participant_e2e ~115 s, ...). `make
+#: test` runs the suite on 2 pytest-xdist workers, one module per work unit (`--dist loadfile`),
+#: handed out in collection order: these go first, so that no long module starts last and
+#: leaves the other worker idle.
+HEAVY_FIRST = ("test_group_signal.py", "test_container.py", "test_dmri_motion.py", "test_slurm.py",
+               "test_participant_e2e.py", "test_torchrun.py", "test_group_resume.py", "test_reliability_faults.py",
+               "test_group_faults.py", "test_boutiques.py", "test_template.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: k for k, name in enumerate(HEAVY_FIRST)}
+    # stable: within a module, and among the other modules, the collection order stays
+    items.sort(key=lambda item: rank.get(item.path.name, len(HEAVY_FIRST)))
