@@ -56,3 +56,23 @@ def test_node_failure_lands_in_the_log_dir_and_the_report(tmp_path, capsys, monk
     report = dv.report_html(out, "01").read_text()
     assert '<section id="errors">' in report and "planted failure inside the check node" in report
     assert crash.relative_to(out).as_posix() in report
+
+
+def test_thread_variables_set_by_a_run_are_restored(monkeypatch):
+    """The participant run sets the BLAS/OpenMP thread counts for its node processes; an in-process
+    caller gets its own values back (an unset variable stays unset), even when the run fails."""
+    import os
+
+    import pytest
+
+    from bids_adhd.workflows.run import _THREAD_VARS, _env_restored
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    with pytest.raises(RuntimeError):
+        with _env_restored(_THREAD_VARS):
+            for var in _THREAD_VARS:
+                os.environ[var] = "2"
+            raise RuntimeError("the workflow failed")
+    assert os.environ["OMP_NUM_THREADS"] == "7"
+    assert "MKL_NUM_THREADS" not in os.environ

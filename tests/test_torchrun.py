@@ -71,6 +71,7 @@ raise SystemExit(main(sys.argv[1:]))
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 pytestmark = pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed beside python")
 TOL = 1e-4
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS")
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +84,13 @@ def data(tmp_path_factory):
 
 
 def _run(cmd, timeout, env=None, cwd=None) -> subprocess.CompletedProcess:
-    """Run in a new session; on timeout kill the whole session (torchrun's ranks have their own)."""
+    """Run in a new session; on timeout kill the whole session (torchrun's ranks have their own).
+
+    Without ``env``: this process's environment without the BLAS/OpenMP thread counts, as in a
+    user's shell, so that torchrun gives each rank one thread (it sets ``OMP_NUM_THREADS`` only where
+    unset; with 2 threads per rank, inherited from an earlier test, the probabilities moved by 1.5e-4)."""
+    if env is None:
+        env = {k: v for k, v in os.environ.items() if k not in THREAD_VARS}
     proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env, cwd=cwd, start_new_session=True)
     try:

@@ -1,6 +1,7 @@
 """``bids_adhd BIDS_DIR OUTPUT_DIR participant``: checks, selection, workflow, timings."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -92,9 +93,26 @@ def run_participant(settings: ParticipantSettings) -> int:
             summary = check_run(r, cfg.preproc.b0_threshold)
             LOG.info("%s: %s volumes, %d b0, shells %s, voxels %s mm", r.source.prefix, summary["shape"],
                      summary["n_b0"], summary["shells"], tuple(round(z, 2) for z in summary["zooms"]))
-        _run_workflow(s, cfg, bids_dir, out_root, todo, chash)
+        with _env_restored(_THREAD_VARS):
+            _run_workflow(s, cfg, bids_dir, out_root, todo, chash)
     LOG.info("participant level finished in %.1f s; outputs in %s", time.perf_counter() - t0, out_root)
     return 0
+
+
+@contextlib.contextmanager
+def _env_restored(names):
+    """Restore the environment variables ``names`` afterwards: the run sets the BLAS/OpenMP thread
+    counts for its node processes, and an in-process caller must not keep them (a later torchrun
+    started from that process took them as its ranks' thread counts)."""
+    old = {name: os.environ.get(name) for name in names}
+    try:
+        yield
+    finally:
+        for name, value in old.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _configure_nipype(work_dir: Path, verbose: int) -> None:
