@@ -44,6 +44,8 @@ import pytest
 
 from test_group_common import runner_script, synthetic, tiny_pipeline
 
+from bids_adhd.workflows.run import _THREAD_VARS
+
 #: the tiny group runner of test_group_common, plus a line on stderr for every training forward pass
 #: (the batch size that process saw): shows that the ranks split the batches
 RUNNER = """
@@ -71,7 +73,6 @@ raise SystemExit(main(sys.argv[1:]))
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 pytestmark = pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed beside python")
 TOL = 1e-4
-THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS")
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +91,7 @@ def _run(cmd, timeout, env=None, cwd=None) -> subprocess.CompletedProcess:
     user's shell, so that torchrun gives each rank one thread (it sets ``OMP_NUM_THREADS`` only where
     unset; with 2 threads per rank, inherited from an earlier test, the probabilities moved by 1.5e-4)."""
     if env is None:
-        env = {k: v for k, v in os.environ.items() if k not in THREAD_VARS}
+        env = {k: v for k, v in os.environ.items() if k not in _THREAD_VARS}
     proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env, cwd=cwd, start_new_session=True)
     try:
