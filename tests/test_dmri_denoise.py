@@ -15,6 +15,7 @@ import warnings
 import nibabel as nib
 import numpy as np
 import pytest
+from scipy.ndimage import binary_erosion
 from threadpoolctl import threadpool_limits
 
 from bids_adhd.dmri.denoise import denoise, mppca
@@ -86,13 +87,19 @@ def test_more_volumes_than_samples_truncates_like_dipy():
 
 def test_masks_roi_and_dipy_modes(small64d):
     mask = np.zeros(small64d.shape[:3], bool)
-    mask[3:8, 2:9, 4:7] = True
-    mask[0, 0, 0] = True    # corner voxel: "roi" covers it via the patch at (2,2,2); DIPY's mask mode: NaN
+    mask[3:9, 3:9, 3:9] = True
+    mask[0, 0, 0] = True    # corner voxel: no patch centred in the mask covers it (DIPY's mask mode: NaN)
     full = dipy_mppca(small64d)
-    roi = mppca(small64d, mask=mask)                     # default: "roi"
-    assert rel(roi[mask], full[mask], small64d) < 1e-6   # inside: DIPY's unmasked result
-    assert np.array_equal(roi[~mask], small64d[~mask].astype(np.float32))   # outside: the input
     ref_m, ref_ms = dipy_mppca(small64d, mask=mask, return_sigma=True)
+    roi = mppca(small64d, mask=mask)                     # default: "roi", patches centred in the mask
+    covered = mask & ~np.isnan(ref_m).any(-1)
+    assert covered.sum() == mask.sum() - 1
+    assert rel(roi[covered], ref_m[covered], small64d) < 1e-6              # inside: DIPY's masked result
+    core = binary_erosion(mask, np.ones((5, 5, 5)))                         # the mask eroded by the radius
+    assert core.sum() > 0 and not np.array_equal(full[mask & ~core], ref_m[mask & ~core])
+    assert rel(roi[core], full[core], small64d) < 1e-6                    # there: DIPY's unmasked result
+    keep = ~covered                                      # outside and the uncovered corner: the input
+    assert np.array_equal(roi[keep], small64d[keep].astype(np.float32))
     with np.errstate(invalid="ignore"):
         out_m, out_ms = mppca(small64d, mask=mask, mask_mode="dipy", return_sigma=True)
     # DIPY: patches centred in the mask only, 0 outside, NaN at a masked voxel no patch covers

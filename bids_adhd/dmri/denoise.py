@@ -33,11 +33,15 @@ GIL) with one BLAS/OpenMP thread each, and each slab accumulates into its own
 buffer (bounded memory).
 
 Masks (``mask_mode``)
-  ``"roi"`` (default): inside the mask the output equals DIPY's *unmasked*
-  ``mppca`` (every patch that overlaps the mask, i.e. every centre within the
-  mask dilated by the patch radius, is processed); outside the mask the input
-  is returned unchanged and sigma is 0. This is what the workflow uses with a
-  dilated pre-mask: it only saves work.
+  ``"roi"`` (default): one patch centred at every mask voxel, as
+  ``dwidenoise -mask`` (and DIPY's mask mode) do; inside the mask the output
+  equals DIPY's masked result, which on the mask eroded by the patch radius
+  is DIPY's *unmasked* result; outside the mask (and at a mask voxel that no
+  such patch covers) the input is returned unchanged and sigma is 0. The
+  workflow uses it with a pre-mask dilated by ``radius + 2``, so the brain
+  dilated by 2 voxels is DIPY's unmasked result: it only saves work. With
+  ``stride > 1`` the lattice centres within the mask dilated by the radius
+  are used, so that every mask voxel is covered.
   ``"dipy"``: exactly ``dipy.mppca(arr, mask=mask)``: only patches centred in
   the mask; 0 outside the mask (NaN where a masked voxel is covered by no
   patch, as DIPY).
@@ -48,7 +52,8 @@ Precision (``dtype``)
   float32 the centred patch (patch minus its mean, the mean taken in float64
   and rounded to float32, as DIPY's float32 mean), the covariance/Gram matrix,
   its eigen-decomposition and the projection ``X_est`` are float32, as in
-  DIPY; the patch sums are float64 in both cases (DIPY sums in float32). With
+  DIPY, and so are the ``theta * X_est`` sums (DIPY sums in float32 too; the
+  theta sums are float64); in float64 mode everything is float64. With
   float64 input the result equals DIPY's to ~1e-7 of the data range (the
   float32 output). In float32 a patch's decision (MP stopping index, which
   eigenvalues fall below ``tau``) flips where an eigenvalue sits within
@@ -123,7 +128,7 @@ def _mp_classify(L, m):
 class _Accumulator:
     """Global sums fed slab by slab.
 
-    Each slab sums its patches in float64; the global ``theta * X_est`` sum is
+    Each slab sums its patches in the working precision (theta in float64); the global ``theta * X_est`` sum is
     float32 (every voxel receives only 2-3 slab sums, so the rounding is at
     float32 level, like the float32 output) to keep memory at one copy of the
     data. Slab sums are added in slab order whatever order the threads finish
@@ -237,26 +242,28 @@ def _slab_work(index, arr, centres, k0, k1, pr, dim, m, tau_factor, is_svd, mode
     # bounding box of the voxels touched by this slab's patches
     lo = np.array([ci.min(), cj.min(), k0 - pr[2]])
     hi = np.array([ci.max() + ps[0], cj.max() + ps[1], k1 + pr[2]])
-    sub = arr[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
-    win = np.lib.stride_tricks.sliding_window_view(sub, tuple(ps), axis=(0, 1, 2))
-    win = np.moveaxis(win, 3, -1)                   # (X', Y', nz, px, py, pz, N), N contiguous
-    ci, cj = ci - lo[0], cj - lo[1]                  # patch corners in the box
     sx, sy, sz = (int(v) for v in hi - lo)
+    # the box as (voxels, N) rows: a patch is gathered with one index_select of its m rows (a fancy index
+    # into a sliding-window view cost about as much as the covariance product)
+    box = torch.from_numpy(np.ascontiguousarray(arr[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]).reshape(-1, N))
+    box = box.to(device)
+    ci, cj = ci - lo[0], cj - lo[1]                  # patch corners in the box
     f64 = torch.float64
-    tx = torch.zeros((sx * sy * sz, N), dtype=f64, device=device)
+    low = mode == "float32" and not is_svd
+    # theta * X_est sums: float32 in float32 mode (as DIPY's float32 sums), float64 otherwise
+    tx = torch.zeros((sx * sy * sz, N), dtype=torch.float32 if low else f64, device=device)
     th = torch.zeros(sx * sy * sz, dtype=f64, device=device)
     va = torch.zeros(sx * sy * sz, dtype=f64, device=device) if acc.var is not None else None
     # linear offsets of the m patch voxels from the patch corner, in the window's (px, py, pz) order
     oi, oj, ok = np.meshgrid(np.arange(ps[0]), np.arange(ps[1]), np.arange(ps[2]), indexing="ij")
     offs = torch.from_numpy((oi * sy * sz + oj * sz + ok).reshape(-1)).to(device)
-    low = mode == "float32" and not is_svd
     for b0 in range(0, ci.size, batch):
         bi, bj, bk = ci[b0:b0 + batch], cj[b0:b0 + batch], ck[b0:b0 + batch]
-        Pt = torch.from_numpy(np.ascontiguousarray(win[bi, bj, bk]).reshape(len(bi), m, N)).to(device)
-        Xw, theta, var = _patch_batch(Pt, m, dim, float(tau_factor) ** 2, low, is_svd, device)
         corner = torch.from_numpy(bi * sy * sz + bj * sz + bk).to(device)
         lin = (corner[:, None] + offs[None, :]).reshape(-1)
-        tx.index_add_(0, lin, Xw.reshape(-1, N).to(f64))
+        Pt = box.index_select(0, lin).reshape(len(bi), m, N)
+        Xw, theta, var = _patch_batch(Pt, m, dim, float(tau_factor) ** 2, low, is_svd, device)
+        tx.index_add_(0, lin, Xw.reshape(-1, N).to(tx.dtype))
         th.index_add_(0, lin, theta.repeat_interleave(m))
         if va is not None:
             va.index_add_(0, lin, (var * theta).repeat_interleave(m))
@@ -310,9 +317,9 @@ def _centres(shape3, pr, mask, mask_mode, stride):
         mask = np.asarray(mask).astype(bool)
         if mask.shape != (X, Y, Z):
             raise ValueError(f"mask shape {mask.shape} does not match the data {tuple(shape3)}")
-        if mask_mode == "dipy":
+        if mask_mode == "dipy" or stride == 1:
             centres = inner & mask
-        else:
+        else:       # a lattice needs centres up to the radius outside the mask to cover every mask voxel
             from scipy.ndimage import maximum_filter
 
             centres = inner & maximum_filter(mask, size=tuple(2 * pr + 1), mode="constant", cval=False)
@@ -346,7 +353,9 @@ def _finish(acc, arr, mask, mask_mode, return_sigma):
         if mask_mode == "dipy":
             den[~mask] = 0
         else:
-            np.copyto(den, arr, where=~mask[..., None])      # no (outside x N) temporary
+            keep = ~mask | (acc.theta == 0)                  # outside, or a mask voxel no patch covers
+            np.copyto(den, arr, where=keep[..., None])       # no (outside x N) temporary
+            mask = ~keep
         if return_sigma:
             sig[~mask] = 0
     return den, None if sig is None else sig.astype(np.float32)
@@ -365,13 +374,13 @@ def mppca(data, mask=None, patch_radius=2, pca_method="eig", return_sigma=False,
     return_sigma : bool; also return the noise standard deviation map (float32).
     nprocs : int; worker threads (``None``/0: all CPUs).
     mask_mode : "roi" | "dipy"
-        "roi": equal to DIPY's unmasked output inside the mask, input outside.
+        "roi": patches centred in the mask: inside it DIPY's masked output (its unmasked
+        output on the mask eroded by the radius), input outside.
         "dipy": equal to ``dipy.mppca(data, mask=mask)``.
     dtype : None | "float64" | "float32"
         Precision of the covariance eigen-decomposition. None (default):
         DIPY's rule (float64 for float64 input, float32 otherwise; then the
-        centring and projections are float32 too); the patch sums are float64
-        in every case. The module docstring says how float32 decisions differ.
+        centring, projections and patch sums are float32 too). The module docstring says how float32 decisions differ.
     device : str; torch device for the batched linear algebra ("cpu", "cuda", ...).
     batch : int, optional
         Patches per batched eigen-decomposition (default: about 2^20 patch
