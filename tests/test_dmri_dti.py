@@ -101,11 +101,39 @@ def test_noisy_bound_and_equal_to_direct_dipy(method):
     assert np.array_equal(res["fa"], fit_dti(data, bvals, bvecs, method=method)["fa"])
 
 
+def test_wls_normal_equations_equal_dipy_pinv_solution():
+    """The WLS fit solves the weighted problem from its normal equations; DIPY uses one pinv per voxel."""
+    from dipy.core.gradients import gradient_table
+    from dipy.reconst.dti import design_matrix, wls_fit_tensor
+
+    from bids_adhd.dmri.dti import _wls_fit_tensor
+
+    bvals, bvecs = btable(n_dirs=32, shells=(1000.0, 1500.0))
+    _, D = tensor_field(shape=(10, 10, 6), seed=7)
+    rng = np.random.default_rng(8)
+    clean = signal(D, bvals, bvecs)
+    data = np.sqrt((clean + rng.normal(scale=30, size=clean.shape)) ** 2
+                   + rng.normal(scale=30, size=clean.shape) ** 2).reshape(-1, len(bvals))
+    X = design_matrix(gradient_table(bvals, bvecs=bvecs))
+    ours, _ = _wls_fit_tensor(X, data)
+    ref, _ = wls_fit_tensor(X, data)
+    assert ours.shape == ref.shape == (600, 12)
+    assert np.abs(ours[:, :3] - ref[:, :3]).max() / np.abs(ref[:, :3]).max() < 1e-9      # eigenvalues
+    # eigenvectors up to sign
+    dots = np.abs(np.einsum("nij,nij->nj", ours[:, 3:].reshape(-1, 3, 3), ref[:, 3:].reshape(-1, 3, 3)))
+    assert np.abs(dots - 1).max() < 1e-6
+
+
 def test_dti_input_errors():
     bvals, bvecs = btable(n_dirs=5)
     data = np.ones((2, 2, 2, len(bvals)))
     with pytest.raises(DataError, match="at least 6"):
         fit_dti(data, bvals, bvecs)
+    # 12 weighted volumes along only 3 directions: no tensor can be determined
+    bvals, bvecs = btable(n_dirs=12)
+    bvecs[3:] = np.tile(np.eye(3), (4, 1))
+    with pytest.raises(DataError, match="rank < 7"):
+        fit_dti(np.ones((2, 2, 2, len(bvals))), bvals, bvecs)
     bvals, bvecs = btable()
     with pytest.raises(DataError, match="do not match"):
         fit_dti(data, bvals, bvecs)
