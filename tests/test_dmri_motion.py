@@ -119,9 +119,11 @@ def test_no_motion_no_eddy_no_dropout_is_identity_and_not_resampled():
     data, bvals, bvecs, _ = phantom_series({})
     res = correct_motion(data, AFFINE, bvals, bvecs, nprocs=2, rounds=2, level_iters=FAST, identity_mm=0.5)
     t, r = _params_err(res, {}, data.shape[3])
-    # measured on this small phantom: <= 0.10 mm and 0.32 deg (registration noise of a 36x36x24 head;
-    # the 0.05 mm / 0.05 deg is not reached here, see docs/preprocessing.md)
-    assert t.max() <= 0.15 and r.max() <= 0.4, (t.max(1), r.max(1))
+    # measured on this small phantom (3 Dec 2026): 0.018 mm and 0.119 deg (the unmoved second
+    # b0 registered to the first: Mattes MI with 32 bins has its optimum ~0.1 deg off on this 36x36x24
+    # head, converged, more iterations do not move it; 64 bins: 0.02-0.08 deg). The 0.05 mm is
+    # met, its 0.05 deg is not (docs/preprocessing.md)
+    assert t.max() <= 0.05 and r.max() <= 0.15, (t.max(1), r.max(1))
     assert not res["dropouts"].any()
     # transforms within identity_mm on the head box: the volumes are copied, never interpolated
     assert not res["resampled"].any()
@@ -133,7 +135,7 @@ def test_no_motion_no_eddy_no_dropout_is_identity_and_not_resampled():
 def test_pure_translations_and_rotations_each_axis(corrected_axes):
     moves, data, bvals, bvecs, dirs, res = corrected_axes
     t, r = _params_err(res, moves, data.shape[3])
-    # measured on this 36x36x24 phantom: <= 0.17 mm and 0.48 deg per axis (all volumes); the issue's
+    # measured on this 36x36x24 phantom: 0.155 mm and 0.445 deg (3 Dec 2026; all volumes); the issue's
     # 0.1 mm / 0.1 deg is not reached on it (docs/preprocessing.md)
     assert t.max() <= 0.25 and r.max() <= 0.6, (t.max(1), r.max(1))
     assert set(np.flatnonzero(res["resampled"])) >= set(moves)
