@@ -75,7 +75,8 @@ def truth_of(bids: Path, sub: str) -> dict:
 
 
 def preprocess(bids: Path, sub: str, cfg, nprocs: int):
-    """Raw -> premask -> denoise -> [unring], as the workflow does (before motion)."""
+    """Raw -> premask -> denoise -> [unring], as the workflow does (before motion); also returns the
+    workflow's ``undenoised`` reader (volume i of the raw series, [unrung])."""
     import nibabel as nib
     from scipy.ndimage import binary_dilation
 
@@ -95,7 +96,12 @@ def preprocess(bids: Path, sub: str, cfg, nprocs: int):
     den = den[0] if isinstance(den, tuple) else den
     if cfg.gibbs:
         den = unring(den, slice_axis=cfg.gibbs_slice_axis, n_points=cfg.gibbs_n_points, nprocs=nprocs)
-    return np.asarray(den, np.float32), img.affine, bvals, bvecs
+    def undenoised(i):
+        vol = raw[..., i]
+        return unring(vol, slice_axis=cfg.gibbs_slice_axis, n_points=cfg.gibbs_n_points, nprocs=1) if cfg.gibbs \
+            else vol
+
+    return np.asarray(den, np.float32), img.affine, bvals, bvecs, (undenoised if cfg.denoise != "none" else None)
 
 
 def fa_corr(data, bvals, bvecs, cfg, truth, nprocs):
@@ -119,7 +125,8 @@ def rms_errors(A_est, A_true, brain, affine):
 
 
 def motion_kwargs(cfg, nprocs, eddy_axis):
-    """``correct_motion`` keyword arguments of a preset (as the MotionCorrect interface passes them)."""
+    """``correct_motion`` keyword arguments of a preset (as the MotionCorrect interface passes them;
+    ``undenoised`` apart)."""
     return dict(b0_threshold=cfg.b0_threshold, level_iters=tuple(cfg.motion_level_iters),
                 factors=tuple(cfg.motion_factors), sigmas=tuple(cfg.motion_sigmas), nprocs=nprocs,
                 rounds=cfg.motion_rounds, eddy_axis=eddy_axis if cfg.motion_eddy else None,
@@ -139,10 +146,11 @@ def run_one(bids, sub, name, cfg, nprocs, old):
     from bids_adhd.dmri.motion import correct_motion, framewise_displacement, rigid_params
 
     truth = truth_of(bids, sub)
-    data, affine, bvals, bvecs = preprocess(bids, sub, cfg, nprocs)
+    data, affine, bvals, bvecs, undenoised = preprocess(bids, sub, cfg, nprocs)
     rec = {"subject": sub, "pipeline": name, "fa_r_none": fa_corr(data, bvals, bvecs, cfg, truth, nprocs)}
     res, rec["motion_wall_s"], rec["motion_cpu_s"] = _timed(
-        lambda: correct_motion(data, affine, bvals, bvecs, **motion_kwargs(cfg, nprocs, eddy_axis=1)))
+        lambda: correct_motion(data, affine, bvals, bvecs, undenoised=undenoised,
+                               **motion_kwargs(cfg, nprocs, eddy_axis=1)))
     err = rms_errors(res["affines"], truth["A"], truth["brain"], affine)
     err_rigid = rms_errors(res["motion_affines"], truth["M"], truth["brain"], affine)
     fd_true = framewise_displacement(rigid_params(truth["M"], data.shape[:3], affine), cfg.fd_radius_mm)

@@ -74,3 +74,35 @@ def test_confounds_one_row_per_volume_with_matrices(tmp_path):
     side = json.loads(dv.confounds(tmp_path, src, ".json").read_text())
     assert np.array(side["Matrices"]).shape == (n, 4, 4) and np.array(side["EddyMatrices"]).shape == (n, 4, 4)
     assert "40.0 mm" in side["framewise_displacement"]["Description"] and side["DropoutSlices"] == [[3, 10]]
+
+
+def test_moved_volumes_read_undenoised_input(tmp_path):
+    """The motion node reads the checked (undenoised) series for its moved volumes, unrung when the
+    preset unrings; without denoising there is nothing to read."""
+    import nibabel as nib
+    from nipype.interfaces.base import Undefined
+
+    from bids_adhd.dmri.gibbs import unring
+    from bids_adhd.interfaces.dipy import MotionCorrect, _undenoised_reader
+
+    def source(cfg):
+        wf = init_dwi_preproc_wf(cfg, phase_encoding="j-")
+        edges = [(u.name, d) for u, v, d in wf._graph.edges(data=True) if v.name == "motion"]
+        return [u for u, d in edges if ("out_file", "in_undenoised") in d["connect"]], wf.get_node("motion").inputs
+
+    src, i = source(PreprocConfig())
+    assert src == ["check"] and i.undenoised_gibbs is True
+    src, i = source(PreprocConfig(gibbs=False))
+    assert src == ["check"] and i.undenoised_gibbs is False
+    assert source(PreprocConfig(denoise="none"))[0] == []
+
+    rng = np.random.default_rng(1)
+    data = rng.normal(100, 10, size=(16, 16, 6, 4)).astype(np.float32)
+    path = tmp_path / "dwi.nii"
+    nib.save(nib.Nifti1Image(data, np.eye(4)), str(path))
+    m = MotionCorrect()
+    assert _undenoised_reader(m.inputs) is None and m.inputs.in_undenoised is Undefined
+    m.inputs.in_undenoised = str(path)
+    np.testing.assert_array_equal(_undenoised_reader(m.inputs)(2), data[..., 2])
+    m.inputs.undenoised_gibbs = True
+    np.testing.assert_allclose(_undenoised_reader(m.inputs)(3), unring(data[..., 3], slice_axis=2), rtol=0, atol=1e-4)

@@ -237,6 +237,11 @@ class _MotionInput(_Common):
     outlier_z = traits.Float(4.0, usedefault=True)
     fd_radius = traits.Float(50.0, usedefault=True, desc="head radius (mm) of the framewise displacement")
     enabled = traits.Bool(True, usedefault=True, desc="False: pass the data through unchanged")
+    in_undenoised = File(exists=True, desc="the series before the cross-volume denoising: moved volumes are "
+                                           "registered with their copies from it (motion.correct_motion)")
+    undenoised_gibbs = traits.Bool(False, usedefault=True, desc="unring those copies (as in_file was)")
+    gibbs_slice_axis = traits.Int(2, usedefault=True)
+    gibbs_n_points = traits.Int(3, usedefault=True)
 
 
 class _MotionOutput(_TimedOut):
@@ -284,7 +289,8 @@ class MotionCorrect(_Timed):
                                  sampling=i.sampling, min_samples=i.min_samples, nprocs=i.nthreads, rounds=i.rounds,
                                  eddy_axis=motion_eddy_axis(i.eddy, i.phase_encoding), slice_axis=i.slice_axis,
                                  outliers=i.outliers, outlier_z=i.outlier_z, fd_radius=i.fd_radius,
-                                 head_margin=None if i.head_margin < 0 else i.head_margin, eddy_model=i.eddy_model)
+                                 head_margin=None if i.head_margin < 0 else i.head_margin, eddy_model=i.eddy_model,
+                                 undenoised=_undenoised_reader(i))
         else:
             res = _no_motion(data, bvecs, i.slice_axis)
         kept = res["kept"]
@@ -298,6 +304,26 @@ class MotionCorrect(_Timed):
                        "DropoutSlices": [[int(v), int(k)] for v, k in np.argwhere(res["dropouts"])],
                        "SliceAxis": int(i.slice_axis), "KeptVolumes": [int(k) for k in kept],
                        "Rounds": int(res.get("rounds", 0)), "FDRadiusMm": float(i.fd_radius)}, fh)
+
+
+def _undenoised_reader(inputs):
+    """``k -> volume k`` of ``in_undenoised`` (unrung when ``undenoised_gibbs``), read on demand: only
+    the moved volumes are asked for, and the series is not held in memory. None when unset."""
+    if not isdefined(inputs.in_undenoised):
+        return None
+    import nibabel as nib
+
+    proxy = nib.load(inputs.in_undenoised).dataobj
+
+    def read(k):
+        vol = np.asarray(proxy[..., k], np.float32)
+        if inputs.undenoised_gibbs:
+            from ..dmri.gibbs import unring
+
+            vol = unring(vol, slice_axis=inputs.gibbs_slice_axis, n_points=inputs.gibbs_n_points, nprocs=1)
+        return vol
+
+    return read
 
 
 def _no_motion(data, bvecs, slice_axis):

@@ -78,6 +78,11 @@ def init_dwi_preproc_wf(cfg: PreprocConfig, nthreads: int = 1, name: str = "dwi_
         (dti, outputnode, [("out_fa", "fa"), ("out_md", "md"), ("out_ad", "ad"), ("out_rd", "rd"),
                            ("out_tensor", "tensor"), ("out_v1", "v1")]),
     ])
+    if cfg.motion and cfg.denoise != "none":
+        # moved volumes are registered from their undenoised copies (dmri/motion.py, 6.)
+        motion.inputs.undenoised_gibbs = bool(cfg.gibbs)
+        motion.inputs.gibbs_slice_axis, motion.inputs.gibbs_n_points = cfg.gibbs_slice_axis, cfg.gibbs_n_points
+        wf.connect(check, "out_file", motion, "in_undenoised")
     if cfg.gibbs:
         unring = pe.Node(Unring(slice_axis=cfg.gibbs_slice_axis, n_points=cfg.gibbs_n_points,
                                 nthreads=nthreads), name="unring", n_procs=nthreads)
