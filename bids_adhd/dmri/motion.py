@@ -495,7 +495,7 @@ def correct_motion(data, affine, bvals, bvecs, b0_threshold=50, level_iters=(100
     box_mask = np.zeros(first.shape, bool)
     box_mask[box] = True
     head = None if head_margin is None else _head_mask(fg, int(head_margin))[box]
-    st = dict(raw=arr, undenoised=undenoised, undenoised_cache={}, replaced={}, bvals=bvals, bvecs=bvecs, b0s=b0s, affine=affine, box=box, box_mask=box_mask,
+    st = dict(raw=arr, undenoised=undenoised, undenoised_cache={}, undenoised_replaced={}, replaced={}, bvals=bvals, bvecs=bvecs, b0s=b0s, affine=affine, box=box, box_mask=box_mask,
               head=head, corners=box_corners(box, affine), b0_threshold=float(b0_threshold), eddy_axis=eddy_axis,
               eddy_model=eddy_model, slice_axis=int(slice_axis), identity_mm=float(identity_mm), outlier_z=float(outlier_z),
               outlier_min_drop=float(outlier_min_drop),
@@ -666,8 +666,11 @@ def _b0s_to_first(st, A, M, aligned, nprocs):
         A[i], M[i], aligned[..., i] = r[0], r[1], r[2]
 
 
-def _undenoised(st, i):
-    """Volume ``i`` before the cross-volume denoising (``st["undenoised"](i)``, once per volume)."""
+def _undenoised(st, i, replaced=True):
+    """Volume ``i`` before the cross-volume denoising (``st["undenoised"](i)``, read once per volume),
+    with its dropout slices replaced as in :func:`_volume` (``replaced=False``: as read)."""
+    if replaced and i in st["undenoised_replaced"]:
+        return st["undenoised_replaced"][i]
     cache = st["undenoised_cache"]
     if i not in cache:
         vol = np.asarray(st["undenoised"](i), np.float32)
@@ -691,8 +694,12 @@ def _apply_outliers(st, aligned, A, flags, applied, pred):
         vol = _replace_slices(st["raw"][..., i], pred[..., i], A[i], flags[i], st["slice_axis"], st["affine"])
         if flags[i].any():
             st["replaced"][i] = vol
+            if st["undenoised"] is not None:     # its undenoised copy, should it be registered from it
+                st["undenoised_replaced"][i] = _replace_slices(_undenoised(st, i, replaced=False), pred[..., i],
+                                                               A[i], flags[i], st["slice_axis"], st["affine"])
         else:                                    # flags withdrawn: the input volume again
             st["replaced"].pop(i, None)
+            st["undenoised_replaced"].pop(i, None)
         applied[i] = flags[i]
         aligned[..., i] = _resample(vol, A[i], st["affine"], st["corners"], st["identity_mm"])
 
