@@ -367,8 +367,8 @@ def _optimise(st, mv, g_st, g_mv, tf, start, sched, seed=MI_SEED, head=None):
 def _register_one(task):
     """Worker: register one volume to its target (rigid, then the optional eddy stage).
 
-    ``task[13]`` (optional): the volume to resample with the result when the registration's
-    ``moving`` is another copy of it (the undenoised volume of a moved volume, see
+    ``task[13]``: the volume to resample with the result when the registration's ``moving`` is
+    another copy of it (None: ``moving`` itself) (the undenoised volume of a moved volume, see
     :func:`correct_motion`).
 
     Returns ``(A, M, aligned, slice_stats)``: the composed and the rigid
@@ -378,8 +378,9 @@ def _register_one(task):
     frame and the number of head voxels it covers, of ``observed`` (the volume before any slice
     replacement; None: no statistics).
     """
-    static, moving, grid2world, box, sched, M0, E0, eddy_axis, identity_mm, slice_axis, observed, seed, head = task[:13]
-    output = task[13] if len(task) > 13 and task[13] is not None else moving    # the volume resampled
+    (static, moving, grid2world, box, sched, M0, E0, eddy_axis, identity_mm, slice_axis, observed, seed, head,
+     output) = task
+    output = moving if output is None else output                                 # the volume resampled
     from dipy.align.transforms import AffineTransform3D, RigidTransform3D
 
     c = _centre(moving.shape, grid2world)
@@ -474,9 +475,10 @@ def correct_motion(data, affine, bvals, bvecs, b0_threshold=50, level_iters=(100
     ``undenoised``: a function ``i -> (X, Y, Z)`` array: volume ``i`` before the cross-volume
     denoising (the per-volume steps, e.g. Gibbs unringing, done); in the rounds after the first, a
     volume whose head motion moves a head-box corner more than ``MOVED_MM`` is registered with that
-    copy (called once per such volume; the output still resamples ``data``). MP-PCA reconstructs each patch from components shared by all volumes, so
-    a moved volume's denoised copy carries a faint image of the unmoved pose and registers short of
-    its motion (module doc, 6.).
+    copy, its dropout slices replaced (called at most once per volume: the moved ones and those
+    with dropout slices; the output still resamples ``data``). MP-PCA reconstructs each patch from
+    components shared by all volumes, so a moved volume's denoised copy carries a faint image of
+    the unmoved pose and registers short of its motion (module doc, 6.).
 
     Returns a dict: ``data`` (float32; without the dropped volumes for "drop-volume"), ``bvecs``
     (rigid rotation only), ``kept`` (indices of the input volumes in ``data``), ``affines`` (N, 4, 4)
@@ -495,7 +497,8 @@ def correct_motion(data, affine, bvals, bvecs, b0_threshold=50, level_iters=(100
     box_mask = np.zeros(first.shape, bool)
     box_mask[box] = True
     head = None if head_margin is None else _head_mask(fg, int(head_margin))[box]
-    st = dict(raw=arr, undenoised=undenoised, undenoised_cache={}, undenoised_replaced={}, replaced={}, bvals=bvals, bvecs=bvecs, b0s=b0s, affine=affine, box=box, box_mask=box_mask,
+    st = dict(raw=arr, replaced={}, undenoised=undenoised, undenoised_cache={}, undenoised_replaced={},
+              bvals=bvals, bvecs=bvecs, b0s=b0s, affine=affine, box=box, box_mask=box_mask,
               head=head, corners=box_corners(box, affine), b0_threshold=float(b0_threshold), eddy_axis=eddy_axis,
               eddy_model=eddy_model, slice_axis=int(slice_axis), identity_mm=float(identity_mm), outlier_z=float(outlier_z),
               outlier_min_drop=float(outlier_min_drop),
@@ -661,7 +664,7 @@ def _b0s_to_first(st, A, M, aligned, nprocs):
     first = _volume(st, b0s[0])
     eye = np.eye(4)
     tasks = [(first, _volume(st, i), st["affine"], st["box"], st["sched"], eye, eye, None, st["identity_mm"],
-              st["slice_axis"], None, _seed(i), st["head"]) for i in b0s[1:]]
+              st["slice_axis"], None, _seed(i), st["head"], None) for i in b0s[1:]]
     for i, r in zip(b0s[1:], process_imap(_register_one, tasks, nprocs)):
         A[i], M[i], aligned[..., i] = r[0], r[1], r[2]
 
