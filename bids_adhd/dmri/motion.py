@@ -476,9 +476,7 @@ def correct_motion(data, affine, bvals, bvecs, b0_threshold=50, level_iters=(100
     denoising (the per-volume steps, e.g. Gibbs unringing, done); in the rounds after the first, a
     volume whose head motion moves a head-box corner more than ``MOVED_MM`` is registered with that
     copy, its dropout slices replaced (called at most once per volume: the moved ones and those
-    with dropout slices; the output still resamples ``data``). MP-PCA reconstructs each patch from
-    components shared by all volumes, so a moved volume's denoised copy carries a faint image of
-    the unmoved pose and registers short of its motion (module doc, 6.).
+    with dropout slices; the output still resamples ``data``; why: module doc, 6.).
 
     Returns a dict: ``data`` (float32; without the dropped volumes for "drop-volume"), ``bvecs``
     (rigid rotation only), ``kept`` (indices of the input volumes in ``data``), ``affines`` (N, 4, 4)
