@@ -53,6 +53,7 @@ a few minutes for demo):
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -461,9 +462,8 @@ def run_chains(args, cfg, d, ours, mr):
     low = bvals <= cfg.dti_bmax
     d["unr_low"] = save(unr[..., low], affine, tmp / "unrung_low.nii")
     if args.skip_motion:
-        n_vol = len(bvals)
-        mc = {"data": unr, "bvecs": bvecs, "motion_affines": np.repeat(np.eye(4)[None], n_vol, 0),
-              "affines": np.repeat(np.eye(4)[None], n_vol, 0)}
+        eye = np.repeat(np.eye(4)[None], len(bvals), 0)
+        mc = {"data": unr, "bvecs": bvecs, "motion_affines": eye, "affines": eye}
     else:   # as the workflow's MotionCorrect node calls it: the preset's settings, the eddy stage along
         # the sidecar's phase-encoding axis, moved volumes re-registered from the undenoised series
         kw = _bench_motion().motion_kwargs(cfg, n, eddy_axis=motion_eddy_axis(cfg.motion_eddy, d["phase_encoding"]))
@@ -583,8 +583,10 @@ def compare_fa(args, cfg, d, result):
                   "fa_agreement.ols_identical_input")
 
 
+@functools.lru_cache(maxsize=None)
 def _bench_motion():
-    """benchmarks/motion.py (truth files, RMS displacement errors, the preset's correct_motion settings)."""
+    """benchmarks/motion.py (truth files, RMS displacement errors, the preset's correct_motion settings),
+    loaded once."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("bench_motion", ROOT / "benchmarks" / "motion.py")
