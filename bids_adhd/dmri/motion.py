@@ -190,6 +190,14 @@ def _head_mask(fg, margin):
 MIN_SAMPLES = 40_000
 #: seed of the sparse metric's sample points
 MI_SEED = 12345
+#: a volume whose transform moves no head-box corner further than this (mm) is copied, not resampled:
+#: the registration's own scatter on still subjects (demo size, no motion, no eddy currents: up to
+#: 0.14 mm at the corners with the fast preset), where a trilinear resampling only blurs, by an amount
+#: that differs from volume to volume, and the blurred volumes then spoil the next round's predictions
+#: (at 0.05 mm, 24-28 of 33 volumes of a still subject were resampled, and its largest displacement
+#: error was 1.1-3.7x that at 0.3 mm).
+#: Measured no change on moved subjects, whose DW volumes all carry eddy distortion (docs/preprocessing.md)
+IDENTITY_MM = 0.3
 
 
 def box_corners(box, grid2world):
@@ -227,7 +235,7 @@ def rigid_part(A, M_rigid, u, centre):
     The rows of ``A`` orthogonal to ``u`` are those of ``M`` (rotation: completed by their cross
     product, the nearest rotation kept; translation orthogonal to ``u``). The translation along
     ``u`` cannot be told from an eddy shift by one volume: it is taken from ``M_rigid`` (the
-    rigid stage), then :func:`_split_pe_shift` models it across volumes.
+    rigid stage) for now; :func:`_split_pe_shift` replaces it after the round, across volumes.
     """
     a = np.cross(u, [1.0, 0, 0] if abs(u[0]) < 0.9 else [0, 1.0, 0])
     a /= np.linalg.norm(a)
@@ -247,25 +255,34 @@ def rigid_part(A, M_rigid, u, centre):
 
 def _split_pe_shift(A, M, bvals, bvecs, grid2world, axis, b0_threshold, centre):
     """Model the DW volumes' displacements along the phase-encoding direction ``u`` across volumes:
-    ``tau_i = c0 + (b_i g_i) . s`` (``tau_i`` the shift of the centre along ``u`` in ``M_i``, ``g``
-    the scanner-frame gradient; robust least squares, two passes, volumes beyond 3 robust SDs
-    dropped: moved ones). The part linear in ``b g`` is the eddy shift: moved from ``M`` to ``E``
-    (``A`` unchanged, ``E = A M^-1`` takes it). The intercept ``c0`` is a displacement shared by
-    every DW volume and none of the b0s: eddy currents vanish without a gradient, and a head does
-    not move with the diffusion weighting, so it is the pose of the registration targets (each DW
-    volume is registered to a prediction from the other DW volumes, which share it; FSL eddy's
-    post-eddy alignment of shells corrects the same blind spot): removed from every DW volume's
-    ``M`` and ``A``. Returns ``(A, M, c0)``."""
+    ``T_i = c0 + (b_i g_i) . s`` (``T_i`` the shift of the centre along ``u`` in the composed ``A_i``,
+    ``g`` the scanner-frame gradient; robust least squares, two passes, volumes beyond 3 robust SDs
+    dropped: moved ones). The part linear in ``b g`` is the eddy shift (``E = A M^-1`` takes it); what
+    the model leaves of ``T_i`` is the volume's head motion along ``u`` (``M_i``'s shift set to it).
+    One volume cannot tell a head shift along ``u`` from an eddy shift (FSL eddy's ``--slm linear``
+    decides the same way: the eddy terms follow the gradient model, the rest is movement). Why
+    the composed shift and not the rigid stage's: on demo subjects simulated without motion or eddy
+    currents the rigid stage's shift scattered by up to 0.064 mm along ``u`` (0.010 mm from ``A``),
+    and on four moved development subjects (seed 31) the rigid error fell from 0.14-0.26 mm to
+    0.12-0.19 mm (docs/preprocessing.md). The intercept ``c0`` is a displacement shared by every DW
+    volume and none of the b0s: eddy currents vanish without a gradient, and a head does not move
+    with the diffusion weighting, so it is the pose of the registration targets (each DW volume is
+    registered to a prediction from the other DW volumes, which share it; FSL eddy's post-eddy
+    alignment of shells corrects the same blind spot): removed from every DW volume's ``M`` and
+    ``A``. Returns ``(A, M, c0)``."""
     u = pe_direction(grid2world, axis)
     dw = np.flatnonzero(np.asarray(bvals) > b0_threshold)
     if dw.size < 6:
         return A, M, 0.0
     G = _scanner_bg(bvals, bvecs, grid2world, dw)
-    tau = np.array([u @ (M[i][:3, :3] @ centre + M[i][:3, 3] - centre) for i in dw])   # shift of the centre
-    coef = _robust_linear_fit(G, tau, mad_floor=0.02)
+
+    def shift(X):                                                     # of the centre, along u
+        return u @ (X[:3, :3] @ centre + X[:3, 3] - centre)
+
+    coef = _robust_linear_fit(G, np.array([shift(A[i]) for i in dw]), mad_floor=0.02)
     A, M = A.copy(), M.copy()
     for i, g in zip(dw, G):
-        M[i][:3, 3] -= u * float(coef[0] + g @ coef[1:])
+        M[i][:3, 3] += u * float(shift(A[i]) - coef[0] - g @ coef[1:] - shift(M[i]))
         A[i][:3, 3] -= u * float(coef[0])
     return A, M, float(coef[0])
 
@@ -453,7 +470,7 @@ OUTLIER_ACTIONS = ("replace", "keep", "drop-volume")
 def correct_motion(data, affine, bvals, bvecs, b0_threshold=50, level_iters=(100, 20), factors=(2, 1),
                    sigmas=(1.0, 0.0), nprocs=1, *, rounds=2, eddy_axis=None, slice_axis=2, outliers="replace",
                    outlier_z=4.0, outlier_min_drop=0.2, nbins=32, fd_radius=50.0, box_margin=8, sampling=0.25,
-                   min_samples=MIN_SAMPLES, identity_mm=0.05, converge_mm=0.05, median_start=True,
+                   min_samples=MIN_SAMPLES, identity_mm=IDENTITY_MM, converge_mm=0.05, median_start=True,
                    head_margin=3, eddy_model="linear", undenoised=None):
     """Register every volume to its leave-one-out prediction (b0s to the mean b0), rigid then
     optionally eddy, replace dropout slices, resample once, rotate the b-vectors (module doc).

@@ -149,7 +149,8 @@ def _write_confounds(dv, root, src, table, mats: dict, pre: dict) -> None:
         "dropout_slices": {"Description": "slices of this volume detected as signal dropouts (model residuals; "
                            f"action: {pre['motion_outliers']})"},
         "resampled": {"Description": "1: the volume was resampled once with its composed transform; 0: its "
-                      "transform is the identity within 0.05 mm on the head box and it was not resampled"},
+                      f"transform is the identity within {mats.get('IdentityToleranceMm')} mm on the head box (no head-box "
+                      "corner moved further) and it was not resampled"},
         "motion_outlier": {"Description": f"1: framewise_displacement above {pre['fd_outlier_mm']} mm"},
         "Matrices": mats.get("Matrices"), "EddyMatrices": mats.get("EddyMatrices"),
         "MatricesDescription": "per input volume, 4x4 world (mm) matrices mapping a point in the reference (first "

@@ -278,7 +278,7 @@ class MotionCorrect(_Timed):
     input_spec, output_spec = _MotionInput, _MotionOutput
 
     def _compute(self):
-        from ..dmri.motion import correct_motion
+        from ..dmri.motion import IDENTITY_MM, correct_motion
 
         data, img = _load(self.inputs.in_file)
         bvals, bvecs = _read_fsl(self.inputs.in_bval, self.inputs.in_bvec)
@@ -303,7 +303,8 @@ class MotionCorrect(_Timed):
                        "EddyMatrices": np.round(res["eddy_affines"], 8).tolist() if i.enabled and i.eddy else None,
                        "DropoutSlices": [[int(v), int(k)] for v, k in np.argwhere(res["dropouts"])],
                        "SliceAxis": int(i.slice_axis), "KeptVolumes": [int(k) for k in kept],
-                       "Rounds": int(res.get("rounds", 0)), "FDRadiusMm": float(i.fd_radius)}, fh)
+                       "Rounds": int(res.get("rounds", 0)), "FDRadiusMm": float(i.fd_radius),
+                       "IdentityToleranceMm": IDENTITY_MM}, fh)
 
 
 def _undenoised_reader(inputs):
