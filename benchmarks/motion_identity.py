@@ -1,47 +1,97 @@
-"""A simulated demo subject with no motion, no eddy currents and no dropouts through the motion step.
+"""Still subjects (no motion, no eddy currents, no dropouts) through the motion step, per preset.
 
 Issue 11 asks every transform within 0.05 mm / 0.05 deg of the identity and no volume resampled.
-Prints the largest |translation| (mm) and |rotation| (deg) per volume, the resampled count and the
-dropout count. From the repository root:
-    nice -n 5 .venv/bin/python benchmarks/motion_identity.py --directions 12
+Simulates ``--subjects`` demo-size subjects without motion, eddy currents or dropouts, runs each
+through the workflow's numerics before motion (premask, denoising, [Gibbs]: benchmarks/motion.py's
+``preprocess``) and ``correct_motion`` with the preset's settings and the eddy stage along the
+simulator's phase-encoding axis (as benchmarks/motion.py), and records per subject and preset: the
+largest |translation| (mm) per axis and |rotation| (deg) of the head motion, the largest RMS
+displacement over the truth brain of the composed (motion + eddy) transform, the resampled volumes,
+the dropout slices flagged, the largest framewise displacement and the wall time of the step.
+Writes ``benchmarks/results/motion_identity.json``. From the repository root:
+    .venv/bin/python benchmarks/motion_identity.py --subjects 4 --seed 61 --pipeline default fast
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def _bench_motion():
+    spec = importlib.util.spec_from_file_location("bench_motion", ROOT / "benchmarks" / "motion.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def run_one(bm, bids: Path, sub: str, name: str, nprocs: int) -> dict:
+    from bids_adhd.config import load_pipeline
+    from bids_adhd.dmri.motion import correct_motion
+
+    cfg = load_pipeline(name).preproc
+    data, affine, bvals, bvecs, undenoised = bm.preprocess(bids, sub, cfg, nprocs)
+    t = time.perf_counter()
+    res = correct_motion(data, affine, bvals, bvecs, undenoised=undenoised, **bm.motion_kwargs(cfg, nprocs, 1))
+    wall = time.perf_counter() - t
+    eye = np.repeat(np.eye(4)[None], bvals.size, 0)
+    disp = bm.rms_errors(res["affines"], eye, bm.truth_of(bids, sub)["brain"], affine)
+    p = res["params"]
+    return {"subject": sub, "pipeline": name, "trans_mm_max_xyz": np.abs(p[:, :3]).max(0).round(4).tolist(),
+            "rot_deg_max_xyz": np.degrees(np.abs(p[:, 3:])).max(0).round(4).tolist(),
+            "trans_mm_max": float(np.abs(p[:, :3]).max()), "rot_deg_max": float(np.degrees(np.abs(p[:, 3:])).max()),
+            "composed_rms_disp_mm_max": float(disp.max()), "resampled": int(res["resampled"].sum()),
+            "volumes": int(bvals.size), "dropout_slices": int(res["dropouts"].sum()),
+            "fd_max_mm": float(res["fd"].max()), "motion_wall_s": round(wall, 1)}
 
 
 def main(argv=None) -> int:
-    from bids_adhd.dmri.motion import correct_motion
     from bids_adhd.simulate import simulate_dataset
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--directions", type=int, default=12)
-    ap.add_argument("--seed", type=int, default=5)
-    ap.add_argument("--level-iters", type=int, nargs="+", default=[50, 10])
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--no-eddy-stage", action="store_true")
+    ap.add_argument("--subjects", type=int, default=4)
+    ap.add_argument("--seed", type=int, default=61)
+    ap.add_argument("--pipeline", nargs="+", default=["default", "fast"])
+    ap.add_argument("--nprocs", type=int, default=2)
+    ap.add_argument("--work", type=Path, default=None, help="keep the simulated data here (re-used if present)")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "motion_identity.json")
     args = ap.parse_args(argv)
-    out = Path(tempfile.mkdtemp()) / "bids"
-    simulate_dataset(out, n_subjects=2, seed=args.seed, directions=args.directions, motion=False, eddy=False,
-                     dropouts=False)
-    d = out / "sub-01" / "dwi" / "sub-01_dwi"
-    img = nib.load(f"{d}.nii.gz")
-    t = time.perf_counter()
-    res = correct_motion(img.get_fdata(dtype=np.float32), img.affine, np.loadtxt(f"{d}.bval"),
-                         np.loadtxt(f"{d}.bvec").T, nprocs=2, rounds=args.rounds,
-                         level_iters=tuple(args.level_iters), eddy_axis=None if args.no_eddy_stage else 1)
-    p = res["params"]
-    print(json.dumps({"trans_mm_max": np.abs(p[:, :3]).max(1).round(3).tolist(),
-                      "rot_deg_max": np.degrees(np.abs(p[:, 3:])).max(1).round(3).tolist(),
-                      "resampled": int(res["resampled"].sum()), "dropouts": int(res["dropouts"].sum()),
-                      "wall_s": round(time.perf_counter() - t, 1)}))
+    bm = _bench_motion()
+    bids = (args.work or Path(tempfile.mkdtemp(prefix="bench_still_"))) / "bids"
+    if not bids.is_dir():
+        simulate_dataset(bids, n_subjects=args.subjects, seed=args.seed, size="demo", motion=False, eddy=False,
+                         dropouts=False, n_jobs=args.nprocs)
+    recs = []
+    for i in range(1, args.subjects + 1):
+        for name in args.pipeline:
+            recs.append(run_one(bm, bids, f"{i:02d}", name, args.nprocs))
+            print(json.dumps(recs[-1]), flush=True)
+    summary = {name: {"subjects": len(rs), "trans_mm_max": max(r["trans_mm_max"] for r in rs),
+                      "rot_deg_max": max(r["rot_deg_max"] for r in rs),
+                      "composed_rms_disp_mm_max": max(r["composed_rms_disp_mm_max"] for r in rs),
+                      "resampled_volumes": sum(r["resampled"] for r in rs),
+                      "dropout_slices": sum(r["dropout_slices"] for r in rs),
+                      "within_0.05mm_0.05deg": all(r["trans_mm_max"] <= 0.05 and r["rot_deg_max"] <= 0.05 for r in rs)}
+               for name in args.pipeline for rs in [[r for r in recs if r["pipeline"] == name]]}
+    out = {"command": " ".join(["benchmarks/motion_identity.py"] + (argv or sys.argv[1:])),
+           "data": f"{args.subjects} subjects, bids_adhd simulate --size demo --seed {args.seed}, no motion, no eddy "
+                   "currents, no dropouts", "nprocs": args.nprocs, "load_avg_at_end": os.getloadavg(),
+           "code": subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip(),
+           "summary": summary, "subjects": recs}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=1) + "\n")
+    print(json.dumps(summary, indent=1))
     return 0
 
 
