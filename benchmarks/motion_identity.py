@@ -14,7 +14,6 @@ Writes ``benchmarks/results/motion_identity.json``. From the repository root:
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import subprocess
@@ -28,25 +27,21 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-
-def _bench_motion():
-    spec = importlib.util.spec_from_file_location("bench_motion", ROOT / "benchmarks" / "motion.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+import motion as bench_motion  # noqa: E402  benchmarks/motion.py, a sibling script
 
 
-def run_one(bm, bids: Path, sub: str, name: str, nprocs: int) -> dict:
+def run_one(bids: Path, sub: str, name: str, nprocs: int) -> dict:
     from bids_adhd.config import load_pipeline
     from bids_adhd.dmri.motion import correct_motion
 
     cfg = load_pipeline(name).preproc
-    data, affine, bvals, bvecs, undenoised = bm.preprocess(bids, sub, cfg, nprocs)
+    data, affine, bvals, bvecs, undenoised = bench_motion.preprocess(bids, sub, cfg, nprocs)
     t = time.perf_counter()
-    res = correct_motion(data, affine, bvals, bvecs, undenoised=undenoised, **bm.motion_kwargs(cfg, nprocs, 1))
+    res = correct_motion(data, affine, bvals, bvecs, undenoised=undenoised,
+                         **bench_motion.motion_kwargs(cfg, nprocs, 1))
     wall = time.perf_counter() - t
     eye = np.repeat(np.eye(4)[None], bvals.size, 0)
-    disp = bm.rms_errors(res["affines"], eye, bm.truth_of(bids, sub)["brain"], affine)
+    disp = bench_motion.rms_errors(res["affines"], eye, bench_motion.truth_of(bids, sub)["brain"], affine)
     p = res["params"]
     return {"subject": sub, "pipeline": name, "trans_mm_max_xyz": np.abs(p[:, :3]).max(0).round(4).tolist(),
             "rot_deg_max_xyz": np.degrees(np.abs(p[:, 3:])).max(0).round(4).tolist(),
@@ -67,7 +62,6 @@ def main(argv=None) -> int:
     ap.add_argument("--work", type=Path, default=None, help="keep the simulated data here (re-used if present)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "motion_identity.json")
     args = ap.parse_args(argv)
-    bm = _bench_motion()
     bids = (args.work or Path(tempfile.mkdtemp(prefix="bench_still_"))) / "bids"
     if not bids.is_dir():
         simulate_dataset(bids, n_subjects=args.subjects, seed=args.seed, size="demo", motion=False, eddy=False,
@@ -75,14 +69,15 @@ def main(argv=None) -> int:
     recs = []
     for i in range(1, args.subjects + 1):
         for name in args.pipeline:
-            recs.append(run_one(bm, bids, f"{i:02d}", name, args.nprocs))
+            recs.append(run_one(bids, f"{i:02d}", name, args.nprocs))
             print(json.dumps(recs[-1]), flush=True)
     summary = {name: {"subjects": len(rs), "trans_mm_max": max(r["trans_mm_max"] for r in rs),
                       "rot_deg_max": max(r["rot_deg_max"] for r in rs),
                       "composed_rms_disp_mm_max": max(r["composed_rms_disp_mm_max"] for r in rs),
                       "resampled_volumes": sum(r["resampled"] for r in rs),
                       "dropout_slices": sum(r["dropout_slices"] for r in rs),
-                      "within_0.05mm_0.05deg": all(r["trans_mm_max"] <= 0.05 and r["rot_deg_max"] <= 0.05 for r in rs)}
+                      "within_0.05mm_0.05deg": all(r["trans_mm_max"] <= 0.05 and r["rot_deg_max"] <= 0.05
+                                                   for r in rs)}
                for name in args.pipeline for rs in [[r for r in recs if r["pipeline"] == name]]}
     out = {"command": " ".join(["benchmarks/motion_identity.py"] + (argv or sys.argv[1:])),
            "data": f"{args.subjects} subjects, bids_adhd simulate --size demo --seed {args.seed}, no motion, no eddy "

@@ -53,7 +53,6 @@ a few minutes for demo):
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import platform
@@ -70,6 +69,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+# benchmarks/motion.py, a sibling script: truth files, RMS displacement errors, the preset's correct_motion settings
+import motion as bench_motion  # noqa: E402
 
 
 # --- measurement helpers ---------------------------------------------------------
@@ -466,7 +468,7 @@ def run_chains(args, cfg, d, ours, mr):
         mc = {"data": unr, "bvecs": bvecs, "motion_affines": eye, "affines": eye}
     else:   # as the workflow's MotionCorrect node calls it: the preset's settings, the eddy stage along
         # the sidecar's phase-encoding axis, moved volumes re-registered from the undenoised series
-        kw = _bench_motion().motion_kwargs(cfg, n, eddy_axis=motion_eddy_axis(cfg.motion_eddy, d["phase_encoding"]))
+        kw = bench_motion.motion_kwargs(cfg, n, eddy_axis=motion_eddy_axis(cfg.motion_eddy, d["phase_encoding"]))
         reader = _undenoised_reader(SimpleNamespace(
             in_undenoised=d["raw_nii"], undenoised_gibbs=bool(cfg.gibbs), gibbs_slice_axis=cfg.gibbs_slice_axis,
             gibbs_n_points=cfg.gibbs_n_points)) if cfg.denoise != "none" else None
@@ -583,18 +585,6 @@ def compare_fa(args, cfg, d, result):
                   "fa_agreement.ols_identical_input")
 
 
-@functools.lru_cache(maxsize=None)
-def _bench_motion():
-    """benchmarks/motion.py (truth files, RMS displacement errors, the preset's correct_motion settings),
-    loaded once."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_motion", ROOT / "benchmarks" / "motion.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def phase_encoding(bids: Path) -> str | None:
     """sub-01's PhaseEncodingDirection with BIDS inheritance, as the workflow reads it."""
     from bids_adhd.bids import collect_runs
@@ -609,11 +599,11 @@ def motion_vs_truth(cfg, d):
     t = d["bids"] / "derivatives" / "truth" / "sub-01" / "dwi"
     if not (t / "sub-01_desc-eddy_xfm.json").exists():
         return None
-    bm = _bench_motion()
-    truth = bm.truth_of(d["bids"], "01")
-    err = bm.rms_errors(d["affines"], truth["A"], truth["brain"], d["affine"])
-    rigid = bm.rms_errors(d["motion_affines"], truth["M"], truth["brain"], d["affine"])
-    moved = bm.rms_errors(truth["M"], np.repeat(np.eye(4)[None], len(truth["M"]), 0), truth["brain"], d["affine"])
+    truth = bench_motion.truth_of(d["bids"], "01")
+    err = bench_motion.rms_errors(d["affines"], truth["A"], truth["brain"], d["affine"])
+    rigid = bench_motion.rms_errors(d["motion_affines"], truth["M"], truth["brain"], d["affine"])
+    eye = np.repeat(np.eye(4)[None], len(truth["M"]), 0)
+    moved = bench_motion.rms_errors(truth["M"], eye, truth["brain"], d["affine"])
     m = moved > 0.01
     return {"n_volumes": int(len(err)), "n_moved": int(m.sum()), "true_max_rms_motion_mm": float(moved.max()),
             "rms_err_mm_max": float(err.max()), "rms_err_mm_median": float(np.median(err)),
