@@ -89,7 +89,7 @@ def preprocess(bids: Path, sub: str, cfg, nprocs: int):
     raw = np.asarray(img.get_fdata(dtype=np.float32))
     bvals = np.loadtxt(str(dwi).replace(".nii.gz", ".bval"), ndmin=1)
     bvecs = np.loadtxt(str(dwi).replace(".nii.gz", ".bvec"), ndmin=2).T
-    pm, _ = brain_mask(raw, bvals, cfg.b0_threshold, cfg.mask_median_radius, cfg.mask_numpass)
+    pm, _ = brain_mask(raw, bvals, cfg.b0_threshold, cfg.mask_median_radius, cfg.mask_numpass, nprocs=nprocs)
     pm = binary_dilation(pm, iterations=cfg.denoise_patch_radius + 2)
     den = denoise(raw, cfg.denoise, bvals=bvals, mask=pm, patch_radius=cfg.denoise_patch_radius, nprocs=nprocs,
                   stride=cfg.denoise_stride)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from bids_adhd.dmri.dti import fit_dti
-from bids_adhd.dmri.mask import brain_mask, mean_b0
+from bids_adhd.dmri.mask import brain_mask, mean_b0, multi_median
 from bids_adhd.errors import DataError
 
 
@@ -153,6 +153,19 @@ def test_dti_input_errors():
         fit_dti(data, bvals, bvecs)
 
 
+@pytest.mark.parametrize("shape", [(20, 21, 40), (12, 10, 9), (9, 8, 3), (15, 14, 1)])
+def test_threaded_multi_median_is_dipys(shape):
+    # z slabs on threads, each with its neighbours' planes as a halo: the same windows as one whole-volume filter
+    from dipy.segment.mask import multi_median as dipy_multi_median
+
+    vol = np.random.default_rng(3).gamma(2.0, 50.0, size=shape).astype(np.float32)
+    for radius, numpass in ((1, 1), (2, 2), (3, 4)):
+        ref = dipy_multi_median(vol, radius, numpass)
+        for nprocs in (1, 2, 3, 7):
+            assert np.array_equal(multi_median(vol, radius, numpass, nprocs), ref), (radius, numpass, nprocs)
+    assert np.array_equal(vol, np.random.default_rng(3).gamma(2.0, 50.0, size=shape).astype(np.float32))
+
+
 def test_mask_is_median_otsu_of_mean_b0():
     from dipy.segment.mask import median_otsu
 
@@ -164,9 +177,12 @@ def test_mask_is_median_otsu_of_mean_b0():
     data = np.abs(data)
     b0 = mean_b0(data, bvals)
     assert np.allclose(b0, data[..., :2].mean(-1), rtol=1e-6)
-    mask, b0_out = brain_mask(data, bvals, median_radius=2, numpass=2)
-    assert np.array_equal(b0_out, b0)
-    assert np.array_equal(mask, median_otsu(b0, median_radius=2, numpass=2)[1])
+    for nprocs in (1, 2):
+        mask, b0_out = brain_mask(data, bvals, median_radius=2, numpass=2, nprocs=nprocs)
+        assert np.array_equal(b0_out, b0)
+        assert np.array_equal(mask, median_otsu(b0, median_radius=2, numpass=2)[1])
+    holes = brain_mask(data, bvals, median_radius=1, numpass=1, finalize_mask=True, nprocs=2)[0]
+    assert np.array_equal(holes, median_otsu(b0, median_radius=1, numpass=1, finalize_mask=True)[1])
     # the object, slightly eroded by the median filter: nothing outside, most of the inside
     assert not (mask & ~inside).any() and mask.sum() > 0.8 * inside.sum()
     with pytest.raises(DataError, match="no b0"):

@@ -129,7 +129,7 @@ class _MaskOutput(_TimedOut):
 
 
 class BrainMask(_Timed):
-    """Brain mask from the mean b0 (DIPY median_otsu), optionally dilated."""
+    """Brain mask from the mean b0 (DIPY median_otsu's algorithm, median passes on threads), optionally dilated."""
 
     input_spec, output_spec = _MaskInput, _MaskOutput
 
@@ -141,7 +141,7 @@ class BrainMask(_Timed):
         data, img = _load(self.inputs.in_file)
         bvals = np.loadtxt(self.inputs.in_bval, ndmin=1)
         mask, b0 = brain_mask(data, bvals, self.inputs.b0_threshold, self.inputs.median_radius,
-                              self.inputs.numpass)
+                              self.inputs.numpass, nprocs=self.inputs.nthreads)
         if self.inputs.dilate > 0:
             mask = binary_dilation(mask, iterations=self.inputs.dilate)
         self._results["out_mask"] = _save(mask, img, "mask.nii", np.uint8)

@@ -41,7 +41,8 @@ def init_dwi_preproc_wf(cfg: PreprocConfig, nthreads: int = 1, name: str = "dwi_
 
     check = pe.Node(CheckDWI(b0_threshold=cfg.b0_threshold), name="check")
     premask = pe.Node(BrainMask(b0_threshold=cfg.b0_threshold, median_radius=cfg.mask_median_radius,
-                                numpass=cfg.mask_numpass, dilate=cfg.denoise_patch_radius + 2), name="premask")
+                                numpass=cfg.mask_numpass, dilate=cfg.denoise_patch_radius + 2, nthreads=nthreads),
+                      name="premask", n_procs=nthreads)
     denoise = pe.Node(Denoise(method=cfg.denoise, patch_radius=cfg.denoise_patch_radius,
                               stride=cfg.denoise_stride, nthreads=nthreads),
                       name="denoise", n_procs=nthreads)
@@ -58,7 +59,7 @@ def init_dwi_preproc_wf(cfg: PreprocConfig, nthreads: int = 1, name: str = "dwi_
                                    nthreads=nthreads),
                      name="motion", n_procs=nthreads)
     mask = pe.Node(BrainMask(b0_threshold=cfg.b0_threshold, median_radius=cfg.mask_median_radius,
-                             numpass=cfg.mask_numpass), name="mask")
+                             numpass=cfg.mask_numpass, nthreads=nthreads), name="mask", n_procs=nthreads)
     dti = pe.Node(FitDTI(method=cfg.dti_fit, bmax=cfg.dti_bmax, b0_threshold=cfg.b0_threshold,
                          nthreads=nthreads), name="dti", n_procs=nthreads)
 
