@@ -437,7 +437,7 @@ def run_chains(args, cfg, d, ours, mr):
     raw = d.pop("raw")
 
     def premask():
-        m, _ = brain_mask(raw, bvals, cfg.b0_threshold, cfg.mask_median_radius, cfg.mask_numpass)
+        m, _ = brain_mask(raw, bvals, cfg.b0_threshold, cfg.mask_median_radius, cfg.mask_numpass, nprocs=n)
         return binary_dilation(m, iterations=cfg.denoise_patch_radius + 2)
 
     pm = timed("premask", premask, ours)
@@ -478,7 +478,7 @@ def run_chains(args, cfg, d, ours, mr):
         bvals = bvals[mc["kept"]]
     del unr
     mask, _ = timed("mask", lambda: brain_mask(mc["data"], bvals, cfg.b0_threshold, cfg.mask_median_radius,
-                                                cfg.mask_numpass), ours)
+                                                cfg.mask_numpass, nprocs=n), ours)
     d["mask"], d["mask_nii"] = mask, save(mask, affine, tmp / "mask.nii.gz", np.uint8)
     dti = timed("dti", lambda: fit_dti(mc["data"], bvals, mc["bvecs"], mask=mask, method=cfg.dti_fit,
                                        bmax=cfg.dti_bmax, b0_threshold=cfg.b0_threshold, nprocs=n), ours)

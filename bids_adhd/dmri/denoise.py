@@ -199,7 +199,7 @@ def _patch_batch(Pt, m, dim, tfac2, low, is_svd, device):
     nb, _, N = Pt.shape
     ct = f32 if low else f64
     if low:
-        Mn = Pt.mean(1, keepdim=True, dtype=f64)
+        Mn = Pt.to(f64).mean(1, keepdim=True)           # (a float64 copy first: 0.36 vs 0.61 ms a batch)
         Xc = Pt - Mn.to(f32) if Pt.dtype == f32 else (Pt - Mn).to(f32)
         Mn = Mn.to(f32)
     else:
@@ -424,7 +424,9 @@ def mppca(data, mask=None, patch_radius=2, pca_method="eig", return_sigma=False,
     with single_threaded_blas():
         torch_threads = torch.get_num_threads()
         try:
-            thread_map(run, list(enumerate(groups)), resolve_nprocs(nprocs))
+            # largest work items first (fewer idle threads at the end); the sums are still added in slab order
+            load = [int(centres[:, :, g[0]:g[1]].sum()) for g in groups]
+            thread_map(run, sorted(enumerate(groups), key=lambda ig: -load[ig[0]]), resolve_nprocs(nprocs))
         finally:
             torch.set_num_threads(torch_threads)
     mppca.last_stats = stats
