@@ -473,8 +473,11 @@ def run_chains(args, cfg, d, ours, mr):
             in_undenoised=d["raw_nii"], undenoised_gibbs=bool(cfg.gibbs), gibbs_slice_axis=cfg.gibbs_slice_axis,
             gibbs_n_points=cfg.gibbs_n_points)) if cfg.denoise != "none" else None
         mc = timed("motion", lambda: correct_motion(unr, affine, bvals, bvecs, undenoised=reader, **kw), ours)
+        nv = len(bvals)
         ours["motion"].update(eddy_axis=kw["eddy_axis"], rounds=int(mc.get("rounds", 0)),
-                              resampled=int(np.asarray(mc["resampled"]).sum()))
+                              resampled=int(np.asarray(mc["resampled"]).sum()), volumes=nv,
+                              wall_s_per_volume=ours["motion"]["wall_s"] / nv,
+                              cpu_s_per_volume=ours["motion"]["cpu_s"] / nv)
         bvals = bvals[mc["kept"]]
     del unr
     mask, _ = timed("mask", lambda: brain_mask(mc["data"], bvals, cfg.b0_threshold, cfg.mask_median_radius,
@@ -715,6 +718,11 @@ def markdown(r):
               f"mean {lm['load_mean']:.1f} (others {100 * lm.get('others_cpu_share', float('nan')):.0f} %)"]
     L += [f"* ours, whole subject (steps {', '.join(r.get('ours_total_steps', []))}): {r['ours_total_s']:.1f} s wall "
           f"({r['ours_total_cpu_s']:.1f} s CPU); peak RSS {r['ours_peak_rss_mb']:.0f} MB"]
+    mo = o.get("motion") or {}
+    if mo.get("volumes"):
+        L += [f"* motion + eddy correction (default preset, up to {r['config']['motion_rounds']} rounds, "
+              f"{mo['rounds']} run): {mo['wall_s_per_volume']:.2f} s wall / "
+              f"{mo['cpu_s_per_volume']:.2f} s CPU per volume ({mo['volumes']} volumes, {mo['resampled']} resampled)"]
     L += _ratio_lines(r)
     if "fa_corr" in r:
         L += [f"* FA, `dwi2tensor -ols -iter 0` vs DIPY OLS on identical input (positive-definite voxels): corr "
