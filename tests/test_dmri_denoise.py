@@ -211,3 +211,22 @@ def test_stride_work_and_errors():
         mppca(data, stride=6)
     with pytest.raises(ValueError, match="roi"):
         mppca(data, mask=np.ones(data.shape[:3], bool), mask_mode="dipy", stride=2)
+
+
+def test_device_is_chosen_automatically(monkeypatch):
+    # device=None (the workflow's call): "cuda" when torch sees one, else "cpu"; an explicit device is kept
+    import torch
+
+    from bids_adhd.dmri.denoise import auto_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert auto_device(None) == "cuda"
+    assert auto_device("cpu") == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert auto_device(None) == "cpu"
+    data = lowrank(n=12).astype(np.float32)
+    auto = mppca(data, patch_radius=1, nprocs=2, return_sigma=True)
+    cpu = mppca(data, patch_radius=1, nprocs=2, return_sigma=True, device="cpu")
+    assert all(np.array_equal(a, b) for a, b in zip(auto, cpu))
+    with pytest.raises(RuntimeError):                     # a device this machine lacks is an error, not the CPU
+        mppca(data, patch_radius=1, device="no-such-device")

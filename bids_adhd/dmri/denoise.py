@@ -79,7 +79,18 @@ import numpy as np
 
 from ._parallel import resolve_nprocs, single_threaded_blas, thread_map
 
-__all__ = ["mppca", "patch2self", "denoise"]
+__all__ = ["mppca", "patch2self", "denoise", "auto_device"]
+
+
+def auto_device(device=None):
+    """The torch device MP-PCA runs on: ``device`` itself, or for None "cuda" when torch sees a CUDA
+    device, else "cpu". (Gibbs unringing has its own rule, which also avoids importing torch:
+    ``gibbs._resolve_device``; MP-PCA needs torch either way.)"""
+    if device is not None:
+        return str(device)
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _patch_radius(shape3, patch_radius):
@@ -250,25 +261,26 @@ def _slab_work(index, arr, centres, k0, k1, pr, dim, m, tau_factor, is_svd, mode
     ci, cj = ci - lo[0], cj - lo[1]                  # patch corners in the box
     f64 = torch.float64
     low = mode == "float32" and not is_svd
-    # theta * X_est sums: float32 in float32 mode (as DIPY's float32 sums), float64 otherwise
-    tx = torch.zeros((sx * sy * sz, N), dtype=torch.float32 if low else f64, device=device)
-    th = torch.zeros(sx * sy * sz, dtype=f64, device=device)
-    va = torch.zeros(sx * sy * sz, dtype=f64, device=device) if acc.var is not None else None
+    # theta * X_est sums: float32 in float32 mode (as DIPY's float32 sums), float64 otherwise. They stay
+    # on the CPU whatever the device: a GPU's index_add_ adds with atomics, in an order that changes
+    # from run to run; the CPU's is fixed, so the result is the same bits on every run
+    tx = torch.zeros((sx * sy * sz, N), dtype=torch.float32 if low else f64)
+    th = torch.zeros(sx * sy * sz, dtype=f64)
+    va = torch.zeros(sx * sy * sz, dtype=f64) if acc.var is not None else None
     # linear offsets of the m patch voxels from the patch corner, in the window's (px, py, pz) order
     oi, oj, ok = np.meshgrid(np.arange(ps[0]), np.arange(ps[1]), np.arange(ps[2]), indexing="ij")
-    offs = torch.from_numpy((oi * sy * sz + oj * sz + ok).reshape(-1)).to(device)
+    offs = torch.from_numpy((oi * sy * sz + oj * sz + ok).reshape(-1))
     for b0 in range(0, ci.size, batch):
         bi, bj, bk = ci[b0:b0 + batch], cj[b0:b0 + batch], ck[b0:b0 + batch]
-        corner = torch.from_numpy(bi * sy * sz + bj * sz + bk).to(device)
-        lin = (corner[:, None] + offs[None, :]).reshape(-1)
-        Pt = box.index_select(0, lin).reshape(len(bi), m, N)
+        lin = (torch.from_numpy(bi * sy * sz + bj * sz + bk)[:, None] + offs[None, :]).reshape(-1)
+        Pt = box.index_select(0, lin.to(device)).reshape(len(bi), m, N)
         Xw, theta, var = _patch_batch(Pt, m, dim, float(tau_factor) ** 2, low, is_svd, device)
-        tx.index_add_(0, lin, Xw.reshape(-1, N).to(tx.dtype))
-        th.index_add_(0, lin, theta.repeat_interleave(m))
+        tx.index_add_(0, lin, Xw.reshape(-1, N).to(tx.dtype).cpu())
+        th.index_add_(0, lin, theta.cpu().repeat_interleave(m))
         if va is not None:
-            va.index_add_(0, lin, (var * theta).repeat_interleave(m))
-    acc.add(index, (lo, tx.reshape(sx, sy, sz, N).cpu().numpy(), th.reshape(sx, sy, sz).cpu().numpy(),
-                    None if va is None else va.reshape(sx, sy, sz).cpu().numpy()))
+            va.index_add_(0, lin, (var * theta).cpu().repeat_interleave(m))
+    acc.add(index, (lo, tx.reshape(sx, sy, sz, N).numpy(), th.reshape(sx, sy, sz).numpy(),
+                    None if va is None else va.reshape(sx, sy, sz).numpy()))
     with acc.lock:
         stats["patches"] += int(ci.size)
 
@@ -362,7 +374,7 @@ def _finish(acc, arr, mask, mask_mode, return_sigma):
 
 
 def mppca(data, mask=None, patch_radius=2, pca_method="eig", return_sigma=False, nprocs=1, *,
-          mask_mode="roi", dtype=None, device="cpu", batch=None, slab=None, suppress_warning=False, stride=1):
+          mask_mode="roi", dtype=None, device=None, batch=None, slab=None, suppress_warning=False, stride=1):
     """MP-PCA denoising; the same result as ``dipy.denoise.localpca.mppca``.
 
     Parameters
@@ -381,7 +393,10 @@ def mppca(data, mask=None, patch_radius=2, pca_method="eig", return_sigma=False,
         Precision of the covariance eigen-decomposition. None (default):
         DIPY's rule (float64 for float64 input, float32 otherwise; then the
         centring, projections and patch sums are float32 too). The module docstring says how float32 decisions differ.
-    device : str; torch device for the batched linear algebra ("cpu", "cuda", ...).
+    device : None | str; torch device for the gathers, covariances, eigen-decompositions and
+        projections ("cpu", "cuda", ...; the overlap sums are always added on the CPU, in a fixed
+        order). None (default): "cuda" when torch sees a CUDA device, else "cpu"
+        (:func:`auto_device`).
     batch : int, optional
         Patches per batched eigen-decomposition (default: about 2^20 patch
         values, clipped to 32..256: 254 for 5x5x5 x 33 volumes, 63 for 133).
@@ -401,6 +416,7 @@ def mppca(data, mask=None, patch_radius=2, pca_method="eig", return_sigma=False,
 
     arr = np.asarray(data)
     stride = int(stride)
+    device = auto_device(device)
     mode, pr, m = _check_mppca(arr, pca_method, mask_mode, stride, dtype, patch_radius, suppress_warning)
     dim = arr.shape[-1]
     tau_factor = 1 + np.sqrt(dim / m)
@@ -424,9 +440,10 @@ def mppca(data, mask=None, patch_radius=2, pca_method="eig", return_sigma=False,
     with single_threaded_blas():
         torch_threads = torch.get_num_threads()
         try:
-            # largest work items first (fewer idle threads at the end); the sums are still added in slab order
-            load = [int(centres[:, :, g[0]:g[1]].sum()) for g in groups]
-            thread_map(run, sorted(enumerate(groups), key=lambda ig: -load[ig[0]]), resolve_nprocs(nprocs))
+            # in slab order: a slab's sums wait in the accumulator until every earlier slab's are added, so
+            # an order that finishes slabs out of turn holds their buffers (an HBN-size run with the
+            # largest slabs first peaked 317 MB higher in this step)
+            thread_map(run, list(enumerate(groups)), resolve_nprocs(nprocs))
         finally:
             torch.set_num_threads(torch_threads)
     mppca.last_stats = stats
