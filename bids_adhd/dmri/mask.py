@@ -38,7 +38,7 @@ def multi_median(vol, median_radius, numpass, nprocs=1):
     """
     from scipy.ndimage import median_filter
 
-    data = np.array(vol, copy=True)
+    data = np.asarray(vol)                 # only read: every pass writes a new array
     r, Z = int(median_radius), data.shape[2]
     n = max(1, min(resolve_nprocs(nprocs), Z // max(4 * r, 1)))
     edges = np.linspace(0, Z, n + 1).astype(int)
